@@ -1,0 +1,3 @@
+"""fedbabu: FedBABU and honest baselines for personalized federated learning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from fedbabu.cli import main
+
+sys.exit(main())

@@ -1,0 +1,92 @@
+"""The contract between an algorithm and the engine.
+
+An algorithm says three things and nothing else:
+
+* which parts of the network the server aggregates (``shared_parts``) and which each client keeps
+  for itself across rounds (``personal_parts``);
+* what a client does in a round (:meth:`Algorithm.client_update`, by default SGD on
+  ``trained_parts``);
+* how a client personalizes and is evaluated at the end (:meth:`Algorithm.personalize`, by default
+  fine-tuning ``finetune.part``).
+
+The engine owns sampling, scheduling, aggregation, processes and files; an algorithm never
+sees them, which is why the same class runs in the simulator and in the Flower app.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from fedbabu.config import Config
+from fedbabu.engine.local import ClientData, LocalTraining, evaluate, load_state, sgd_epochs, state_of
+from fedbabu.errors import UserError
+
+PersonalState = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    """What a client hands back after a round: its mean loss and its personal state (if any)."""
+
+    loss: float
+    personal: PersonalState = field(default_factory=dict)
+
+
+class Algorithm:
+    """FedAvg-style training of ``trained_parts``; subclasses override only what differs."""
+
+    name: ClassVar[str] = ""
+    shared_parts: ClassVar[tuple[str, ...]] = ("body", "head")
+    trained_parts: ClassVar[tuple[str, ...]] = ("body", "head")
+    personal_parts: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.check_config(config)
+
+    def check_config(self, config: Config) -> None:
+        """Refuse settings under which the algorithm cannot work (raise :class:`UserError`)."""
+
+    def local_training(self, lr: float) -> LocalTraining:
+        """The round's optimizer settings (the lr comes from the engine's schedule)."""
+        c = self.config
+        return LocalTraining(c.local_epochs, c.batch_size, lr, c.momentum, c.weight_decay)
+
+    def client_update(self, model: nn.Module, data: ClientData, personal: PersonalState, lr: float,
+                      generator: torch.Generator) -> ClientUpdate:
+        """One round on one client. ``model`` holds the global state; personal parts are loaded here."""
+        load_state(model, personal)
+        loss = sgd_epochs(model, data, self.trained_parts, self.local_training(lr), generator)
+        return ClientUpdate(loss, state_of(model, self.personal_parts))
+
+    def evaluate_client(self, model: nn.Module, data: ClientData, personal: PersonalState) -> float:
+        """Accuracy the client sees from the current global model (with its personal parts, if any)."""
+        load_state(model, personal)
+        return evaluate(model, data)
+
+    def personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
+                    generator: torch.Generator) -> list[float]:
+        """Accuracy before fine-tuning, then after each fine-tuning epoch on the client's own data."""
+        ft = self.config.finetune
+        load_state(model, personal)
+        accuracies = [evaluate(model, data)]
+        settings = LocalTraining(1, ft.batch_size, ft.lr, ft.momentum, ft.weight_decay)
+        parts = ("body", "head") if ft.part == "full" else (ft.part,)
+        for _ in range(ft.epochs):
+            sgd_epochs(model, data, parts, settings, generator)
+            accuracies.append(evaluate(model, data))
+        return accuracies
+
+    def describe(self) -> str:
+        return (f"{self.name}: trains {'+'.join(self.trained_parts) or 'nothing'}, aggregates "
+                f"{'+'.join(self.shared_parts) or 'nothing'}, keeps {'+'.join(self.personal_parts) or 'nothing'} "
+                f"per client")
+
+
+def refuse(key: str, message: str) -> UserError:
+    """The error an algorithm raises for a setting it cannot work with."""
+    return UserError(f"{key}: {message}")

@@ -1,0 +1,153 @@
+"""The ``fedbabu`` command line: ``run`` one experiment, ``compare`` several on one partition."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+from fedbabu.config import Config, load_config
+from fedbabu.engine.pool import WorkerError
+from fedbabu.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes in one line with exit code 2, like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see fedbabu {self.prog.split()[-1]} --help)\n")
+
+
+def _experiment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (default: the embedded digits experiment)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, dotted keys allowed (finetune.epochs=3); repeatable")
+    parser.add_argument("--out", type=Path, help="run folder (default: runs/<time>-<name>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out folder")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help="compute device (config key device)")
+    parser.add_argument("--seed", type=int, help="seed for the model, partition and sampling (config key seed)")
+    parser.add_argument("--workers", help="worker processes: auto (one per core) or a number")
+    parser.add_argument("--data-dir", type=Path, help="folder holding the dataset (then $FEDBABU_DATA, then cache)")
+    parser.add_argument("--download", action="store_true", help="download the dataset if absent (md5-verified)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedbabu", description="FedBABU and baselines for personalized federated learning.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="run one experiment")
+    _experiment_options(run)
+    compare = commands.add_parser("compare", help="run several algorithms on the same partition and seeds")
+    compare.add_argument("--algorithms", default="fedavg,fedbabu", help="comma-separated algorithm names")
+    compare.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    _experiment_options(compare)
+    return parser
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    extra: dict[str, Any] = {}
+    for key, value in (("device", args.device), ("seed", args.seed), ("data_dir", args.data_dir),
+                       ("workers", args.workers)):
+        if value is not None:
+            extra[key] = str(value) if isinstance(value, Path) else value
+    if args.workers is not None and args.workers != "auto":
+        try:
+            extra["workers"] = int(args.workers)
+        except ValueError:
+            raise UserError(f"--workers: expected 'auto' or an integer >= 1, got {args.workers!r}") from None
+    if args.download:
+        extra["download"] = True
+    return load_config(args.config, args.overrides, extra)
+
+
+def _parse_list(raw: str, option: str, cast: type = str) -> list:
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items:
+        raise UserError(f"{option}: expected a comma-separated list, got {raw!r}")
+    try:
+        return [cast(item) for item in items]
+    except ValueError:
+        raise UserError(f"{option}: expected comma-separated {cast.__name__}s, got {raw!r}") from None
+
+
+def _pct(mean: float, std: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _print_table(console: Console, rows: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=title)
+    for column in ("algorithm", "initial acc (%)", "personalized acc (%)", "gain", "bytes/round/client", "time (s)"):
+        table.add_column(column, justify="left" if column == "algorithm" else "right")
+    for r in rows:
+        table.add_row(r["algorithm"], _pct(r["initial_mean"], r["initial_std"]),
+                      _pct(r["personalized_mean"], r["personalized_std"]),
+                      f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f}",
+                      f"{r['bytes_per_round_per_client']:,}", f"{r['wall_time_s']:.1f}")
+    console.print(table)
+
+
+def _cmd_run(args: argparse.Namespace, console: Console) -> None:
+    from fedbabu.progress import RichProgress
+    from fedbabu.runner import default_out_dir, run_experiment
+
+    config = _config_from(args)
+    out = args.out or default_out_dir(config.algorithm)
+    observer = None if args.quiet else RichProgress(config.algorithm)
+    experiment = run_experiment(config, out, observer, overwrite=args.overwrite)
+    s = experiment.summary
+    rows = [{
+        "algorithm": s["algorithm"],
+        "initial_mean": s["initial_accuracy"]["mean"], "initial_std": s["initial_accuracy"]["std"],
+        "personalized_mean": s["personalized_accuracy"]["mean"], "personalized_std": s["personalized_accuracy"]["std"],
+        "bytes_per_round_per_client": s["bytes_per_round_per_client"], "wall_time_s": s["wall_time_s"],
+    }]
+    _print_table(console, rows, f"{config.dataset} {config.resolved_model()}: {config.num_clients} clients")
+    console.print(f"run folder: {experiment.folder}")
+
+
+def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
+    from fedbabu.progress import RichProgress
+    from fedbabu.runner import default_out_dir, run_comparison
+
+    config = _config_from(args)
+    algorithms = _parse_list(args.algorithms, "--algorithms")
+    seeds = _parse_list(args.seeds, "--seeds", int) if args.seeds else None
+    out = args.out or default_out_dir("compare")
+
+    def observer_for(algorithm: str, seed: int) -> RichProgress | None:
+        return None if args.quiet else RichProgress(f"{algorithm} seed {seed}")
+
+    comparison = run_comparison(config, algorithms, out, seeds, observer_for, overwrite=args.overwrite)
+    title = (f"{config.dataset} {config.resolved_model()}: {config.num_clients} clients, {config.rounds} rounds, "
+             f"{config.finetune.part} fine-tuning x{config.finetune.epochs}")
+    _print_table(console, comparison.rows, title)
+    console.print(f"comparison: {comparison.folder / 'comparison.md'}")
+
+
+COMMANDS = {"run": _cmd_run, "compare": _cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        COMMANDS[args.command](args, console)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except WorkerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""One validated configuration object for every experiment.
+
+Values come from, in order: the field defaults (the paper's settings where the paper has one),
+a YAML file, and ``--set key=value`` overrides with dotted keys. Every mistake becomes a
+:class:`~fedbabu.errors.UserError` naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedbabu.errors import UserError
+
+DATASETS = ("digits", "fmnist", "cifar10", "cifar100")
+MODELS = ("auto", "digitcnn", "4convnet", "mobilenet", "resnet18", "resnet50")
+PARTITIONS = ("shards", "dirichlet", "iid")
+HEAD_INITS = ("default", "orthogonal", "zeros")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FinetuneConfig(_Strict):
+    """How each client personalizes the final global model before it is tested."""
+
+    part: Literal["head", "body", "full"] = "full"
+    epochs: int = Field(5, ge=0)
+    lr: float = Field(0.001, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(50, ge=1)
+
+
+class Config(_Strict):
+    """A complete, validated experiment description; the defaults are the paper's CIFAR-100 setting."""
+
+    algorithm: str = "fedbabu"
+    dataset: Literal["digits", "fmnist", "cifar10", "cifar100"] = "cifar100"
+    data_dir: Path | None = None
+    download: bool = False
+    model: Literal["auto", "digitcnn", "4convnet", "mobilenet", "resnet18", "resnet50"] = "auto"
+    head_init: Literal["default", "orthogonal", "zeros"] = "default"
+
+    num_clients: int = Field(100, ge=1)
+    partition: Literal["shards", "dirichlet", "iid"] = "shards"
+    shards_per_client: int = Field(10, ge=1)
+    dirichlet_alpha: float = Field(0.5, gt=0)
+
+    rounds: int = Field(320, ge=0)
+    client_fraction: float = Field(0.1, gt=0, le=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(50, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_milestones: list[int] | None = None
+    lr_decay: float = Field(0.1, gt=0, le=1)
+    augment: Literal["auto", "on", "off"] = "auto"
+    eval_every: int = Field(10, ge=0)
+    eval_batch_size: int = Field(1000, ge=1)
+
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+    seed: int = Field(0, ge=0)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    workers: int | Literal["auto"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        from fedbabu.algorithms import ALGORITHMS
+
+        if value not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {value!r}; expected one of {', '.join(sorted(ALGORITHMS))}")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("expected 'auto' or an integer >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _milestones_within_rounds(self) -> Config:
+        if self.lr_milestones is not None:
+            bad = [m for m in self.lr_milestones if m < 1]
+            if bad:
+                raise ValueError(f"lr_milestones must be rounds >= 1, got {bad}")
+        return self
+
+    def resolved_model(self) -> str:
+        """The model actually built: ``auto`` means the small CNN for digits and 4convNet otherwise."""
+        if self.model != "auto":
+            return self.model
+        return "digitcnn" if self.dataset == "digits" else "4convnet"
+
+    def resolved_milestones(self) -> list[int]:
+        """Rounds at which the lr is decayed; by default 50% and 75% of the rounds, as in the paper."""
+        if self.lr_milestones is not None:
+            return sorted(self.lr_milestones)
+        return [self.rounds // 2, (self.rounds * 3) // 4] if self.rounds >= 2 else []
+
+    def lr_at(self, round_index: int) -> float:
+        """The local learning rate of a 0-based round."""
+        passed = sum(1 for m in self.resolved_milestones() if round_index >= m)
+        return self.lr * self.lr_decay**passed
+
+    def resolved_workers(self) -> int:
+        """Worker processes for the round: one per usable core on CPU, in-process on CUDA."""
+        if self.resolved_device() == "cuda":
+            return 1
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return int(self.workers)
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def augment_enabled(self) -> bool:
+        """Crop and flip are the CIFAR recipe; they would distort digits and clothing items."""
+        if self.augment == "auto":
+            return self.dataset in ("cifar10", "cifar100")
+        return self.augment == "on"
+
+    def to_plain(self) -> dict[str, Any]:
+        """A YAML-ready dict (paths as strings)."""
+        return self.model_dump(mode="json")
+
+
+DIGITS_DEFAULT: dict[str, Any] = {
+    "dataset": "digits",
+    "model": "digitcnn",
+    "num_clients": 20,
+    "partition": "shards",
+    "shards_per_client": 2,
+    "rounds": 40,
+    "client_fraction": 0.5,
+    "local_epochs": 2,
+    "batch_size": 10,
+    "lr": 0.05,
+    "eval_every": 5,
+    "finetune": {"part": "full", "epochs": 5, "lr": 0.01, "batch_size": 10},
+}
+"""The embedded default experiment: real handwritten digits, sized so ``make run`` takes seconds.
+``configs/digits.yaml`` holds the same values, for users to copy."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        field_names = list(Config.model_fields) + [f"finetune.{k}" for k in FinetuneConfig.model_fields]
+        hint = difflib.get_close_matches(key, field_names, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"{source}: unknown key {key!r}{suggestion}"
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    got = first.get("input")
+    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    return f"{source}: {key}: {message}{shown}"
+
+
+def _parse_value(raw: str) -> Any:
+    """Interpret an override the way YAML would, so ``--set lr=0.1`` and the file agree."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = target
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["lr=0.1", "finetune.epochs=3"]`` into a nested dict."""
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r}: expected key=value, e.g. --set rounds=10")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise UserError(f"--set {pair!r}: the key before '=' is empty")
+        _set_dotted(result, key, _parse_value(raw))
+    return result
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a config file, turning every way it can be wrong into one clear line."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the config file ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def build_config(values: dict[str, Any], source: str = "config") -> Config:
+    """Validate a plain dict into a :class:`Config`, or raise a one-line :class:`UserError`."""
+    try:
+        return Config.model_validate(values)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, source)) from None
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Config:
+    """The configuration a command runs with: the embedded digits default when no file is given."""
+    values = read_yaml(path) if path is not None else dict(DIGITS_DEFAULT)
+    source = str(path) if path is not None else "config"
+    if extra:
+        values = _merge(values, extra)
+    if overrides:
+        values = _merge(values, parse_overrides(overrides))
+        source = f"{source} (with --set)"
+    return build_config(values, source)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved configuration as YAML, the form saved in every run folder."""
+    return yaml.safe_dump(config.to_plain(), sort_keys=False)

@@ -1,0 +1,164 @@
+"""What one client does with a model and its own data: batches, SGD epochs, evaluation.
+
+These are plain functions of (model, data, settings, generator) with no knowledge of processes
+or rounds, so algorithms compose them freely and the engine can run them anywhere: in-process,
+in a worker, or inside a Flower ClientApp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedbabu.data.datasets import Dataset
+from fedbabu.data.transforms import Normalizer, random_crop_flip
+from fedbabu.models import part_of
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """The optimizer settings of one stretch of local SGD (the optimizer is new every time)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How tensors are produced and computed: shared by every client of a run."""
+
+    device: str = "cpu"
+    augment: bool = False
+    precision: str = "fp32"
+    channels_last: bool = True
+    eval_batch_size: int = 1000
+
+
+class ClientData:
+    """One client's view of the shared dataset: index arrays into the in-memory uint8 tensors.
+
+    Nothing is copied per client: a batch is gathered from the dataset by index, augmented and
+    normalized as a whole.
+    """
+
+    def __init__(self, dataset: Dataset, train_idx: np.ndarray, test_idx: np.ndarray, runtime: Runtime,
+                 normalizer: Normalizer | None = None) -> None:
+        self.dataset = dataset
+        self.train_idx = torch.as_tensor(np.asarray(train_idx, dtype=np.int64))
+        self.test_idx = torch.as_tensor(np.asarray(test_idx, dtype=np.int64))
+        self.runtime = runtime
+        self.normalize = normalizer or Normalizer(dataset.mean, dataset.std, runtime.channels_last)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_idx)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test_idx)
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One shuffled epoch of (normalized, augmented) batches; the last batch may be smaller."""
+        order = self.train_idx[torch.randperm(self.num_train, generator=generator)]
+        for start in range(0, self.num_train, batch_size):
+            idx = order[start:start + batch_size]
+            images = self.dataset.train_x[idx]
+            if self.runtime.augment:
+                images = random_crop_flip(images, generator)
+            yield self.normalize(images, self.runtime.device), self.dataset.train_y[idx].to(self.runtime.device)
+
+    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        size = self.runtime.eval_batch_size
+        for start in range(0, self.num_test, size):
+            idx = self.test_idx[start:start + size]
+            yield self.normalize(self.dataset.test_x[idx], self.runtime.device), self.dataset.test_y[idx].to(
+                self.runtime.device)
+
+
+def set_trainable(model: nn.Module, parts: Sequence[str]) -> list[nn.Parameter]:
+    """Let gradients flow only into the named parts; the rest are not even differentiated."""
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(part_of(name) in parts)
+        if param.requires_grad:
+            trainable.append(param)
+    return trainable
+
+
+def _autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
+    if runtime.precision == "bf16":
+        return torch.autocast(device_type=torch.device(runtime.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+Regularizer = Callable[[nn.Module], torch.Tensor]
+
+
+def sgd_epochs(
+    model: nn.Module,
+    data: ClientData,
+    parts: Sequence[str],
+    settings: LocalTraining,
+    generator: torch.Generator,
+    regularizer: Regularizer | None = None,
+) -> float:
+    """Train the named parts for some epochs with a fresh SGD optimizer; return the mean batch loss.
+
+    Parts outside ``parts`` get no gradient and are outside the optimizer, so neither momentum nor
+    weight decay can move them: a frozen head stays bit-identical.
+    """
+    params = set_trainable(model, parts)
+    if not params or settings.epochs == 0:
+        set_trainable(model, ())
+        return float("nan")
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    model.train()
+    total, batches = 0.0, 0
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(settings.epochs):
+        for x, y in data.train_batches(settings.batch_size, generator):
+            with _autocast(data.runtime):
+                loss = loss_fn(model(x), y)
+            objective = loss + regularizer(model) if regularizer is not None else loss
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            total += loss.item()
+            batches += 1
+    set_trainable(model, ())
+    return total / max(batches, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ClientData) -> float:
+    """Accuracy on the client's test set (batch-norm uses batch statistics, as in training)."""
+    if data.num_test == 0:
+        return float("nan")
+    model.eval()
+    correct = 0
+    for x, y in data.test_batches():
+        with _autocast(data.runtime):
+            correct += int((model(x).argmax(1) == y).sum())
+    return correct / data.num_test
+
+
+def state_of(model: nn.Module, parts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A detached copy of the parameters of the named parts."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if part_of(n) in parts}
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into the model in place (keeps the memory format and the optimizer-free model)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

@@ -1,0 +1,266 @@
+"""The federated loop of the simulator: sample, train clients, aggregate, evaluate, personalize.
+
+The loop is algorithm-agnostic: it asks the algorithm which parts are shared and which are
+personal, runs :meth:`~fedbabu.algorithms.base.Algorithm.client_update` for the sampled clients on
+the :class:`~fedbabu.engine.pool.ClientPool`, and averages only the shared parts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedbabu.algorithms import ALGORITHMS, Algorithm
+from fedbabu.config import Config
+from fedbabu.data.datasets import Dataset
+from fedbabu.data.partition import Partition
+from fedbabu.data.transforms import Normalizer
+from fedbabu.engine.local import ClientData, Runtime
+from fedbabu.engine.params import Layout, flatten, load_flat, weighted_mean
+from fedbabu.engine.pool import ClientPool
+from fedbabu.models import BodyHead, build_model
+
+Personal = dict[str, np.ndarray]
+
+SAMPLER_STREAM, TRAIN_STREAM, PERSONALIZE_STREAM = 0x5A3, 0x7E1, 0x9E2
+
+
+def stream_seed(*words: int) -> int:
+    """A 63-bit seed that depends on every word (seed, round, client, purpose) and nothing else."""
+    state = np.random.SeedSequence([w & 0xFFFFFFFF for w in words]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def client_generator(seed: int, round_index: int, client: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(seed, round_index, client, stream))
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
+    """The clients of a round: ``max(1, floor(f * N))`` of them, a pure function of (seed, round)."""
+    count = max(1, int(fraction * num_clients))
+    rng = np.random.default_rng(stream_seed(seed, round_index, 0, SAMPLER_STREAM))
+    return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+def runtime_for(config: Config) -> Runtime:
+    """The compute settings of a run; channels_last pays for convolutions on CPU (perf-notes)."""
+    device = config.resolved_device()
+    channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device == "cpu")
+    return Runtime(device=device, augment=config.augment_enabled(), precision=config.precision,
+                   channels_last=channels_last, eval_batch_size=config.eval_batch_size)
+
+
+@dataclass
+class Federation:
+    """Everything the clients of one run share. Built once; worker processes inherit it by fork."""
+
+    config: Config
+    dataset: Dataset
+    partition: Partition
+    algorithm: Algorithm
+    runtime: Runtime
+    layout: Layout
+    global_vector: torch.Tensor
+    normalizer: Normalizer = field(init=False)
+    shared_mask: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shared_mask = self.layout.mask(self.algorithm.shared_parts)
+        self.normalizer = Normalizer(self.dataset.mean, self.dataset.std, self.runtime.channels_last)
+
+    def new_model(self) -> BodyHead:
+        c = self.config
+        model = build_model(c.resolved_model(), self.dataset.channels, self.dataset.image_size,
+                            self.dataset.num_classes, c.head_init, c.seed)
+        model = model.to(self.runtime.device)
+        if self.runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def client_data(self, client: int) -> ClientData:
+        return ClientData(self.dataset, self.partition.train[client], self.partition.test[client],
+                          self.runtime, self.normalizer)
+
+
+_FEDERATION: Federation | None = None
+_MODEL: BodyHead | None = None
+
+
+def _worker_model() -> BodyHead:
+    """One model per process, re-loaded from the shared global vector for every task (no deep copies)."""
+    global _MODEL
+    if _MODEL is None:
+        _MODEL = _FEDERATION.new_model()
+    load_flat(_MODEL, _FEDERATION.global_vector)
+    return _MODEL
+
+
+def _to_numpy(state: dict[str, torch.Tensor]) -> Personal:
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def _to_torch(state: Personal | None) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in (state or {}).items()}
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    client: int
+    round: int
+    lr: float
+    personal: Personal | None
+
+    def __call__(self) -> tuple[np.ndarray, float, Personal]:
+        fed = _FEDERATION
+        model = _worker_model()
+        generator = client_generator(fed.config.seed, self.round, self.client, TRAIN_STREAM)
+        update = fed.algorithm.client_update(model, fed.client_data(self.client), _to_torch(self.personal),
+                                             self.lr, generator)
+        return flatten(model)[fed.shared_mask].numpy(), update.loss, _to_numpy(update.personal)
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    client: int
+    personal: Personal | None
+
+    def __call__(self) -> float:
+        return _FEDERATION.algorithm.evaluate_client(_worker_model(), _FEDERATION.client_data(self.client),
+                                                     _to_torch(self.personal))
+
+
+@dataclass(frozen=True)
+class PersonalizeTask:
+    client: int
+    personal: Personal | None
+
+    def __call__(self) -> list[float]:
+        fed = _FEDERATION
+        generator = client_generator(fed.config.seed, fed.config.rounds, self.client, PERSONALIZE_STREAM)
+        return fed.algorithm.personalize(_worker_model(), fed.client_data(self.client), _to_torch(self.personal),
+                                         generator)
+
+
+def _run_task(task: Callable[[], Any]) -> Any:
+    return task()
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced, in memory; :mod:`fedbabu.results` turns it into files."""
+
+    config: Config
+    partition: Partition
+    metrics: list[dict[str, Any]]
+    clients: list[dict[str, Any]]
+    final_state: dict[str, torch.Tensor]
+    personal: dict[int, Personal]
+    wall_time_s: float
+    bytes_per_round_per_client: int
+
+    def accuracy_curve(self) -> np.ndarray:
+        """clients x (fine-tuning epochs + 1) accuracies; column 0 is the initial accuracy."""
+        return np.array([c["accuracies"] for c in self.clients], dtype=np.float64)
+
+
+class Observer:
+    """Hooks for progress bars and incremental files; every method is optional."""
+
+    def on_start(self, config: Config, partition: Partition, algorithm: Algorithm) -> None: ...
+
+    def on_round(self, record: dict[str, Any]) -> None: ...
+
+    def on_personalize_start(self, total: int) -> None: ...
+
+    def on_personalized(self, done: int, total: int) -> None: ...
+
+
+def simulate(config: Config, dataset: Dataset, partition: Partition, observer: Observer | None = None) -> RunResult:
+    """Run one federated experiment on an already-loaded dataset and partition."""
+    global _FEDERATION, _MODEL
+    observer = observer or Observer()
+    started = time.perf_counter()
+    algorithm = ALGORITHMS[config.algorithm](config)
+    runtime = runtime_for(config)
+    template = build_model(config.resolved_model(), dataset.channels, dataset.image_size, dataset.num_classes,
+                           config.head_init, config.seed)
+    layout = Layout(template)
+    global_vector = flatten(template).share_memory_()
+    federation = Federation(config, dataset, partition, algorithm, runtime, layout, global_vector)
+    shared_mask = federation.shared_mask
+    _FEDERATION, _MODEL = federation, None
+    personal: dict[int, Personal] = {}
+    metrics: list[dict[str, Any]] = []
+    observer.on_start(config, partition, algorithm)
+    all_clients = range(partition.num_clients)
+    try:
+        with ClientPool(_run_task, config.resolved_workers()) as pool:
+            for round_index in range(config.rounds):
+                tick = time.perf_counter()
+                sampled = sample_clients(config.seed, round_index, partition.num_clients, config.client_fraction)
+                lr = config.lr_at(round_index)
+                results = pool.map([TrainTask(c, round_index, lr, personal.get(c)) for c in sampled])
+                weights = [len(partition.train[c]) for c in sampled]
+                if shared_mask.any():
+                    vectors = [torch.from_numpy(vector) for vector, _, _ in results]
+                    global_vector[shared_mask] = weighted_mean(vectors, weights)
+                for client, (_, _, state) in zip(sampled, results, strict=True):
+                    if state:
+                        personal[client] = state
+                losses = [loss for _, loss, _ in results]
+                record: dict[str, Any] = {
+                    "round": round_index + 1,
+                    "lr": lr,
+                    "train_loss": float(np.average(losses, weights=weights)) if losses else math.nan,
+                    "clients": sampled,
+                }
+                last = round_index + 1 == config.rounds
+                if config.eval_every and ((round_index + 1) % config.eval_every == 0 or last):
+                    accuracies = pool.map([EvalTask(c, personal.get(c)) for c in all_clients])
+                    record["test_accuracy"] = float(np.nanmean(accuracies))
+                record["seconds"] = round(time.perf_counter() - tick, 4)
+                metrics.append(record)
+                observer.on_round(record)
+            observer.on_personalize_start(partition.num_clients)
+            curves = _personalize_all(pool, personal, partition.num_clients, observer)
+    finally:
+        _FEDERATION, _MODEL = None, None
+    clients = [
+        {
+            "client": c,
+            "train_size": len(partition.train[c]),
+            "test_size": len(partition.test[c]),
+            "classes": int(partition.classes_per_client()[c]),
+            "accuracies": curves[c],
+        }
+        for c in all_clients
+    ]
+    shared_floats = layout.count(algorithm.shared_parts)
+    return RunResult(
+        config=config,
+        partition=partition,
+        metrics=metrics,
+        clients=clients,
+        final_state=layout.to_state(global_vector),
+        personal=personal,
+        wall_time_s=time.perf_counter() - started,
+        bytes_per_round_per_client=2 * 4 * shared_floats,
+    )
+
+
+def _personalize_all(pool: ClientPool, personal: dict[int, Personal], num_clients: int,
+                     observer: Observer) -> list[list[float]]:
+    """Personalize every client on the pool, in chunks so progress can be shown."""
+    chunk = max(1, pool.workers * 4)
+    curves: list[list[float]] = []
+    for start in range(0, num_clients, chunk):
+        clients = range(start, min(num_clients, start + chunk))
+        curves.extend(pool.map([PersonalizeTask(c, personal.get(c)) for c in clients]))
+        observer.on_personalized(len(curves), num_clients)
+    return curves

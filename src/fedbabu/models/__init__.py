@@ -1,0 +1,75 @@
+"""Networks split into a ``body`` (feature extractor) and a ``head`` (final linear classifier).
+
+Every model is a :class:`BodyHead`, so parameter names start with ``body.`` or ``head.`` and an
+algorithm can say "train the body, keep the head" by name alone, whatever the architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedbabu.errors import UserError
+from fedbabu.models.convnets import DigitCNN, FourConvNet, MobileNet
+from fedbabu.models.resnet import ResNet
+
+PARTS = ("body", "head")
+
+
+class BodyHead(nn.Module):
+    """A network as exactly two children: ``body`` ending in a flat feature vector, and a linear ``head``."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def init_head(head: nn.Linear, how: str, generator: torch.Generator | None = None) -> None:
+    """Re-initialize the classifier. ``default`` keeps ``nn.Linear``'s own initialization."""
+    with torch.no_grad():
+        if how == "default":
+            return
+        if how == "orthogonal":
+            nn.init.orthogonal_(head.weight, generator=generator)
+            head.bias.zero_()
+        elif how == "zeros":
+            head.weight.zero_()
+            head.bias.zero_()
+        else:
+            raise UserError(f"head_init: unknown head initialization {how!r}; expected default, orthogonal or zeros")
+
+
+BUILDERS = {
+    "digitcnn": lambda c, s: DigitCNN(c, s),
+    "4convnet": lambda c, s: FourConvNet(c, s),
+    "mobilenet": lambda c, s: MobileNet(c),
+    "resnet18": lambda c, s: ResNet("resnet18", c),
+    "resnet50": lambda c, s: ResNet("resnet50", c),
+}
+
+
+def build_model(name: str, channels: int, image_size: int, num_classes: int, head_init: str = "default",
+                seed: int = 0) -> BodyHead:
+    """Build a model with weights drawn from ``seed`` alone, so every client and the server agree on them."""
+    if name not in BUILDERS:
+        raise UserError(f"model: unknown model {name!r}; expected one of {', '.join(BUILDERS)}")
+    devices = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        body = BUILDERS[name](channels, image_size)
+        head = nn.Linear(body.out_features, num_classes)
+        init_head(head, head_init, torch.Generator().manual_seed(seed + 1))
+    return BodyHead(body, head)
+
+
+def part_of(name: str) -> str:
+    """``body`` or ``head`` for a parameter name of a :class:`BodyHead`."""
+    return name.split(".", 1)[0]
+
+
+def count_parameters(model: nn.Module, part: str | None = None) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if part is None or part_of(n) == part)

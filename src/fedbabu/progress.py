@@ -1,0 +1,65 @@
+"""Progress bars over rounds and over personalization (rich), or silence with ``--quiet``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from fedbabu.algorithms import Algorithm
+from fedbabu.config import Config
+from fedbabu.data.partition import Partition
+from fedbabu.engine.simulation import Observer
+
+
+class RichProgress(Observer):
+    """Shows the partition summary, a bar over rounds (lr, loss, accuracy), then one over clients."""
+
+    def __init__(self, label: str, console: Console | None = None) -> None:
+        self.label = label
+        self.console = console or Console(stderr=True)
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def _start(self, description: str, total: int) -> None:
+        self._stop()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, info="")
+
+    def _stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def on_start(self, config: Config, partition: Partition, algorithm: Algorithm) -> None:
+        self.console.print(f"[bold]{self.label}[/]: {partition.summary()}")
+        if config.rounds:
+            self._start(f"{self.label} rounds", config.rounds)
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        info = f"lr {record['lr']:.4g} loss {record['train_loss']:.3f}" if not math.isnan(record["train_loss"]) \
+            else f"lr {record['lr']:.4g}"
+        if "test_accuracy" in record:
+            info += f" acc {100 * record['test_accuracy']:.1f}%"
+        self.progress.update(self.task, advance=1, info=info)
+
+    def on_personalize_start(self, total: int) -> None:
+        self._start(f"{self.label} personalize", total)
+
+    def on_personalized(self, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done)
+        if done == total:
+            self._stop()

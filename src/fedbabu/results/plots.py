@@ -1,0 +1,76 @@
+"""PNG plots of a run and of a comparison (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_rounds(metrics: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Mean training loss per round, and the global model's accuracy where it was evaluated."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    rounds = [m["round"] for m in metrics]
+    ax_loss.plot(rounds, [m["train_loss"] for m in metrics], color="tab:red")
+    ax_loss.set(xlabel="round", ylabel="mean train loss", title="training loss")
+    evaluated = [m for m in metrics if "test_accuracy" in m]
+    ax_acc.plot([m["round"] for m in evaluated], [100 * m["test_accuracy"] for m in evaluated], marker="o")
+    ax_acc.set(xlabel="round", ylabel="accuracy (%)", title="global model on client test sets")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_clients(curves: np.ndarray, path: Path, title: str) -> None:
+    """Initial vs personalized accuracy for every client, sorted by personalized accuracy."""
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    order = np.argsort(curves[:, -1], kind="stable")
+    x = np.arange(len(order))
+    ax.bar(x - 0.2, 100 * curves[order, 0], width=0.4, label="initial")
+    ax.bar(x + 0.2, 100 * curves[order, -1], width=0.4, label="personalized")
+    ax.set(xlabel="client (sorted by personalized accuracy)", ylabel="accuracy (%)", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
+def plot_finetune_curves(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
+    """Mean (+- std over clients) accuracy after each fine-tuning epoch, one line per run."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        epochs = np.arange(curve.shape[1])
+        mean, std = 100 * np.nanmean(curve, axis=0), 100 * np.nanstd(curve, axis=0)
+        ax.plot(epochs, mean, marker="o", label=label)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.15)
+    ax.set(xlabel="fine-tuning epochs", ylabel="accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Grouped bars: initial and personalized accuracy (mean +- std) per algorithm."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
+    x = np.arange(len(rows))
+    for offset, key, label in ((-0.2, "initial", "initial"), (0.2, "personalized", "personalized")):
+        ax.bar(x + offset, [100 * r[f"{key}_mean"] for r in rows], width=0.4,
+               yerr=[100 * r[f"{key}_std"] for r in rows], capsize=3, label=label)
+    ax.set_xticks(x, [r["algorithm"] for r in rows])
+    ax.set(ylabel="accuracy (%)", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)

@@ -1,0 +1,175 @@
+"""Everything a finished run writes to its folder: files, summary, plots and ``report.md``."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedbabu.config import dump_config
+from fedbabu.engine.simulation import RunResult
+from fedbabu.results.files import atomic_write_text, save_tensors, write_csv, write_json
+from fedbabu.results.plots import plot_clients, plot_comparison, plot_finetune_curves, plot_rounds
+
+
+def mean_std(values: np.ndarray) -> dict[str, float]:
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values))}
+
+
+def summarize(result: RunResult) -> dict[str, Any]:
+    """The run's headline numbers, as saved in ``summary.json``."""
+    c = result.config
+    curves = result.accuracy_curve()
+    evaluated = [m for m in result.metrics if "test_accuracy" in m]
+    return {
+        "algorithm": c.algorithm,
+        "dataset": c.dataset,
+        "model": c.resolved_model(),
+        "rounds": c.rounds,
+        "num_clients": c.num_clients,
+        "seed": c.seed,
+        "partition": result.partition.summary(),
+        "initial_accuracy": mean_std(curves[:, 0]),
+        "personalized_accuracy": mean_std(curves[:, -1]),
+        "finetune_curve": [float(v) for v in np.nanmean(curves, axis=0)],
+        "finetune": {"part": c.finetune.part, "epochs": c.finetune.epochs, "lr": c.finetune.lr},
+        "final_global_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+        "bytes_per_round_per_client": result.bytes_per_round_per_client,
+        "wall_time_s": round(result.wall_time_s, 3),
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "workers": c.resolved_workers(),
+            "threads_per_worker": 1,
+            "device": c.resolved_device(),
+            "precision": c.precision,
+        },
+    }
+
+
+def client_rows(result: RunResult) -> tuple[list[str], list[list[Any]]]:
+    epochs = result.config.finetune.epochs
+    header = ["client", "train_size", "test_size", "classes", "initial_accuracy"] + [
+        f"accuracy_after_epoch_{e}" for e in range(1, epochs + 1)]
+    rows = [[c["client"], c["train_size"], c["test_size"], c["classes"]] + [f"{a:.6f}" for a in c["accuracies"]]
+            for c in result.clients]
+    return header, rows
+
+
+def metrics_lines(metrics: list[dict[str, Any]]) -> str:
+    import json
+
+    return "".join(json.dumps(m) + "\n" for m in metrics)
+
+
+def write_run(result: RunResult, folder: Path) -> dict[str, Any]:
+    """Write the complete run folder; returns the summary."""
+    folder = Path(folder)
+    summary = summarize(result)
+    atomic_write_text(folder / "config.yaml", dump_config(result.config))
+    write_json(folder / "partition.json", result.partition.to_json())
+    atomic_write_text(folder / "metrics.jsonl", metrics_lines(result.metrics))
+    header, rows = client_rows(result)
+    write_csv(folder / "clients.csv", header, rows)
+    save_tensors(folder / "model.pt", result.final_state)
+    write_json(folder / "summary.json", summary)
+    label = f"{result.config.algorithm} on {result.config.dataset}"
+    if result.metrics:
+        plot_rounds(result.metrics, folder / "rounds.png", label)
+    curves = result.accuracy_curve()
+    plot_clients(curves, folder / "clients.png", f"{label}: initial vs personalized accuracy per client")
+    plot_finetune_curves({result.config.algorithm: curves}, folder / "finetune.png",
+                         f"{label}: accuracy vs fine-tuning epochs")
+    atomic_write_text(folder / "report.md", run_report(summary, has_rounds=bool(result.metrics)))
+    return summary
+
+
+def _pct(stats: dict[str, float]) -> str:
+    return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
+
+
+def run_report(summary: dict[str, Any], has_rounds: bool = True) -> str:
+    ft = summary["finetune"]
+    curve = " → ".join(f"{100 * v:.1f}" for v in summary["finetune_curve"])
+    lines = [
+        f"# {summary['algorithm']} on {summary['dataset']} ({summary['model']})",
+        "",
+        f"{summary['num_clients']} clients, {summary['rounds']} rounds, seed {summary['seed']}. "
+        f"{summary['partition']}.",
+        "",
+        "| metric | accuracy (%) mean ± std over clients |",
+        "|---|---|",
+        f"| initial (global model) | {_pct(summary['initial_accuracy'])} |",
+        f"| personalized ({ft['part']} fine-tuning, {ft['epochs']} epochs, lr {ft['lr']}) | "
+        f"{_pct(summary['personalized_accuracy'])} |",
+        "",
+        f"Accuracy after 0..{ft['epochs']} fine-tuning epochs: {curve}.",
+        "",
+        f"Communication: {summary['bytes_per_round_per_client']:,} bytes per participating client per round "
+        f"(down + up). Wall time: {summary['wall_time_s']:.1f} s.",
+        "",
+    ]
+    if has_rounds:
+        lines += ["![rounds](rounds.png)", ""]
+    lines += ["![clients](clients.png)", "", "![fine-tuning](finetune.png)", ""]
+    return "\n".join(lines)
+
+
+def comparison_rows(summaries: dict[str, list[dict[str, Any]]],
+                    curves: dict[str, list[np.ndarray]]) -> list[dict[str, Any]]:
+    """One row per algorithm: accuracies pooled over clients and seeds, plus the spread of seed means."""
+    rows = []
+    for algorithm, runs in summaries.items():
+        stacked = np.concatenate(curves[algorithm], axis=0)
+        seed_means = [r["personalized_accuracy"]["mean"] for r in runs]
+        rows.append({
+            "algorithm": algorithm,
+            "initial_mean": float(np.nanmean(stacked[:, 0])),
+            "initial_std": float(np.nanstd(stacked[:, 0])),
+            "personalized_mean": float(np.nanmean(stacked[:, -1])),
+            "personalized_std": float(np.nanstd(stacked[:, -1])),
+            "personalized_seed_std": float(np.std(seed_means)),
+            "seeds": len(runs),
+            "bytes_per_round_per_client": runs[0]["bytes_per_round_per_client"],
+            "wall_time_s": float(sum(r["wall_time_s"] for r in runs)),
+        })
+    return rows
+
+
+COMPARISON_HEADER = ["algorithm", "initial_mean", "initial_std", "personalized_mean", "personalized_std",
+                     "personalized_seed_std", "seeds", "bytes_per_round_per_client", "wall_time_s"]
+
+
+def write_comparison(rows: list[dict[str, Any]], curves: dict[str, list[np.ndarray]], folder: Path,
+                     title: str) -> None:
+    write_csv(folder / "comparison.csv", COMPARISON_HEADER,
+              [[r[k] if not isinstance(r[k], float) else f"{r[k]:.6f}" for k in COMPARISON_HEADER] for r in rows])
+    plot_comparison(rows, folder / "comparison.png", title)
+    plot_finetune_curves({a: np.concatenate(c, axis=0) for a, c in curves.items()}, folder / "finetune.png",
+                         f"{title}: accuracy vs fine-tuning epochs")
+    atomic_write_text(folder / "comparison.md", comparison_markdown(rows, title))
+
+
+def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        "Accuracy in %, mean ± std over all clients (and seeds). Same partition and seed for every algorithm.",
+        "",
+        "| algorithm | initial | personalized | gain | bytes/round/client | wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['algorithm']} | {100 * r['initial_mean']:.2f} ± {100 * r['initial_std']:.2f} | "
+            f"{100 * r['personalized_mean']:.2f} ± {100 * r['personalized_std']:.2f} | "
+            f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f} | {r['bytes_per_round_per_client']:,} | "
+            f"{r['wall_time_s']:.1f} |"
+        )
+    lines += ["", "![comparison](comparison.png)", "", "![fine-tuning](finetune.png)", ""]
+    return "\n".join(lines)

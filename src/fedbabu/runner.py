@@ -1,0 +1,95 @@
+"""From a configuration to a finished run folder: load data, partition, simulate, write results.
+
+The CLI and the Python API both call these functions, so a run started either way leaves the
+same files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedbabu.algorithms import ALGORITHMS
+from fedbabu.config import Config, build_config
+from fedbabu.data.datasets import Dataset, load_dataset
+from fedbabu.data.partition import Partition, make_partition
+from fedbabu.engine.simulation import Observer, RunResult, simulate
+from fedbabu.results.files import prepare_output_dir
+from fedbabu.results.report import comparison_rows, summarize, write_comparison, write_run
+
+
+def default_out_dir(kind: str) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
+
+
+def prepare_data(config: Config) -> Dataset:
+    return load_dataset(config.dataset, config.data_dir, config.download)
+
+
+def partition_for(config: Config, dataset: Dataset) -> Partition:
+    """The seeded partition of a config: identical for every algorithm run with the same seed."""
+    return make_partition(
+        config.partition,
+        dataset.train_y.numpy(),
+        dataset.test_y.numpy(),
+        num_clients=config.num_clients,
+        num_classes=dataset.num_classes,
+        seed=config.seed,
+        shards_per_client=config.shards_per_client,
+        alpha=config.dirichlet_alpha,
+    )
+
+
+@dataclass
+class Experiment:
+    """A finished run: the in-memory result, its summary and where its files are."""
+
+    result: RunResult
+    summary: dict[str, Any]
+    folder: Path | None
+
+
+def run_experiment(config: Config, out: Path | None = None, observer: Observer | None = None,
+                   overwrite: bool = False, dataset: Dataset | None = None,
+                   partition: Partition | None = None) -> Experiment:
+    """Run one experiment; with ``out`` its folder is written (and must be empty unless ``overwrite``)."""
+    folder = prepare_output_dir(out, overwrite) if out is not None else None
+    dataset = dataset if dataset is not None else prepare_data(config)
+    partition = partition if partition is not None else partition_for(config, dataset)
+    result = simulate(config, dataset, partition, observer)
+    summary = write_run(result, folder) if folder is not None else summarize(result)
+    return Experiment(result, summary, folder)
+
+
+@dataclass
+class Comparison:
+    rows: list[dict[str, Any]]
+    experiments: dict[str, list[Experiment]]
+    folder: Path
+
+
+def run_comparison(config: Config, algorithms: list[str], out: Path, seeds: list[int] | None = None,
+                   observer_for: Any = None, overwrite: bool = False) -> Comparison:
+    """Run several algorithms on identical partitions and seeds; write one folder each plus a comparison."""
+    folder = prepare_output_dir(out, overwrite)
+    seeds = seeds if seeds else [config.seed]
+    configs = {a: build_config({**config.to_plain(), "algorithm": a}, "--algorithms") for a in algorithms}
+    for run_config in configs.values():
+        ALGORITHMS[run_config.algorithm](run_config)
+    dataset = prepare_data(config)
+    experiments: dict[str, list[Experiment]] = {a: [] for a in algorithms}
+    for seed in seeds:
+        partition = partition_for(config.model_copy(update={"seed": seed}), dataset)
+        for algorithm in algorithms:
+            run_config = configs[algorithm].model_copy(update={"seed": seed})
+            sub = folder / algorithm if len(seeds) == 1 else folder / algorithm / f"seed-{seed}"
+            observer = observer_for(algorithm, seed) if observer_for else None
+            experiments[algorithm].append(
+                run_experiment(run_config, sub, observer, overwrite, dataset=dataset, partition=partition))
+    curves = {a: [e.result.accuracy_curve() for e in runs] for a, runs in experiments.items()}
+    rows = comparison_rows({a: [e.summary for e in runs] for a, runs in experiments.items()}, curves)
+    title = f"{config.dataset} {config.resolved_model()}, {config.num_clients} clients, {config.rounds} rounds"
+    write_comparison(rows, curves, folder, title)
+    return Comparison(rows, experiments, folder)
