@@ -240,7 +240,7 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
     size = int(np.prod(dims))
     if len(raw) - header != size:
         raise DataError(f"{path}: truncated IDX file (header says {size} bytes, found {len(raw) - header})")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 def read_fmnist(folder: Path) -> Dataset:

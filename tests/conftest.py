@@ -1,0 +1,66 @@
+"""Shared fixtures: the real datasets (built or located once) and small federations on digits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+CACHE = ROOT / ".cache" / "datasets"
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def _absent(reason: str) -> None:
+    """Real-data tests skip on a user's machine without the data, but never in CI."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must have the real data)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    """CIFAR-10 in the official python layout, built once from the offline JPEG copy into .cache/."""
+    folder = CACHE / "cifar-10-batches-py"
+    if not (folder / "test_batch").exists():
+        script = SHARED / "build_cifar10.py"
+        if not script.exists():
+            _absent(f"CIFAR-10 not built and {script} is absent")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, str(script), str(CACHE)], check=True, capture_output=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> Path:
+    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        _absent(f"Fashion-MNIST not installed at {FMNIST_DIR} (apt-get install dataset-fashion-mnist)")
+    return FMNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from fedbabu.data.datasets import load_digits
+
+    return load_digits()
+
+
+def small_config(**overrides):
+    """A digits federation that trains in about a second."""
+    from fedbabu.config import DIGITS_DEFAULT, build_config
+
+    values = {**DIGITS_DEFAULT, "num_clients": 10, "rounds": 6, "client_fraction": 0.5, "eval_every": 3,
+              "workers": 1, "finetune": {**DIGITS_DEFAULT["finetune"], "epochs": 2}}
+    for key, value in overrides.items():
+        if key == "finetune":
+            values["finetune"] = {**values["finetune"], **value}
+        else:
+            values[key] = value
+    return build_config(values)
