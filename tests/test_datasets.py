@@ -71,7 +71,7 @@ def test_cifar100_reader_on_official_format(tmp_path):
 def test_broken_cifar_files_are_named(tmp_path):
     folder = _write_cifar100(tmp_path / "cifar-100-python")
     (folder / "train").write_bytes((folder / "train").read_bytes()[:5000])
-    with pytest.raises(DataError, match="train: not a readable CIFAR pickle"):
+    with pytest.raises(DataError, match=r"train: not a readable CIFAR pickle"):
         read_cifar100(folder, 200, 100)
     (folder / "train").write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(DataError, match="not a CIFAR batch"):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import small_config
+
 from fedbabu.engine.pool import ClientPool, WorkerError
 from fedbabu.engine.simulation import simulate
 from fedbabu.runner import partition_for

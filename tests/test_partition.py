@@ -80,3 +80,16 @@ def test_json_round_trip():
 def test_impossible_requests_are_explained(kind, kwargs, fragment):
     with pytest.raises(PartitionError, match=fragment):
         make_partition(kind, TRAIN, TEST, num_classes=10, seed=0, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["shards", "iid", "dirichlet"])
+def test_samples_per_client_caps_train_and_keeps_the_test_ratio(kind):
+    p = make_partition(kind, TRAIN, TEST, num_clients=10, num_classes=10, seed=0, shards_per_client=2,
+                       alpha=1.0, samples_per_client=60)
+    _invariants(p, len(TRAIN), len(TEST))
+    assert max(len(t) for t in p.train) <= 60
+    if kind == "shards":
+        assert {len(t) for t in p.train} == {60}
+        assert np.array_equal(p.test_counts * 5, p.train_counts)
+    # test:train is the dataset's 1:5 per client, up to rounding
+    assert abs(sum(len(t) for t in p.test) * 5 - sum(len(t) for t in p.train)) <= 5 * 10

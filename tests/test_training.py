@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import small_config
+
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.engine.local import ClientData, load_state, state_of
 from fedbabu.engine.params import weighted_mean

@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--algorithms", default="fedavg,fedbabu", help="comma-separated algorithm names")
     compare.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     _experiment_options(compare)
+    reproduce = commands.add_parser("reproduce", help="list or run the paper's experiments (configs/paper/)")
+    reproduce.add_argument("name", help="an experiment name, or LIST to show them all")
+    reproduce.add_argument("--scale", choices=["full", "quick"], default="full",
+                           help="full: the paper's budget; quick: fewer rounds and clients")
+    reproduce.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
+    reproduce.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config value in every cell (e.g. data_dir=/data)")
+    reproduce.add_argument("--out", type=Path, help="output folder (default: runs/reproduce/<name>-<scale>)")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -128,7 +137,28 @@ def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
     console.print(f"comparison: {comparison.folder / 'comparison.md'}")
 
 
-COMMANDS = {"run": _cmd_run, "compare": _cmd_compare}
+def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
+    from fedbabu.progress import RichProgress
+    from fedbabu.reproduce import cells, list_presets, run_preset
+
+    if args.name.lower() == "list":
+        table = Table(title="the paper's experiments (fedbabu reproduce NAME)")
+        for column in ("name", "experiment", "cells", "algorithms", "seeds"):
+            table.add_column(column)
+        for name, preset in list_presets().items():
+            table.add_row(name, preset.title, str(len(cells(preset))), ",".join(preset.algorithms),
+                          ",".join(map(str, preset.seeds)))
+        console.print(table)
+        return
+    seeds = _parse_list(args.seeds, "--seeds", int) if args.seeds else None
+    out = args.out or Path("runs") / "reproduce" / f"{args.name}-{args.scale}"
+    out.mkdir(parents=True, exist_ok=True)
+    run_preset(args.name, out, args.scale, seeds, args.overrides,
+               observer_for=None if args.quiet else RichProgress, log=console.print)
+    console.print(f"results: {out / 'results.md'}")
+
+
+COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "reproduce": _cmd_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ class Config(_Strict):
     partition: Literal["shards", "dirichlet", "iid"] = "shards"
     shards_per_client: int = Field(10, ge=1)
     dirichlet_alpha: float = Field(0.5, gt=0)
+    samples_per_client: int | None = Field(None, ge=1)
 
     rounds: int = Field(320, ge=0)
     client_fraction: float = Field(0.1, gt=0, le=1)
@@ -209,11 +210,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return result
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_dicts(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -258,9 +259,9 @@ def load_config(
     values = read_yaml(path) if path is not None else dict(DIGITS_DEFAULT)
     source = str(path) if path is not None else "config"
     if extra:
-        values = _merge(values, extra)
+        values = merge_dicts(values, extra)
     if overrides:
-        values = _merge(values, parse_overrides(overrides))
+        values = merge_dicts(values, parse_overrides(overrides))
         source = f"{source} (with --set)"
     return build_config(values, source)
 

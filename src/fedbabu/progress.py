@@ -33,8 +33,9 @@ class RichProgress(Observer):
     def _start(self, description: str, total: int) -> None:
         self._stop()
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, transient=False,
         )
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, info="")

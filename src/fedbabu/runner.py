@@ -39,6 +39,7 @@ def partition_for(config: Config, dataset: Dataset) -> Partition:
         seed=config.seed,
         shards_per_client=config.shards_per_client,
         alpha=config.dirichlet_alpha,
+        samples_per_client=config.samples_per_client,
     )
 
 

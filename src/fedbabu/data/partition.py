@@ -85,27 +85,35 @@ def make_partition(
     seed: int,
     shards_per_client: int = 2,
     alpha: float = 0.5,
+    samples_per_client: int | None = None,
 ) -> Partition:
-    """Split the training labels among clients, then give each client a test set shaped like its train set."""
+    """Split the training labels among clients, then give each client a test set shaped like its train set.
+
+    ``samples_per_client`` caps each client's training set (shards get smaller, IID and Dirichlet
+    clients are subsampled), for federations that use part of a dataset.
+    """
     train_labels = np.asarray(train_labels)
     test_labels = np.asarray(test_labels)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A4D]))
     if kind == "shards":
-        train = _shards(train_labels, num_clients, num_classes, shards_per_client, rng)
+        train = _shards(train_labels, num_clients, num_classes, shards_per_client, rng, samples_per_client)
     elif kind == "dirichlet":
         train = _dirichlet(train_labels, num_clients, num_classes, alpha, rng)
     elif kind == "iid":
         train = _iid(train_labels, num_clients, rng)
     else:
         raise PartitionError(f"partition: unknown partition {kind!r}; expected shards, dirichlet or iid")
+    if samples_per_client is not None and kind != "shards":
+        train = [np.sort(rng.permutation(t)[:samples_per_client]) for t in train]
     train_counts = np.stack([np.bincount(train_labels[t], minlength=num_classes) for t in train])
-    test = _test_like_train(train_counts, test_labels, num_classes, rng)
+    class_totals = np.bincount(train_labels, minlength=num_classes)
+    test = _test_like_train(train_counts, class_totals, test_labels, num_classes, rng)
     test_counts = np.stack([np.bincount(test_labels[t], minlength=num_classes) for t in test])
     return Partition(kind, train, test, train_counts, test_counts)
 
 
 def _shards(labels: np.ndarray, num_clients: int, num_classes: int, per_client: int,
-            rng: np.random.Generator) -> list[np.ndarray]:
+            rng: np.random.Generator, samples_per_client: int | None = None) -> list[np.ndarray]:
     """The paper's partition: label-sorted data cut into ``num_clients * s`` one-class shards."""
     total_shards = num_clients * per_client
     if total_shards % num_classes != 0:
@@ -117,6 +125,8 @@ def _shards(labels: np.ndarray, num_clients: int, num_classes: int, per_client: 
     per_class = total_shards // num_classes
     members = [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
     shard_size = min(len(m) for m in members) // per_class
+    if samples_per_client is not None:
+        shard_size = min(shard_size, samples_per_client // per_client)
     if shard_size < 1:
         smallest = min(len(m) for m in members)
         raise PartitionError(
@@ -162,9 +172,9 @@ def _iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list
     return [np.sort(order[c * per_client:(c + 1) * per_client]) for c in range(num_clients)]
 
 
-def _test_like_train(train_counts: np.ndarray, test_labels: np.ndarray, num_classes: int,
-                     rng: np.random.Generator) -> list[np.ndarray]:
-    """Divide each class's test samples among clients in proportion to their training counts.
+def _test_like_train(train_counts: np.ndarray, class_totals: np.ndarray, test_labels: np.ndarray,
+                     num_classes: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Give each client test samples of each class in the dataset's test:train ratio for that class.
 
     With the paper's shards this gives every client one fifth as many test images per class as
     training images (CIFAR: 50,000 train / 10,000 test); allocation by largest remainder keeps
@@ -176,9 +186,9 @@ def _test_like_train(train_counts: np.ndarray, test_labels: np.ndarray, num_clas
         want = train_counts[:, c].astype(np.float64)
         if want.sum() == 0:
             continue
-        quota = want / want.sum() * len(members)
+        quota = want * len(members) / class_totals[c]
         give = np.floor(quota).astype(int)
-        remainder = len(members) - give.sum()
+        remainder = min(len(members), round(quota.sum())) - give.sum()
         if remainder > 0:
             order = np.argsort(-(quota - give), kind="stable")
             give[order[:remainder]] += 1

@@ -21,7 +21,8 @@ class Layout:
 
     def mask(self, parts: Sequence[str]) -> torch.Tensor:
         """Boolean mask over the flat vector selecting the parameters of the named parts."""
-        pieces = [torch.full((size,), part_of(name) in parts) for name, size in zip(self.names, self.sizes, strict=True)]
+        pieces = [torch.full((size,), part_of(name) in parts)
+                  for name, size in zip(self.names, self.sizes, strict=True)]
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)
 
     def count(self, parts: Sequence[str]) -> int:

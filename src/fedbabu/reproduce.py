@@ -1,0 +1,199 @@
+"""The paper's experiments as presets: grids of cells, each cell a set of algorithms x seeds.
+
+A preset is a YAML file in ``configs/paper/`` (base config, grid over config keys, rounds per
+local-epoch setting, a ``quick`` variant). Every run of a cell is an ordinary run folder; a run
+whose folder already holds a complete result for the same configuration is skipped, so an
+interrupted grid continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedbabu.config import Config, build_config, merge_dicts, read_yaml
+from fedbabu.errors import UserError
+from fedbabu.results.files import atomic_write_text
+from fedbabu.results.plots import plot_finetune_curves
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "paper"
+
+
+class QuickScale(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rounds_divisor: int = Field(16, ge=1)
+    set: dict[str, Any] = Field(default_factory=dict)
+
+
+class Preset(BaseModel):
+    """One experiment of the paper: which algorithms, seeds and config cells it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+    title: str
+    algorithms: list[str]
+    seeds: list[int]
+    base: dict[str, Any]
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    rounds_per_local_epochs: dict[int, int] = Field(default_factory=dict)
+    quick: QuickScale = Field(default_factory=QuickScale)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of a grid: a name like ``local_epochs=1,shards_per_client=10`` and its config values."""
+
+    name: str
+    values: dict[str, Any]
+
+
+def preset_dir() -> Path:
+    return PRESET_DIR
+
+
+def list_presets(folder: Path | None = None) -> dict[str, Preset]:
+    folder = folder or preset_dir()
+    return {path.stem: load_preset(path.stem, folder) for path in sorted(folder.glob("*.yaml"))}
+
+
+def load_preset(name: str, folder: Path | None = None) -> Preset:
+    folder = folder or preset_dir()
+    path = folder / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise UserError(f"reproduce: unknown experiment {name!r}; expected one of {known}")
+    try:
+        return Preset.model_validate(read_yaml(path))
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def cells(preset: Preset, scale: str = "full") -> list[Cell]:
+    """Expand the grid; rounds follow ``local_epochs`` so every cell does the same local computation."""
+    keys = list(preset.grid)
+    result = []
+    for combo in itertools.product(*(preset.grid[k] for k in keys)) if keys else [()]:
+        values = merge_dicts(preset.base, dict(zip(keys, combo, strict=True)))
+        tau = values.get("local_epochs", 1)
+        if "rounds" not in values:
+            if tau not in preset.rounds_per_local_epochs:
+                raise UserError(f"preset: no rounds given for local_epochs={tau} (rounds_per_local_epochs)")
+            values["rounds"] = preset.rounds_per_local_epochs[tau]
+        if scale == "quick":
+            values = merge_dicts(values, preset.quick.set)
+            values["rounds"] = max(2, values["rounds"] // preset.quick.rounds_divisor)
+        name = ",".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) or "default"
+        result.append(Cell(name, values))
+    return result
+
+
+def _complete(folder: Path, config: Config) -> bool:
+    """A run counts as done only if it finished with exactly this configuration."""
+    summary, saved = folder / "summary.json", folder / "config.yaml"
+    if not (summary.exists() and saved.exists()):
+        return False
+    try:
+        return build_config(yaml.safe_load(saved.read_text()), str(saved)) == config
+    except (UserError, yaml.YAMLError):
+        return False
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    algorithm: str
+    summaries: list[dict[str, Any]]
+    curves: list[np.ndarray]
+
+
+def run_preset(
+    name: str,
+    out: Path,
+    scale: str = "full",
+    seeds: list[int] | None = None,
+    overrides: list[str] | None = None,
+    observer_for: Callable[[str], Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[CellResult]:
+    """Run (or continue) every cell of a preset and write ``results.md`` beside the run folders."""
+    from fedbabu.config import parse_overrides
+    from fedbabu.runner import run_experiment
+
+    preset = load_preset(name)
+    seeds = seeds or preset.seeds
+    extra = parse_overrides(overrides or [])
+    outcomes: list[CellResult] = []
+    grid = cells(preset, scale)
+    for index, cell in enumerate(grid, 1):
+        for algorithm in preset.algorithms:
+            summaries, curves = [], []
+            for seed in seeds:
+                values = merge_dicts(merge_dicts(cell.values, extra), {"algorithm": algorithm, "seed": seed})
+                config = build_config(values, f"configs/paper/{name}.yaml [{cell.name}]")
+                folder = out / _slug(cell.name) / algorithm / f"seed-{seed}"
+                label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
+                if _complete(folder, config):
+                    log(f"{label}: already complete, skipped")
+                else:
+                    log(f"{label}: running")
+                    observer = observer_for(f"{algorithm} s{seed}") if observer_for else None
+                    run_experiment(config, folder, observer, overwrite=True)
+                summaries.append(json.loads((folder / "summary.json").read_text()))
+                curves.append(_curve(folder))
+            outcomes.append(CellResult(cell, algorithm, summaries, curves))
+    write_results(preset, name, scale, outcomes, out)
+    return outcomes
+
+
+def _slug(name: str) -> str:
+    return name.replace(",", "_").replace("=", "-")
+
+
+def _curve(folder: Path) -> np.ndarray:
+    import csv
+
+    with open(folder / "clients.csv") as handle:
+        rows = list(csv.reader(handle))
+    return np.array([[float(v) for v in row[4:]] for row in rows[1:]])
+
+
+def _seed_stats(summaries: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    means = [s[key]["mean"] for s in summaries]
+    return float(np.mean(means)), float(np.std(means))
+
+
+def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResult], out: Path) -> None:
+    """A Markdown table (mean ± std over seeds of the per-run client means) and a fine-tuning plot."""
+    algorithms = preset.algorithms
+    header = "| cell | " + " | ".join(f"{a} initial | {a} personalized" for a in algorithms)
+    if algorithms[:2] == ["fedavg", "fedbabu"]:
+        header += " | fedbabu − fedavg (personalized)"
+    lines = [f"# {preset.title}", "", f"Scale: {scale}. Accuracy in %, mean ± std over seeds.", "",
+             header + " |", "|" + "---|" * (header.count("|"))]
+    by_cell: dict[str, dict[str, CellResult]] = {}
+    for outcome in outcomes:
+        by_cell.setdefault(outcome.cell.name, {})[outcome.algorithm] = outcome
+    for cell_name, results in by_cell.items():
+        row = [cell_name]
+        for algorithm in algorithms:
+            for key in ("initial_accuracy", "personalized_accuracy"):
+                mean, std = _seed_stats(results[algorithm].summaries, key)
+                row.append(f"{100 * mean:.2f} ± {100 * std:.2f}")
+        if algorithms[:2] == ["fedavg", "fedbabu"]:
+            diff = (_seed_stats(results["fedbabu"].summaries, "personalized_accuracy")[0]
+                    - _seed_stats(results["fedavg"].summaries, "personalized_accuracy")[0])
+            row.append(f"{100 * diff:+.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    wall = sum(s["wall_time_s"] for o in outcomes for s in o.summaries)
+    lines += ["", f"Total wall time of the runs: {wall / 60:.1f} min.", "", "![fine-tuning](finetune.png)", ""]
+    curves = {f"{o.algorithm} {o.cell.name}": np.concatenate(o.curves) for o in outcomes}
+    plot_finetune_curves(curves, out / "finetune.png", f"{name}: accuracy vs fine-tuning epochs")
+    atomic_write_text(out / "results.md", "\n".join(lines))
