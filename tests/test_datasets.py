@@ -88,7 +88,7 @@ def test_broken_idx_files_are_named(tmp_path, fmnist_dir):
         (folder / f.name).write_bytes(f.read_bytes())
     raw = gzip.decompress((folder / "t10k-labels-idx1-ubyte.gz").read_bytes())
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw[:-10]))
-    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: truncated"):
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: truncated"):
         read_fmnist(folder)
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match="not a readable gzip"):
