@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run one experiment")
     _experiment_options(run)
     compare = commands.add_parser("compare", help="run several algorithms on the same partition and seeds")
-    compare.add_argument("--algorithms", default="fedavg,fedbabu", help="comma-separated algorithm names")
+    compare.add_argument("--algorithms", default="fedavg,fedbabu",
+                         help="comma-separated algorithm names; an entry may carry its own settings, "
+                              "e.g. fedavg:update_part=head or perfedavg:perfedavg_variant=hf")
     compare.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     _experiment_options(compare)
     return parser
