@@ -83,7 +83,8 @@ def _pct(mean: float, std: float) -> str:
 def _print_table(console: Console, rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
     for column in ("algorithm", "initial acc (%)", "personalized acc (%)", "gain", "bytes/round/client", "time (s)"):
-        table.add_column(column, justify="left" if column == "algorithm" else "right")
+        table.add_column(column, justify="left" if column == "algorithm" else "right",
+                         overflow="fold" if column == "algorithm" else "ellipsis")
     for r in rows:
         table.add_row(r["algorithm"], _pct(r["initial_mean"], r["initial_std"]),
                       _pct(r["personalized_mean"], r["personalized_std"]),

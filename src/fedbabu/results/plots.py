@@ -73,6 +73,6 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
     ax.set_xticks(x, [r["algorithm"] for r in rows], rotation=30 if len(rows) > 4 else 0, ha="right"
                   if len(rows) > 4 else "center")
     ax.set(ylabel="accuracy (%)", title=title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3, axis="y")
     _save(fig, path)

@@ -111,7 +111,7 @@ def run_report(summary: dict[str, Any], has_rounds: bool = True) -> str:
         "",
         "| metric | accuracy (%) mean ± std over clients |",
         "|---|---|",
-        f"| initial (global model) | {_pct(summary['initial_accuracy'])} |",
+        f"| initial (end of training: global model + personal parts) | {_pct(summary['initial_accuracy'])} |",
         f"| personalized ({summary['personalization']}) | {_pct(summary['personalized_accuracy'])} |",
         "",
         f"Accuracy after 0..{len(summary['finetune_curve']) - 1} personalization {unit}s: {curve}.",
