@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run one experiment")
     _experiment_options(run)
     compare = commands.add_parser("compare", help="run several algorithms on the same partition and seeds")
-    compare.add_argument("--algorithms", default="fedavg,fedbabu", help="comma-separated algorithm names")
+    compare.add_argument("--algorithms", default="fedavg,fedbabu",
+                         help="comma-separated algorithm names; an entry may carry its own settings, "
+                              "e.g. fedavg:update_part=head or perfedavg:perfedavg_variant=hf")
     compare.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     _experiment_options(compare)
     reproduce = commands.add_parser("reproduce", help="list or run the paper's experiments (configs/paper/)")
@@ -90,7 +92,8 @@ def _pct(mean: float, std: float) -> str:
 def _print_table(console: Console, rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
     for column in ("algorithm", "initial acc (%)", "personalized acc (%)", "gain", "bytes/round/client", "time (s)"):
-        table.add_column(column, justify="left" if column == "algorithm" else "right")
+        table.add_column(column, justify="left" if column == "algorithm" else "right",
+                         overflow="fold" if column == "algorithm" else "ellipsis")
     for r in rows:
         table.add_row(r["algorithm"], _pct(r["initial_mean"], r["initial_std"]),
                       _pct(r["personalized_mean"], r["personalized_std"]),

@@ -69,6 +69,18 @@ class Config(_Strict):
 
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
+    # --- baselines and ablations (issue 5); each key is read by one algorithm only ---
+    update_part: Literal["body", "head", "full"] | None = None  # fedavg ablation; None = full
+    fedprox_mu: float = Field(0.01, ge=0)
+    ditto_lambda: float = Field(0.1, ge=0)
+    fedrep_head_epochs: int = Field(10, ge=0)
+    fedrep_body_epochs: int | None = Field(None, ge=1)  # None = local_epochs
+    perfedavg_variant: Literal["fo", "hf"] = "fo"
+    perfedavg_alpha: float = Field(0.01, gt=0)
+    perfedavg_beta: float | None = Field(None, gt=0)  # None = the round's lr (follows the schedule)
+    perfedavg_delta: float = Field(0.001, gt=0)
+    perfedavg_adapt_steps: int = Field(1, ge=0)
+
     seed: int = Field(0, ge=0)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     workers: int | Literal["auto"] = "auto"
@@ -97,6 +109,13 @@ class Config(_Strict):
             bad = [m for m in self.lr_milestones if m < 1]
             if bad:
                 raise ValueError(f"lr_milestones must be rounds >= 1, got {bad}")
+        return self
+
+    @model_validator(mode="after")
+    def _update_part_is_a_fedavg_ablation(self) -> Config:
+        if self.update_part is not None and self.algorithm != "fedavg":
+            raise ValueError(f"update_part is an ablation of fedavg only; {self.algorithm} fixes its own trained "
+                             "parts (fedbabu is update_part=body): remove the key or use algorithm fedavg")
         return self
 
     def resolved_model(self) -> str:

@@ -6,16 +6,18 @@ same files.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedbabu.algorithms import ALGORITHMS
-from fedbabu.config import Config, build_config
+from fedbabu.config import Config, _merge, build_config, parse_overrides
 from fedbabu.data.datasets import Dataset, load_dataset
 from fedbabu.data.partition import Partition, make_partition
 from fedbabu.engine.simulation import Observer, RunResult, simulate
+from fedbabu.errors import UserError
 from fedbabu.results.files import prepare_output_dir
 from fedbabu.results.report import comparison_rows, summarize, write_comparison, write_run
 
@@ -71,21 +73,51 @@ class Comparison:
     folder: Path
 
 
+SHARED_BY_ALL = ("dataset", "data_dir", "num_clients", "partition", "shards_per_client", "dirichlet_alpha",
+                 "samples_per_client", "seed")
+"""Keys that define the dataset and partition, which every compared entry must share."""
+
+
+def variant_config(config: Config, spec: str) -> Config:
+    """The config of one compared entry: ``name`` or ``name:key=value:key=value`` (e.g. ablations).
+
+    ``fedavg:update_part=head`` is FedAvg training only the head; every entry still shares the
+    base config's partition, seeds and budget.
+    """
+    name, *pairs = spec.split(":")
+    values = _merge({**config.to_plain(), "algorithm": name}, parse_overrides(pairs))
+    variant = build_config(values, f"--algorithms {spec}")
+    for key in SHARED_BY_ALL:
+        if getattr(variant, key) != getattr(config, key):
+            raise UserError(f"--algorithms {spec}: {key} must be the same for every entry (they share one dataset "
+                            "and partition); set it with --set instead")
+    return variant
+
+
+def folder_name(spec: str) -> str:
+    """A portable folder name for an entry (``fedavg:update_part=head`` -> ``fedavg_update_part-head``)."""
+    return re.sub(r"[^\w.-]+", "_", spec.replace("=", "-"))
+
+
 def run_comparison(config: Config, algorithms: list[str], out: Path, seeds: list[int] | None = None,
                    observer_for: Any = None, overwrite: bool = False) -> Comparison:
     """Run several algorithms on identical partitions and seeds; write one folder each plus a comparison."""
-    folder = prepare_output_dir(out, overwrite)
     seeds = seeds if seeds else [config.seed]
-    configs = {a: build_config({**config.to_plain(), "algorithm": a}, "--algorithms") for a in algorithms}
+    names = [folder_name(a) for a in algorithms]
+    if len(set(names)) != len(names):
+        raise UserError(f"--algorithms: each entry must appear once, got {','.join(algorithms)}")
+    configs = {a: variant_config(config, a) for a in algorithms}
     for run_config in configs.values():
         ALGORITHMS[run_config.algorithm](run_config)
+    folder = prepare_output_dir(out, overwrite)
     dataset = prepare_data(config)
     experiments: dict[str, list[Experiment]] = {a: [] for a in algorithms}
     for seed in seeds:
         partition = partition_for(config.model_copy(update={"seed": seed}), dataset)
         for algorithm in algorithms:
             run_config = configs[algorithm].model_copy(update={"seed": seed})
-            sub = folder / algorithm if len(seeds) == 1 else folder / algorithm / f"seed-{seed}"
+            sub = folder / folder_name(algorithm)
+            sub = sub if len(seeds) == 1 else sub / f"seed-{seed}"
             observer = observer_for(algorithm, seed) if observer_for else None
             experiments[algorithm].append(
                 run_experiment(run_config, sub, observer, overwrite, dataset=dataset, partition=partition))

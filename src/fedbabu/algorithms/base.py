@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from fedbabu.config import Config
-from fedbabu.engine.local import ClientData, LocalTraining, evaluate, load_state, sgd_epochs, state_of
+from fedbabu.engine.local import (
+    ClientData,
+    LocalTraining,
+    Regularizer,
+    evaluate,
+    load_state,
+    sgd_epochs,
+    state_of,
+)
 from fedbabu.errors import UserError
 
 PersonalState = dict[str, torch.Tensor]
@@ -43,6 +51,8 @@ class Algorithm:
     shared_parts: ClassVar[tuple[str, ...]] = ("body", "head")
     trained_parts: ClassVar[tuple[str, ...]] = ("body", "head")
     personal_parts: ClassVar[tuple[str, ...]] = ()
+    personalization_unit: ClassVar[str] = "epoch"
+    """What one step of the accuracy curve returned by :meth:`personalize` stands for."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -81,6 +91,11 @@ class Algorithm:
             accuracies.append(evaluate(model, data))
         return accuracies
 
+    def personalization_note(self) -> str:
+        """How :meth:`personalize` adapts a client, as reports print it."""
+        ft = self.config.finetune
+        return f"{ft.part} fine-tuning, {ft.epochs} epochs, lr {ft.lr}"
+
     def describe(self) -> str:
         return (f"{self.name}: trains {'+'.join(self.trained_parts) or 'nothing'}, aggregates "
                 f"{'+'.join(self.shared_parts) or 'nothing'}, keeps {'+'.join(self.personal_parts) or 'nothing'} "
@@ -90,3 +105,28 @@ class Algorithm:
 def refuse(key: str, message: str) -> UserError:
     """The error an algorithm raises for a setting it cannot work with."""
     return UserError(f"{key}: {message}")
+
+
+def proximal(anchor: dict[str, torch.Tensor], coefficient: float) -> Regularizer:
+    """``coefficient / 2 * ||w - anchor||^2`` over the anchored parameters (FedProx's and Ditto's term).
+
+    The term is always added, even with a zero coefficient, so that "coefficient 0 = no term" is
+    a property the tests can check rather than a special case.
+    """
+
+    def term(model: nn.Module) -> torch.Tensor:
+        total = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor)
+        return 0.5 * coefficient * total
+
+    return term
+
+
+def check_proximal_step(key: str, coefficient: float, config: Config) -> None:
+    """Refuse a proximal coefficient for which SGD on the quadratic term alone diverges.
+
+    Momentum SGD with step ``lr`` on ``c/2 ||w - a||^2`` is stable only while ``lr * c < 2 (1 + momentum)``.
+    """
+    limit = 2 * (1 + config.momentum) / config.lr
+    if coefficient >= limit:
+        raise refuse(key, f"{coefficient} makes local SGD diverge with lr {config.lr} and momentum "
+                          f"{config.momentum}; expected a value below {limit:.4g}")

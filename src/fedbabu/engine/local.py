@@ -93,7 +93,8 @@ def set_trainable(model: nn.Module, parts: Sequence[str]) -> list[nn.Parameter]:
     return trainable
 
 
-def _autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
+def autocast_for(runtime: Runtime) -> contextlib.AbstractContextManager:
+    """bf16 autocast when the run asks for it; public so algorithms with their own loop honour it too."""
     if runtime.precision == "bf16":
         return torch.autocast(device_type=torch.device(runtime.device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -126,7 +127,7 @@ def sgd_epochs(
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(settings.epochs):
         for x, y in data.train_batches(settings.batch_size, generator):
-            with _autocast(data.runtime):
+            with autocast_for(data.runtime):
                 loss = loss_fn(model(x), y)
             objective = loss + regularizer(model) if regularizer is not None else loss
             optimizer.zero_grad(set_to_none=True)
@@ -146,7 +147,7 @@ def evaluate(model: nn.Module, data: ClientData) -> float:
     model.eval()
     correct = 0
     for x, y in data.test_batches():
-        with _autocast(data.runtime):
+        with autocast_for(data.runtime):
             correct += int((model(x).argmax(1) == y).sum())
     return correct / data.num_test
 

@@ -48,15 +48,16 @@ def plot_clients(curves: np.ndarray, path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def plot_finetune_curves(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
+def plot_finetune_curves(curves: dict[str, np.ndarray], path: Path, title: str,
+                         xlabel: str = "fine-tuning epochs") -> None:
     """Mean (+- std over clients) accuracy after each fine-tuning epoch, one line per run."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in curves.items():
+    for index, (label, curve) in enumerate(curves.items()):
         epochs = np.arange(curve.shape[1])
         mean, std = 100 * np.nanmean(curve, axis=0), 100 * np.nanstd(curve, axis=0)
-        ax.plot(epochs, mean, marker="o", label=label)
+        ax.plot(epochs, mean, marker="os^"[index // 10 % 3], linestyle=("-", "--", ":")[index // 10 % 3], label=label)
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.15)
-    ax.set(xlabel="fine-tuning epochs", ylabel="accuracy (%)", title=title)
+    ax.set(xlabel=xlabel, ylabel="accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
@@ -69,8 +70,9 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
     for offset, key, label in ((-0.2, "initial", "initial"), (0.2, "personalized", "personalized")):
         ax.bar(x + offset, [100 * r[f"{key}_mean"] for r in rows], width=0.4,
                yerr=[100 * r[f"{key}_std"] for r in rows], capsize=3, label=label)
-    ax.set_xticks(x, [r["algorithm"] for r in rows])
+    ax.set_xticks(x, [r["algorithm"] for r in rows], rotation=30 if len(rows) > 4 else 0, ha="right"
+                  if len(rows) > 4 else "center")
     ax.set(ylabel="accuracy (%)", title=title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3, axis="y")
     _save(fig, path)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import dump_config
 from fedbabu.engine.simulation import RunResult
 from fedbabu.results.files import atomic_write_text, save_tensors, write_csv, write_json
@@ -25,6 +26,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
     c = result.config
     curves = result.accuracy_curve()
     evaluated = [m for m in result.metrics if "test_accuracy" in m]
+    algorithm = ALGORITHMS[c.algorithm](c)
     return {
         "algorithm": c.algorithm,
         "dataset": c.dataset,
@@ -37,6 +39,8 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "personalized_accuracy": mean_std(curves[:, -1]),
         "finetune_curve": [float(v) for v in np.nanmean(curves, axis=0)],
         "finetune": {"part": c.finetune.part, "epochs": c.finetune.epochs, "lr": c.finetune.lr},
+        "personalization": algorithm.personalization_note(),
+        "personalization_unit": algorithm.personalization_unit,
         "final_global_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
         "bytes_per_round_per_client": result.bytes_per_round_per_client,
         "wall_time_s": round(result.wall_time_s, 3),
@@ -53,9 +57,11 @@ def summarize(result: RunResult) -> dict[str, Any]:
 
 
 def client_rows(result: RunResult) -> tuple[list[str], list[list[Any]]]:
-    epochs = result.config.finetune.epochs
+    c = result.config
+    unit = ALGORITHMS[c.algorithm].personalization_unit
+    steps = len(result.clients[0]["accuracies"]) - 1 if result.clients else c.finetune.epochs
     header = ["client", "train_size", "test_size", "classes", "initial_accuracy"] + [
-        f"accuracy_after_epoch_{e}" for e in range(1, epochs + 1)]
+        f"accuracy_after_{unit}_{e}" for e in range(1, steps + 1)]
     rows = [[c["client"], c["train_size"], c["test_size"], c["classes"]] + [f"{a:.6f}" for a in c["accuracies"]]
             for c in result.clients]
     return header, rows
@@ -83,8 +89,9 @@ def write_run(result: RunResult, folder: Path) -> dict[str, Any]:
         plot_rounds(result.metrics, folder / "rounds.png", label)
     curves = result.accuracy_curve()
     plot_clients(curves, folder / "clients.png", f"{label}: initial vs personalized accuracy per client")
+    unit = summary["personalization_unit"]
     plot_finetune_curves({result.config.algorithm: curves}, folder / "finetune.png",
-                         f"{label}: accuracy vs fine-tuning epochs")
+                         f"{label}: accuracy vs personalization {unit}s", xlabel=f"personalization {unit}s")
     atomic_write_text(folder / "report.md", run_report(summary, has_rounds=bool(result.metrics)))
     return summary
 
@@ -94,7 +101,7 @@ def _pct(stats: dict[str, float]) -> str:
 
 
 def run_report(summary: dict[str, Any], has_rounds: bool = True) -> str:
-    ft = summary["finetune"]
+    unit = summary["personalization_unit"]
     curve = " → ".join(f"{100 * v:.1f}" for v in summary["finetune_curve"])
     lines = [
         f"# {summary['algorithm']} on {summary['dataset']} ({summary['model']})",
@@ -104,11 +111,10 @@ def run_report(summary: dict[str, Any], has_rounds: bool = True) -> str:
         "",
         "| metric | accuracy (%) mean ± std over clients |",
         "|---|---|",
-        f"| initial (global model) | {_pct(summary['initial_accuracy'])} |",
-        f"| personalized ({ft['part']} fine-tuning, {ft['epochs']} epochs, lr {ft['lr']}) | "
-        f"{_pct(summary['personalized_accuracy'])} |",
+        f"| initial (end of training: global model + personal parts) | {_pct(summary['initial_accuracy'])} |",
+        f"| personalized ({summary['personalization']}) | {_pct(summary['personalized_accuracy'])} |",
         "",
-        f"Accuracy after 0..{ft['epochs']} fine-tuning epochs: {curve}.",
+        f"Accuracy after 0..{len(summary['finetune_curve']) - 1} personalization {unit}s: {curve}.",
         "",
         f"Communication: {summary['bytes_per_round_per_client']:,} bytes per participating client per round "
         f"(down + up). Wall time: {summary['wall_time_s']:.1f} s.",
@@ -126,23 +132,26 @@ def comparison_rows(summaries: dict[str, list[dict[str, Any]]],
     rows = []
     for algorithm, runs in summaries.items():
         stacked = np.concatenate(curves[algorithm], axis=0)
-        seed_means = [r["personalized_accuracy"]["mean"] for r in runs]
         rows.append({
             "algorithm": algorithm,
             "initial_mean": float(np.nanmean(stacked[:, 0])),
             "initial_std": float(np.nanstd(stacked[:, 0])),
             "personalized_mean": float(np.nanmean(stacked[:, -1])),
             "personalized_std": float(np.nanstd(stacked[:, -1])),
-            "personalized_seed_std": float(np.std(seed_means)),
+            "initial_seed_std": float(np.std([r["initial_accuracy"]["mean"] for r in runs])),
+            "personalized_seed_std": float(np.std([r["personalized_accuracy"]["mean"] for r in runs])),
             "seeds": len(runs),
             "bytes_per_round_per_client": runs[0]["bytes_per_round_per_client"],
             "wall_time_s": float(sum(r["wall_time_s"] for r in runs)),
+            "personalization": runs[0]["personalization"],
+            "personalization_unit": runs[0]["personalization_unit"],
         })
     return rows
 
 
 COMPARISON_HEADER = ["algorithm", "initial_mean", "initial_std", "personalized_mean", "personalized_std",
-                     "personalized_seed_std", "seeds", "bytes_per_round_per_client", "wall_time_s"]
+                     "personalized_seed_std", "seeds", "bytes_per_round_per_client", "wall_time_s",
+                     "initial_seed_std", "personalization"]
 
 
 def write_comparison(rows: list[dict[str, Any]], curves: dict[str, list[np.ndarray]], folder: Path,
@@ -150,8 +159,9 @@ def write_comparison(rows: list[dict[str, Any]], curves: dict[str, list[np.ndarr
     write_csv(folder / "comparison.csv", COMPARISON_HEADER,
               [[r[k] if not isinstance(r[k], float) else f"{r[k]:.6f}" for k in COMPARISON_HEADER] for r in rows])
     plot_comparison(rows, folder / "comparison.png", title)
+    units = sorted({r["personalization_unit"] for r in rows})
     plot_finetune_curves({a: np.concatenate(c, axis=0) for a, c in curves.items()}, folder / "finetune.png",
-                         f"{title}: accuracy vs fine-tuning epochs")
+                         f"{title}: accuracy vs personalization", xlabel=" or ".join(f"{u}s" for u in units))
     atomic_write_text(folder / "comparison.md", comparison_markdown(rows, title))
 
 
@@ -159,17 +169,23 @@ def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines = [
         f"# {title}",
         "",
-        "Accuracy in %, mean ± std over all clients (and seeds). Same partition and seed for every algorithm.",
+        f"Accuracy in %: mean ± std over all clients of all {rows[0]['seeds'] if rows else 0} seed(s) pooled, "
+        "then (in brackets) the std of the per-seed means. Every algorithm ran on the same partition and "
+        "seed. Initial = what each client holds when training ends (global model plus its personal parts), "
+        "before personalization. Bytes = down + up per participating client per round. Wall time summed "
+        "over seeds.",
         "",
-        "| algorithm | initial | personalized | gain | bytes/round/client | wall time (s) |",
-        "|---|---|---|---|---|---|",
+        "| algorithm | initial | personalized | gain | bytes/round/client | wall time (s) | personalization |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['algorithm']} | {100 * r['initial_mean']:.2f} ± {100 * r['initial_std']:.2f} | "
-            f"{100 * r['personalized_mean']:.2f} ± {100 * r['personalized_std']:.2f} | "
+            f"| {r['algorithm']} | {100 * r['initial_mean']:.2f} ± {100 * r['initial_std']:.2f} "
+            f"[{100 * r['initial_seed_std']:.2f}] | "
+            f"{100 * r['personalized_mean']:.2f} ± {100 * r['personalized_std']:.2f} "
+            f"[{100 * r['personalized_seed_std']:.2f}] | "
             f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f} | {r['bytes_per_round_per_client']:,} | "
-            f"{r['wall_time_s']:.1f} |"
+            f"{r['wall_time_s']:.1f} | {r['personalization']} |"
         )
-    lines += ["", "![comparison](comparison.png)", "", "![fine-tuning](finetune.png)", ""]
+    lines += ["", "![comparison](comparison.png)", "", "![personalization curves](finetune.png)", ""]
     return "\n".join(lines)

@@ -1,0 +1,355 @@
+"""The baselines and ablations: one test per defining property, plus an end-to-end digits compare."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fedbabu.algorithms import ALGORITHMS
+from fedbabu.algorithms.perfedavg import gradients, hessian_vector_product
+from fedbabu.config import DIGITS_DEFAULT, build_config
+from fedbabu.engine.local import ClientData, evaluate, load_state, set_trainable, state_of
+from fedbabu.engine.params import Layout
+from fedbabu.engine.simulation import TRAIN_STREAM, client_generator, runtime_for, simulate
+from fedbabu.errors import UserError
+from fedbabu.models import build_model, count_parameters
+from fedbabu.runner import partition_for, run_comparison
+
+ALL = ["fedavg", "fedbabu", "fedper", "lg_fedavg", "fedrep", "perfedavg", "ditto", "fedprox", "local"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from fedbabu.data.datasets import load_digits
+
+    return load_digits()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The engine computes with one thread per process; references computed here must too (bit-identity)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**overrides):
+    """Five digits clients, all sampled every round, three rounds: about a second per run."""
+    values = {**DIGITS_DEFAULT, "num_clients": 5, "rounds": 3, "client_fraction": 1.0, "eval_every": 0,
+              "workers": 1, "fedrep_head_epochs": 1, "finetune": {**DIGITS_DEFAULT["finetune"], "epochs": 1}}
+    values.update(overrides)
+    return build_config(values)
+
+
+def run(config, digits):
+    return simulate(config, digits, partition_for(config, digits))
+
+
+def initial_model(config, digits):
+    model = build_model(config.resolved_model(), digits.channels, digits.image_size, digits.num_classes,
+                        config.head_init, config.seed)
+    return model.to(memory_format=torch.channels_last)
+
+
+def client_data(config, digits, client):
+    partition = partition_for(config, digits)
+    return ClientData(digits, partition.train[client], partition.test[client], runtime_for(config))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+
+
+def part_state(state: dict, part: str) -> dict:
+    return {k: v for k, v in state.items() if k.startswith(f"{part}.")}
+
+
+def accuracy_with(config, digits, client, *states) -> float:
+    """A client's test accuracy with the given states loaded, one after the other, into the initial model."""
+    model = initial_model(config, digits)
+    for state in states:
+        load_state(model, {k: torch.as_tensor(v) for k, v in state.items()})
+    return evaluate(model, client_data(config, digits, client))
+
+
+def test_fedper_heads_are_personal_and_never_averaged(digits):
+    config = tiny(algorithm="fedper")
+    result = run(config, digits)
+    init = dict(initial_model(config, digits).named_parameters())
+    assert torch.equal(result.final_state["head.weight"], init["head.weight"]), "the server never touches heads"
+    assert not torch.equal(result.final_state["body.0.0.weight"], init["body.0.0.weight"])
+    heads = [torch.from_numpy(result.personal[c]["head.weight"]) for c in range(5)]
+    assert set(result.personal[0]) == {"head.weight", "head.bias"}
+    for a, b in itertools.combinations(heads, 2):
+        assert not torch.equal(a, b)
+    for c in (0, 3):
+        assert result.clients[c]["accuracies"][0] == accuracy_with(config, digits, c, result.final_state,
+                                                                   result.personal[c])
+
+
+def test_lg_fedavg_bodies_are_personal_and_never_averaged(digits):
+    config = tiny(algorithm="lg_fedavg")
+    result = run(config, digits)
+    init = initial_model(config, digits)
+    assert same(part_state(result.final_state, "body"), state_of(init, ("body",)))
+    assert not torch.equal(result.final_state["head.weight"], init.head.weight)
+    bodies = [torch.from_numpy(result.personal[c]["body.0.0.weight"]) for c in range(5)]
+    assert all(k.startswith("body.") for k in result.personal[0])
+    for a, b in itertools.combinations(bodies, 2):
+        assert not torch.equal(a, b)
+    assert result.bytes_per_round_per_client == 8 * count_parameters(init, "head")
+
+
+def test_fedrep_freezes_the_body_in_the_head_phase_and_the_head_in_the_body_phase(digits, monkeypatch):
+    import fedbabu.algorithms.fedrep as fedrep
+
+    config = tiny(algorithm="fedrep", fedrep_head_epochs=2, fedrep_body_epochs=1)
+    phases = []
+    original = fedrep.sgd_epochs
+
+    def spy(model, data, parts, settings, generator, regularizer=None):
+        before = state_of(model, ("body", "head"))
+        loss = original(model, data, parts, settings, generator, regularizer)
+        after = state_of(model, ("body", "head"))
+        moved = {part: not same(part_state(before, part), part_state(after, part)) for part in ("body", "head")}
+        phases.append((tuple(parts), settings.epochs, moved))
+        return loss
+
+    monkeypatch.setattr(fedrep, "sgd_epochs", spy)
+    model = initial_model(config, digits)
+    own_head = {k: v + 0.01 for k, v in state_of(model, ("head",)).items()}
+    update = ALGORITHMS["fedrep"](config).client_update(model, client_data(config, digits, 0), own_head, 0.05,
+                                                        torch.Generator().manual_seed(0))
+    assert phases == [(("head",), 2, {"body": False, "head": True}), (("body",), 1, {"body": True, "head": False})]
+    assert set(update.personal) == {"head.weight", "head.bias"}
+    assert not same(update.personal, own_head), "the client's own head is the one trained"
+
+
+def test_fedrep_keeps_heads_per_client_and_aggregates_only_the_body(digits):
+    config = tiny(algorithm="fedrep")
+    result = run(config, digits)
+    init = initial_model(config, digits)
+    assert same(part_state(result.final_state, "head"), state_of(init, ("head",)))
+    assert not torch.equal(torch.from_numpy(result.personal[0]["head.weight"]),
+                           torch.from_numpy(result.personal[1]["head.weight"]))
+
+
+def personal_distance(config, digits, lam: float) -> float:
+    """How far one Ditto round moves client 0's personal model from the global model it received."""
+    model = initial_model(config.model_copy(update={"ditto_lambda": lam}), digits)
+    received = state_of(model, ("body", "head"))
+    algorithm = ALGORITHMS["ditto"](config.model_copy(update={"ditto_lambda": lam}))
+    update = algorithm.client_update(model, client_data(config, digits, 0), {}, config.lr,
+                                     torch.Generator().manual_seed(1))
+    return float(sum(((update.personal[k] - received[k]) ** 2).sum() for k in received)) ** 0.5
+
+
+def test_ditto_large_lambda_pulls_the_personal_model_onto_the_global_one(digits):
+    config = tiny(algorithm="ditto", local_epochs=3, lr=0.01)
+    free, mild, strong = (personal_distance(config, digits, lam) for lam in (0.0, 10.0, 100.0))
+    assert free > mild > strong
+    assert strong < 0.1 * free
+
+
+def test_ditto_with_lambda_zero_is_local_training_and_is_evaluated_on_personal_models(digits):
+    ditto = run(tiny(algorithm="ditto", ditto_lambda=0.0), digits)
+    local = run(tiny(algorithm="local"), digits)
+    for c in range(5):
+        assert same(ditto.personal[c], local.personal[c]), f"client {c}"
+    assert ditto.accuracy_curve()[:, 0].tolist() == local.accuracy_curve()[:, 0].tolist()
+    with_lambda = run(tiny(algorithm="ditto", ditto_lambda=0.5), digits)
+    assert not same(with_lambda.personal[0], local.personal[0])
+
+
+def test_ditto_refuses_a_lambda_that_diverges():
+    with pytest.raises(UserError, match="ditto_lambda"):
+        ALGORITHMS["ditto"](tiny(algorithm="ditto", ditto_lambda=100.0, lr=0.05))
+
+
+def test_fedprox_with_mu_zero_equals_fedavg_bit_for_bit(digits):
+    fedavg = run(tiny(algorithm="fedavg"), digits)
+    prox0 = run(tiny(algorithm="fedprox", fedprox_mu=0.0), digits)
+    assert same(fedavg.final_state, prox0.final_state)
+    assert np.array_equal(fedavg.accuracy_curve(), prox0.accuracy_curve())
+    prox = run(tiny(algorithm="fedprox", fedprox_mu=1.0), digits)
+    assert not same(fedavg.final_state, prox.final_state)
+    init = state_of(initial_model(tiny(), digits), ("body", "head"))
+
+    def drift(state):
+        return sum(float(((state[k] - init[k]) ** 2).sum()) for k in init)
+
+    assert drift(prox.final_state) < drift(fedavg.final_state), "the proximal term holds clients back"
+
+
+def test_perfedavg_fo_and_hf_both_train_and_differ(digits):
+    results = {v: run(tiny(algorithm="perfedavg", perfedavg_variant=v, perfedavg_adapt_steps=2), digits)
+               for v in ("fo", "hf")}
+    init = state_of(initial_model(tiny(), digits), ("body", "head"))
+    for result in results.values():
+        assert not same(result.final_state, init)
+        assert all(torch.isfinite(v).all() for v in result.final_state.values())
+        assert result.accuracy_curve().shape == (5, 3), "initial + one column per adaptation step"
+        assert result.personal == {}
+    assert not same(results["fo"].final_state, results["hf"].final_state)
+
+
+def test_perfedavg_personalization_is_its_adaptation_step(digits):
+    config = tiny(algorithm="perfedavg", perfedavg_adapt_steps=1, perfedavg_alpha=0.05)
+    model = initial_model(config, digits)
+    data = client_data(config, digits, 0)
+    accuracies = ALGORITHMS["perfedavg"](config).personalize(model, data, {}, torch.Generator().manual_seed(0))
+    expected = initial_model(config, digits)
+    params = set_trainable(expected, ("body", "head"))
+    batch = next(data.train_batches(config.batch_size, torch.Generator().manual_seed(0)))
+    _, grads = gradients(expected, params, batch, data)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.add_(g, alpha=-0.05)
+    assert same(state_of(model, ("body", "head")), state_of(expected, ("body", "head")))
+    assert len(accuracies) == 2
+
+
+def test_perfedavg_hessian_free_product_matches_autograd(digits):
+    config = tiny(algorithm="perfedavg")
+    model = initial_model(config, digits).double()
+    data = client_data(config, digits, 0)
+    params = set_trainable(model, ("body", "head"))
+    x, y = next(data.train_batches(20, torch.Generator().manual_seed(0)))
+    batch = (x.double(), y)
+    vector = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+              for i, p in enumerate(params)]
+    norm = sum(float((v**2).sum()) for v in vector) ** 0.5
+    vector = [v / norm for v in vector]
+    approx = hessian_vector_product(model, params, batch, data, vector, 1e-6)
+    loss = torch.nn.functional.cross_entropy(model(batch[0]), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    exact = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vector, strict=True)), params)
+    a, e = torch.cat([t.reshape(-1) for t in approx]), torch.cat([t.reshape(-1) for t in exact])
+    assert torch.nn.functional.cosine_similarity(a, e, dim=0) > 0.99
+    assert abs(a.norm() / e.norm() - 1) < 0.05
+
+
+def test_local_communicates_nothing_and_trains_every_client_alone(digits):
+    config = tiny(algorithm="local")
+    result = run(config, digits)
+    assert result.bytes_per_round_per_client == 0
+    init = initial_model(config, digits)
+    assert same(result.final_state, state_of(init, ("body", "head")))
+    for a, b in itertools.combinations(range(5), 2):
+        assert not torch.equal(torch.from_numpy(result.personal[a]["body.0.0.weight"]),
+                               torch.from_numpy(result.personal[b]["body.0.0.weight"]))
+    model = initial_model(config, digits)
+    algorithm = ALGORITHMS["local"](config)
+    for r in range(config.rounds):
+        algorithm.client_update(model, client_data(config, digits, 2), {}, config.lr_at(r),
+                                client_generator(config.seed, r, 2, TRAIN_STREAM))
+    assert same(state_of(model, ("body", "head")), result.personal[2]), "exactly training alone"
+
+
+@pytest.mark.parametrize("part", ["body", "head", "full"])
+def test_update_part_moves_only_the_named_part(digits, part):
+    config = tiny(algorithm="fedavg", update_part=part)
+    result = run(config, digits)
+    init = initial_model(config, digits)
+    layout = Layout(init)
+    for name in ("body", "head"):
+        moved = not same(part_state(result.final_state, name), state_of(init, (name,)))
+        assert moved == (part in (name, "full")), name
+    assert result.bytes_per_round_per_client == 8 * layout.count(("body", "head") if part == "full" else (part,))
+
+
+def test_update_part_body_is_fedbabu_bit_for_bit(digits):
+    ablation = run(tiny(algorithm="fedavg", update_part="body"), digits)
+    fedbabu = run(tiny(algorithm="fedbabu"), digits)
+    assert same(ablation.final_state, fedbabu.final_state)
+    assert np.array_equal(ablation.accuracy_curve(), fedbabu.accuracy_curve())
+
+
+def test_zero_head_is_refused_for_body_only_training_and_learns_when_the_head_trains(digits):
+    with pytest.raises(UserError, match="head_init"):
+        ALGORITHMS["fedavg"](tiny(algorithm="fedavg", update_part="body", head_init="zeros"))
+    result = run(tiny(algorithm="fedavg", update_part="head", head_init="zeros", rounds=4), digits)
+    assert result.final_state["head.weight"].abs().sum() > 0
+    assert np.mean(result.accuracy_curve()[:, 0]) > 0.3, "a trained zero head learns (chance is 0.1)"
+
+
+def test_update_part_is_refused_outside_fedavg():
+    with pytest.raises(UserError, match="update_part"):
+        tiny(algorithm="fedbabu", update_part="head")
+
+
+def test_orthogonal_head_has_orthonormal_rows(digits):
+    config = tiny(head_init="orthogonal")
+    weight = initial_model(config, digits).head.weight.detach()
+    assert torch.allclose(weight @ weight.T, torch.eye(weight.shape[0]), atol=1e-5)
+    default = initial_model(tiny(), digits).head.weight.detach()
+    assert not torch.allclose(default @ default.T, torch.eye(default.shape[0]), atol=1e-2)
+    assert torch.count_nonzero(initial_model(tiny(head_init="zeros"), digits).head.weight) == 0
+
+
+def test_personal_state_does_not_depend_on_the_number_of_workers(digits):
+    one = run(tiny(algorithm="ditto", client_fraction=0.5, rounds=2), digits)
+    two = run(tiny(algorithm="ditto", client_fraction=0.5, rounds=2, workers=2), digits)
+    assert one.personal.keys() == two.personal.keys() and len(one.personal) >= 3
+    for c in one.personal:
+        assert same(one.personal[c], two.personal[c])
+    assert same(one.final_state, two.final_state)
+
+
+def test_compare_entries_must_share_the_partition_and_be_unique(tmp_path):
+    with pytest.raises(UserError, match="num_clients"):
+        run_comparison(tiny(), ["fedavg", "fedbabu:num_clients=4"], tmp_path / "a")
+    with pytest.raises(UserError, match="once"):
+        run_comparison(tiny(), ["fedavg", "fedavg"], tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_compare_all_algorithms_end_to_end_on_digits(tmp_path, digits):
+    out = tmp_path / "cmp"
+    entries = [*ALL, "perfedavg:perfedavg_variant=hf", "fedavg:update_part=head"]
+    overrides = ["num_clients=5", "rounds=2", "client_fraction=1.0", "eval_every=0", "fedrep_head_epochs=1",
+                 "finetune.epochs=2", "local_epochs=1"]
+    cmd = [sys.executable, "-m", "fedbabu", "compare", "--algorithms", ",".join(entries), "--seeds", "0,1",
+           "--out", str(out), "--quiet", "--workers", "1"] + [a for o in overrides for a in ("--set", o)]
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    with (out / "comparison.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["algorithm"] for r in rows] == entries
+    assert next(iter(rows[0])) == "algorithm"
+    by_name = {r["algorithm"]: r for r in rows}
+    model = build_model("digitcnn", digits.channels, digits.image_size, digits.num_classes)
+    body, head = count_parameters(model, "body"), count_parameters(model, "head")
+    expected_bytes = {"fedavg": body + head, "fedbabu": body, "fedper": body, "lg_fedavg": head, "fedrep": body,
+                      "perfedavg": body + head, "ditto": body + head, "fedprox": body + head, "local": 0,
+                      "fedavg:update_part=head": head}
+    for name, floats in expected_bytes.items():
+        assert int(by_name[name]["bytes_per_round_per_client"]) == 8 * floats, name
+    for r in rows:
+        assert r["seeds"] == "2"
+        for key in ("initial_mean", "personalized_mean"):
+            assert 0.0 <= float(r[key]) <= 1.0
+        assert float(r["wall_time_s"]) > 0
+    assert float(by_name["fedbabu"]["personalized_mean"]) > 0.3
+    markdown = (out / "comparison.md").read_text()
+    assert all(f"| {name} |" in markdown for name in entries)
+    assert "Per-FedAvg adaptation (hf)" in markdown
+    for png in ("comparison.png", "finetune.png"):
+        assert (out / png).stat().st_size > 1000
+    summary = json.loads((out / "perfedavg_perfedavg_variant-hf" / "seed-1" / "summary.json").read_text())
+    assert summary["seed"] == 1 and summary["personalization_unit"] == "step"
+    header = (out / "perfedavg" / "seed-0" / "clients.csv").read_text().splitlines()[0]
+    assert header.endswith("initial_accuracy,accuracy_after_step_1")
+    partitions = {(out / name / "seed-0" / "partition.json").read_text() for name in ("fedavg", "local", "ditto")}
+    assert len(partitions) == 1, "every algorithm of a seed runs on the identical partition"
