@@ -15,7 +15,8 @@ from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, build_config
 from fedbabu.data.datasets import Dataset, load_dataset
 from fedbabu.data.partition import Partition, make_partition
-from fedbabu.engine.simulation import Observer, RunResult, simulate
+from fedbabu.engine.simulation import ModelFactory, Observer, RunResult, config_model, simulate
+from fedbabu.errors import UserError
 from fedbabu.results.files import prepare_output_dir
 from fedbabu.results.report import comparison_rows, summarize, write_comparison, write_run
 
@@ -25,11 +26,16 @@ def default_out_dir(kind: str) -> Path:
 
 
 def prepare_data(config: Config) -> Dataset:
+    if config.dataset == "custom":
+        raise UserError("dataset: 'custom' means data given in Python; pass it as fedbabu.run(config, data=...)")
     return load_dataset(config.dataset, config.data_dir, config.download)
 
 
 def partition_for(config: Config, dataset: Dataset) -> Partition:
     """The seeded partition of a config: identical for every algorithm run with the same seed."""
+    if config.partition == "natural":
+        raise UserError("partition: 'natural' comes with the data; build it with fedbabu.from_arrays(..., "
+                        "client_ids=...) and pass it as fedbabu.run(config, data=...)")
     return make_partition(
         config.partition,
         dataset.train_y.numpy(),
@@ -53,12 +59,12 @@ class Experiment:
 
 def run_experiment(config: Config, out: Path | None = None, observer: Observer | None = None,
                    overwrite: bool = False, dataset: Dataset | None = None,
-                   partition: Partition | None = None) -> Experiment:
+                   partition: Partition | None = None, model_factory: ModelFactory = config_model) -> Experiment:
     """Run one experiment; with ``out`` its folder is written (and must be empty unless ``overwrite``)."""
     folder = prepare_output_dir(out, overwrite) if out is not None else None
     dataset = dataset if dataset is not None else prepare_data(config)
     partition = partition if partition is not None else partition_for(config, dataset)
-    result = simulate(config, dataset, partition, observer)
+    result = simulate(config, dataset, partition, observer, model_factory)
     summary = write_run(result, folder) if folder is not None else summarize(result)
     return Experiment(result, summary, folder)
 
@@ -71,23 +77,30 @@ class Comparison:
 
 
 def run_comparison(config: Config, algorithms: list[str], out: Path, seeds: list[int] | None = None,
-                   observer_for: Any = None, overwrite: bool = False) -> Comparison:
-    """Run several algorithms on identical partitions and seeds; write one folder each plus a comparison."""
+                   observer_for: Any = None, overwrite: bool = False, dataset: Dataset | None = None,
+                   partition: Partition | None = None, model_factory: ModelFactory = config_model) -> Comparison:
+    """Run several algorithms on identical partitions and seeds; write one folder each plus a comparison.
+
+    A given ``partition`` (a natural one, from the Python API) is used for every seed; otherwise each
+    seed draws the config's partition.
+    """
     folder = prepare_output_dir(out, overwrite)
     seeds = seeds if seeds else [config.seed]
     configs = {a: build_config({**config.to_plain(), "algorithm": a}, "--algorithms") for a in algorithms}
     for run_config in configs.values():
         ALGORITHMS[run_config.algorithm](run_config)
-    dataset = prepare_data(config)
+    dataset = dataset if dataset is not None else prepare_data(config)
     experiments: dict[str, list[Experiment]] = {a: [] for a in algorithms}
     for seed in seeds:
-        partition = partition_for(config.model_copy(update={"seed": seed}), dataset)
+        seed_partition = partition if partition is not None else partition_for(
+            config.model_copy(update={"seed": seed}), dataset)
         for algorithm in algorithms:
             run_config = configs[algorithm].model_copy(update={"seed": seed})
             sub = folder / algorithm if len(seeds) == 1 else folder / algorithm / f"seed-{seed}"
             observer = observer_for(algorithm, seed) if observer_for else None
             experiments[algorithm].append(
-                run_experiment(run_config, sub, observer, overwrite, dataset=dataset, partition=partition))
+                run_experiment(run_config, sub, observer, overwrite, dataset=dataset, partition=seed_partition,
+                               model_factory=model_factory))
     curves = {a: [e.result.accuracy_curve() for e in runs] for a, runs in experiments.items()}
     rows = comparison_rows({a: [e.summary for e in runs] for a, runs in experiments.items()}, curves)
     title = f"{config.dataset} {config.resolved_model()}, {config.num_clients} clients, {config.rounds} rounds"
