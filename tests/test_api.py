@@ -48,6 +48,11 @@ class SoftmaxAfterHead(OddHead):
         return torch.log_softmax(super().forward(x), dim=1)
 
 
+class TupleOut(OddHead):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(x), x
+
+
 class CountingBuffer(OddHead):
     def __init__(self) -> None:
         super().__init__()
@@ -174,10 +179,20 @@ def test_initial_weights_follow_the_seed_and_leave_torch_rng_alone(digit_data):
     assert not torch.equal(a.head.weight, c.head.weight)
 
 
+class Recorder(fedbabu.Observer):
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+
+    def on_round(self, record: dict) -> None:
+        self.rounds.append(record["round"])
+
+
 def test_a_module_instance_keeps_its_weights(tmp_path, digit_data):
     pretrained = _initial(seed=42)
-    results = fedbabu.run(tiny(rounds=1), data=digit_data, model=pretrained, head="decision.scores",
-                          out=tmp_path / "p", progress=False)
+    recorder = Recorder()
+    results = fedbabu.run(tiny(rounds=2), data=digit_data, model=pretrained, head="decision.scores",
+                          out=tmp_path / "p", progress=recorder)
+    assert recorder.rounds == [1, 2]
     assert torch.equal(results.model.head.weight, pretrained.decision["scores"].weight)
     assert pretrained.trunk[1].track_running_stats, "the user's module must not be modified"
 
@@ -190,12 +205,14 @@ def test_split_keeps_batch_statistics_like_the_builtin_models():
     assert len(list(kept.buffers())) == 3
 
 
-def test_body_and_head_modules(tmp_path, digit_data):
+def test_body_and_head_modules_with_the_default_progress_display(tmp_path, digit_data, capsys):
     body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
     net = fedbabu.split_body_head(body=body, head=nn.Linear(32, 10))
-    results = fedbabu.run(tiny(), data=digit_data, model=net, out=tmp_path / "m", progress=False)
+    results = fedbabu.run(tiny(), data=digit_data, model=net, out=tmp_path / "m")
     assert torch.equal(results.model.head.weight, net.head.weight)
     assert results.personalized_accuracy > 0.5
+    shown = capsys.readouterr().out
+    assert "fedbabu: partition shards: 10 clients" in shown and "fedbabu personalize" in shown
 
 
 def test_feature_vectors_with_an_mlp(tmp_path, digit_arrays):
@@ -241,6 +258,8 @@ def test_natural_partition_with_given_test_clients():
                                test_client_ids=[20, 20, 10, 10, 10, 20])
     assert [t.tolist() for t in data.partition.test] == [[2, 3, 4], [0, 1, 5]]
     assert [t.tolist() for t in data.partition.train] == [list(range(10)), list(range(10, 20))]
+    spread = fedbabu.from_arrays(x, y, test_x=x[:6], test_y=y[:6], client_ids=np.where(y == 0, "zeros", "ones"))
+    assert [spread.dataset.test_y[t].tolist() for t in spread.partition.test] == [[1, 1, 1], [0, 0, 0]]
 
 
 def test_arrays_layouts_and_string_labels():
@@ -328,6 +347,23 @@ def test_to_dataframe_without_pandas_says_how_to_install(monkeypatch, tmp_path, 
         results.to_dataframe("seeds")
 
 
+def test_a_saved_custom_config_tells_the_cli_user_what_is_missing(tmp_path, digit_data, monkeypatch):
+    from fedbabu.runner import partition_for, prepare_data
+
+    monkeypatch.chdir(tmp_path)
+
+    results = fedbabu.run(tiny(rounds=0), data=digit_data, model=OddHead, head="decision.scores",
+                          out=tmp_path / "r", progress=False)
+    saved = load_config(tmp_path / "r" / "config.yaml")
+    with pytest.raises(fedbabu.UserError, match=r"^dataset: 'custom' means data given in Python"):
+        prepare_data(saved)
+    with pytest.raises(fedbabu.UserError, match=r"^model: 'custom' means a network given in Python"):
+        fedbabu.run(saved.model_copy(update={"dataset": "digits"}), progress=False)
+    with pytest.raises(fedbabu.UserError, match=r"^partition: 'natural' comes with the data"):
+        partition_for(results.config.model_copy(update={"partition": "natural"}), digit_data.dataset)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_importing_fedbabu_is_light():
     code = ("import sys, fedbabu; print('torch' in sys.modules, fedbabu.__version__); fedbabu.run; "
             "print('torch' in sys.modules)")
@@ -348,6 +384,8 @@ BAD_CALLS = {
         lambda d: fedbabu.run(tiny(), data=d.data, model=SoftmaxAfterHead, head="decision.scores", progress=False),
     "model: buffer 'body.seen' changes during training":
         lambda d: fedbabu.run(tiny(), data=d.data, model=CountingBuffer, head="decision.scores", progress=False),
+    "model: forward must return one tensor of class scores, got a tuple":
+        lambda d: fedbabu.run(tiny(), data=d.data, model=TupleOut, head="decision.scores", progress=False),
     "head: the head has 3 outputs but the data has 10 classes":
         lambda d: fedbabu.run(tiny(), data=d.data, model=nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), head="1",
                               progress=False),

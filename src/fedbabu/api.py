@@ -189,6 +189,8 @@ def _setup(config: ConfigLike, data: Any, model: ModelSpec | None, head: str | N
         updates["model"] = "custom"
     elif head is not None:
         raise UserError("head: names a layer of your own network, so it needs model= as well")
+    elif resolved.model == "custom":
+        raise UserError("model: 'custom' means a network given in Python; pass it as fedbabu.run(config, model=...)")
     if updates:
         resolved = build_config({**resolved.to_plain(), **updates}, "config")
     dataset = given.dataset if given is not None else prepare_data(resolved)

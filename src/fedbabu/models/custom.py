@@ -196,6 +196,8 @@ def check_body_head(model: BodyHead, example: torch.Tensor, num_classes: int) ->
     finally:
         for hook in hooks:
             hook.remove()
+    if not isinstance(features, torch.Tensor):
+        raise UserError(f"model: forward must return one tensor of class scores, got a {type(features).__name__}")
     if slots:
         name = slots[0].name
         if len(seen) != 1:
