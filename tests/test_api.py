@@ -212,7 +212,11 @@ def test_body_and_head_modules_with_the_default_progress_display(tmp_path, digit
     assert torch.equal(results.model.head.weight, net.head.weight)
     assert results.personalized_accuracy > 0.5
     shown = capsys.readouterr().out
-    assert "fedbabu: partition shards: 10 clients" in shown and "fedbabu personalize" in shown
+    lines = shown.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("fedbabu: partition shards: 10 clients")
+    assert lines[1].startswith("fedbabu round 3/3: lr 0.0005, loss ")
+    assert lines[1].endswith(f", accuracy {100 * results.metrics[-1]['test_accuracy']:.1f}%")
+    assert lines[2] == "fedbabu: personalized 10 clients"
 
 
 def test_feature_vectors_with_an_mlp(tmp_path, digit_arrays):
@@ -395,6 +399,8 @@ BAD_CALLS = {
     "model: a forward pass on a batch of the data (shape (8, 1, 8, 8)) failed":
         lambda d: fedbabu.run(tiny(), data=d.data, model=nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 10)), head="1",
                               progress=False),
+    "model: 4convnet needs images of at least 16x16, got 8x8; choose another model":
+        lambda d: fedbabu.run(load_config(extra={"model": "4convnet"}), data=d.data),
     "model: expected a torch.nn.Module or a function": lambda d: fedbabu.run(tiny(), data=d.data, model="resnet"),
     "head: names a layer of your own network": lambda d: fedbabu.run(tiny(), data=d.data, head="fc"),
     "config: expected a fedbabu.Config": lambda d: fedbabu.run({"rounds": 3}),

@@ -202,25 +202,35 @@ def _setup(config: ConfigLike, data: Any, model: ModelSpec | None, head: str | N
     if images and model is None and dataset.train_x.shape[1] != dataset.train_x.shape[2]:
         raise UserError(f"data: the built-in models need square images, got {tuple(dataset.train_x.shape[1:3])}; "
                         "pass model= with your own network")
-    factory = config_model
-    if model is not None:
-        factory = model_factory(model, head)
-        check_body_head(factory(resolved, dataset), example_batch(dataset), dataset.num_classes)
+    factory = model_factory(model, head) if model is not None else config_model
+    if model is not None or given is not None:
+        try:
+            network = factory(resolved, dataset)
+        except UserError:
+            raise
+        except ValueError as exc:
+            raise UserError(f"model: {exc}; choose another model in the config or pass model=") from None
+        check_body_head(network, example_batch(dataset), dataset.num_classes)
     return _Setup(resolved, dataset, given.partition if given is not None else None, factory)
 
 
+def _check_progress(progress: Any) -> None:
+    if not isinstance(progress, (bool, Observer)):
+        raise UserError(f"progress: expected True, False or a fedbabu.Observer, got {type(progress).__name__}")
+
+
 def _observer(progress: bool | Observer, label: str) -> Observer | None:
+    """Live rich bars where they can redraw (a terminal, Jupyter with ipywidgets), plain lines elsewhere."""
     if isinstance(progress, Observer):
         return progress
-    if progress is True:
-        from rich.console import Console
-
-        from fedbabu.progress import RichProgress
-
-        return RichProgress(label, Console())
-    if progress is False:
+    if not progress:
         return None
-    raise UserError(f"progress: expected True, False or a fedbabu.Observer, got {type(progress).__name__}")
+    from rich.console import Console
+
+    from fedbabu.progress import RichProgress, TextProgress, live_display_available
+
+    console = Console()
+    return RichProgress(label, console) if live_display_available(console) else TextProgress(label)
 
 
 def _results(experiment: Experiment, dataset: Dataset, factory: ModelFactory) -> Results:
@@ -247,10 +257,11 @@ def run(config: ConfigLike = None, *, data: Any = None, model: ModelSpec | None 
             ``None`` builds ``config.model``.
         head: the name of the network's final ``nn.Linear`` layer, e.g. ``"fc"``.
         out: the run folder (default ``runs/<time>-<algorithm>``), which must be empty unless ``overwrite``.
-        progress: a progress display (rich, which also renders in Jupyter), ``False``, or your own
-            :class:`~fedbabu.engine.simulation.Observer`.
+        progress: ``True`` for live progress bars (rich) in a terminal or in Jupyter with ipywidgets, and
+            one line per evaluation round elsewhere (logs, notebooks without ipywidgets); ``False``
+            for silence; or your own :class:`~fedbabu.engine.simulation.Observer`.
     """
-    _observer(progress, "")
+    _check_progress(progress)
     setup = _setup(config, data, model, head)
     folder = Path(out) if out is not None else default_out_dir(setup.config.algorithm)
     experiment = run_experiment(setup.config, folder, _observer(progress, setup.config.algorithm), overwrite,
@@ -277,7 +288,7 @@ def compare(config: ConfigLike = None, algorithms: Sequence[str] = ("fedavg", "f
     if seeds is not None and (isinstance(seeds, (str, int)) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise UserError(f"seeds: expected a list of integers >= 0, got {seeds!r}")
-    _observer(progress, "")
+    _check_progress(progress)
     setup = _setup(config, data, model, head)
     folder = Path(out) if out is not None else default_out_dir("compare")
 

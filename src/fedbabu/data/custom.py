@@ -317,7 +317,7 @@ def _materialize(dataset: Any, argument: str) -> tuple[np.ndarray, np.ndarray]:
                         f"{type(dataset).__name__}") from None
     if not items:
         raise UserError(f"{argument}: the dataset is empty")
-    if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items[:1]):
+    if not (isinstance(items[0], (tuple, list)) and len(items[0]) == 2):
         raise UserError(f"{argument}: expected (input, label) pairs, got {type(items[0]).__name__}")
     inputs = [np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x) for x, _ in items]
     labels = [int(y) if isinstance(y, torch.Tensor) else y for _, y in items]
