@@ -187,6 +187,14 @@ class Recorder(fedbabu.Observer):
         self.rounds.append(record["round"])
 
 
+def test_head_init_applies_to_a_users_head_without_bias(digit_data):
+    net = fedbabu.split_body_head(body=nn.Flatten(), head=nn.Linear(64, 10, bias=False))
+    built = model_factory(net, None)(tiny(head_init="orthogonal"), digit_data.dataset)
+    weight = built.head.weight.detach()
+    assert torch.allclose(weight @ weight.T, torch.eye(10), atol=1e-5)
+    assert not torch.allclose(net.head.weight @ net.head.weight.T, torch.eye(10), atol=1e-2)
+
+
 def test_a_module_instance_keeps_its_weights(tmp_path, digit_data):
     pretrained = _initial(seed=42)
     recorder = Recorder()
@@ -333,6 +341,15 @@ def test_run_leaves_the_same_folder_as_the_cli(tmp_path):
     assert all(torch.equal(cli_model[k], v) for k, v in results.model.state_dict().items())
 
 
+def test_a_loaded_dataset_keeps_its_name_and_gives_the_same_run(tmp_path):
+    from fedbabu.data.datasets import load_digits as our_digits
+
+    given = fedbabu.run(tiny(rounds=2), data=our_digits(), out=tmp_path / "given", progress=False)
+    loaded = fedbabu.run(tiny(rounds=2), out=tmp_path / "loaded", progress=False)
+    assert given.config.dataset == "digits" and given.config == loaded.config
+    assert (tmp_path / "given" / "clients.csv").read_bytes() == (tmp_path / "loaded" / "clients.csv").read_bytes()
+
+
 def test_to_dataframe_without_pandas_says_how_to_install(monkeypatch, tmp_path, digit_data):
     results = fedbabu.run(tiny(rounds=1), data=digit_data, out=tmp_path / "r", progress=False)
     monkeypatch.setitem(sys.modules, "pandas", None)
@@ -366,6 +383,17 @@ def test_a_saved_custom_config_tells_the_cli_user_what_is_missing(tmp_path, digi
     with pytest.raises(fedbabu.UserError, match=r"^partition: 'natural' comes with the data"):
         partition_for(results.config.model_copy(update={"partition": "natural"}), digit_data.dataset)
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_public_name_is_documented():
+    names = [n for n in fedbabu.__all__ if n != "__version__"]
+    assert {"run", "compare", "Config", "load_config", "split_body_head", "from_arrays", "read_image_folder"} <= set(
+        names)
+    undocumented = [n for n in names if not (getattr(fedbabu, n).__doc__ or "").strip()]
+    for cls in (fedbabu.Results, fedbabu.ComparisonResults, fedbabu.FederatedData):
+        undocumented += [f"{cls.__name__}.{k}" for k, v in vars(cls).items()
+                         if not k.startswith("_") and callable(getattr(v, "fget", v)) and not getattr(v, "__doc__", "")]
+    assert undocumented == []
 
 
 def test_importing_fedbabu_is_light():

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fedbabu.algorithms import ALGORITHMS
-from fedbabu.config import Config, build_config, load_config
+from fedbabu.config import DATASETS, Config, build_config, load_config
 from fedbabu.data.custom import FederatedData, from_arrays, from_torch
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
@@ -182,7 +182,8 @@ def _setup(config: ConfigLike, data: Any, model: ModelSpec | None, head: str | N
     given = _data(data)
     updates: dict[str, Any] = {}
     if given is not None:
-        updates["dataset"] = "custom"
+        known = given.dataset.name in DATASETS
+        updates["dataset"] = given.dataset.name if known else "custom"
         if given.partition is not None:
             updates.update(partition="natural", num_clients=given.partition.num_clients)
     if model is not None:
@@ -206,9 +207,9 @@ def _setup(config: ConfigLike, data: Any, model: ModelSpec | None, head: str | N
     if model is not None or given is not None:
         try:
             network = factory(resolved, dataset)
-        except UserError:
-            raise
         except ValueError as exc:
+            if model is not None or isinstance(exc, UserError):
+                raise
             raise UserError(f"model: {exc}; choose another model in the config or pass model=") from None
         check_body_head(network, example_batch(dataset), dataset.num_classes)
     return _Setup(resolved, dataset, given.partition if given is not None else None, factory)

@@ -32,8 +32,9 @@ SAMPLER_STREAM, TRAIN_STREAM, PERSONALIZE_STREAM = 0x5A3, 0x7E1, 0x9E2
 
 ModelFactory = Callable[[Config, Dataset], BodyHead]
 """Builds a run's network from (config, dataset); called once for the server's template and once per worker
-process, inherited through fork (never pickled), so it may be any closure. It must draw the initial weights
-from ``config.seed`` alone; the workers' copies are overwritten from the global vector anyway."""
+process, inherited through fork (never pickled), so it may be any closure. Its initial weights must be a
+function of the config (the seed) alone; only the template's are used, the workers' copies are overwritten
+from the global vector."""
 
 
 def config_model(config: Config, dataset: Dataset) -> BodyHead:
