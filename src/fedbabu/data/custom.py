@@ -205,6 +205,9 @@ def from_arrays(
     id is a client that keeps exactly its own samples, and the config's ``num_clients`` and
     ``partition`` are replaced by it. ``test_client_ids`` assigns the given test samples to clients;
     without it they are divided among the clients in proportion to their training labels.
+
+    ``num_classes`` defaults to the highest label + 1; ``class_names`` names integer labels (e.g.
+    :attr:`ImageFolder.class_names`); ``name`` labels the dataset in summaries.
     """
     if not 0 < test_fraction < 1:
         raise UserError(f"test_fraction: expected a fraction strictly between 0 and 1, got {test_fraction!r}")
