@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedbabu.errors import UserError
 
-DATASETS = ("digits", "fmnist", "cifar10", "cifar100")
-MODELS = ("auto", "digitcnn", "4convnet", "mobilenet", "resnet18", "resnet50")
-PARTITIONS = ("shards", "dirichlet", "iid")
+DATASETS = ("digits", "fmnist", "cifar10", "cifar100", "custom")
+MODELS = ("auto", "digitcnn", "4convnet", "mobilenet", "resnet18", "resnet50", "custom")
+PARTITIONS = ("shards", "dirichlet", "iid", "natural")
+# "custom" data and models and the "natural" partition come from the Python API (fedbabu.api):
+# the run folder's config.yaml then says honestly that they were given in code.
 HEAD_INITS = ("default", "orthogonal", "zeros")
 
 
@@ -42,14 +44,14 @@ class Config(_Strict):
     """A complete, validated experiment description; the defaults are the paper's CIFAR-100 setting."""
 
     algorithm: str = "fedbabu"
-    dataset: Literal["digits", "fmnist", "cifar10", "cifar100"] = "cifar100"
+    dataset: Literal["digits", "fmnist", "cifar10", "cifar100", "custom"] = "cifar100"
     data_dir: Path | None = None
     download: bool = False
-    model: Literal["auto", "digitcnn", "4convnet", "mobilenet", "resnet18", "resnet50"] = "auto"
+    model: Literal["auto", "digitcnn", "4convnet", "mobilenet", "resnet18", "resnet50", "custom"] = "auto"
     head_init: Literal["default", "orthogonal", "zeros"] = "default"
 
     num_clients: int = Field(100, ge=1)
-    partition: Literal["shards", "dirichlet", "iid"] = "shards"
+    partition: Literal["shards", "dirichlet", "iid", "natural"] = "shards"
     shards_per_client: int = Field(10, ge=1)
     dirichlet_alpha: float = Field(0.5, gt=0)
     samples_per_client: int | None = Field(None, ge=1)

@@ -5,8 +5,11 @@ and keeps its traceback.
 """
 
 
-class UserError(Exception):
-    """A mistake in the input (config, files, arguments) with a message that says how to fix it."""
+class UserError(ValueError):
+    """A mistake in the input (config, files, arguments) with a message that says how to fix it.
+
+    It is a :class:`ValueError`, so Python API callers can catch bad arguments the usual way.
+    """
 
 
 class DataError(UserError):

@@ -64,3 +64,43 @@ class RichProgress(Observer):
         self.progress.update(self.task, completed=done)
         if done == total:
             self._stop()
+
+
+class TextProgress(Observer):
+    """Plain lines, for output that is not a live display: logs, and notebooks without ipywidgets.
+
+    One line per evaluation round (and for the last round), then one when personalization ends, so a
+    notebook cell or a log file shows the run's progress without hundreds of redraws.
+    """
+
+    def __init__(self, label: str, print_line: Any = print) -> None:
+        self.label = label
+        self.print_line = print_line
+        self.rounds = 0
+
+    def on_start(self, config: Config, partition: Partition, algorithm: Algorithm) -> None:
+        self.rounds = config.rounds
+        self.print_line(f"{self.label}: {partition.summary()}")
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        if "test_accuracy" not in record and record["round"] != self.rounds:
+            return
+        line = f"{self.label} round {record['round']}/{self.rounds}: lr {record['lr']:.4g}"
+        if not math.isnan(record["train_loss"]):
+            line += f", loss {record['train_loss']:.3f}"
+        if "test_accuracy" in record:
+            line += f", accuracy {100 * record['test_accuracy']:.1f}%"
+        self.print_line(line)
+
+    def on_personalized(self, done: int, total: int) -> None:
+        if done == total:
+            self.print_line(f"{self.label}: personalized {total} clients")
+
+
+def live_display_available(console: Console) -> bool:
+    """Whether rich can redraw bars in place: a terminal, or Jupyter with ipywidgets installed."""
+    if console.is_jupyter:
+        import importlib.util
+
+        return importlib.util.find_spec("ipywidgets") is not None
+    return console.is_terminal

@@ -28,7 +28,11 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
 
 
 class Normalizer:
-    """uint8 NHWC -> float NCHW (channels_last memory), standardized with the dataset's mean/std."""
+    """uint8 NHWC -> float NCHW (channels_last memory), standardized with the dataset's mean/std.
+
+    Float feature rows (a user's tabular data, see :func:`fedbabu.data.custom.from_arrays`) are not
+    images: they go to the model as they are, in float32.
+    """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool = True) -> None:
         self.scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)
@@ -37,6 +41,8 @@ class Normalizer:
 
     def __call__(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         images = images.to(device, non_blocking=True)
+        if images.dtype != torch.uint8:
+            return images.to(torch.float32)
         x = images.to(torch.float32).mul_(self.scale.to(device)).sub_(self.shift.to(device))
         x = x.permute(0, 3, 1, 2)
         return x if self.channels_last else x.contiguous()

@@ -30,6 +30,18 @@ Personal = dict[str, np.ndarray]
 
 SAMPLER_STREAM, TRAIN_STREAM, PERSONALIZE_STREAM = 0x5A3, 0x7E1, 0x9E2
 
+ModelFactory = Callable[[Config, Dataset], BodyHead]
+"""Builds a run's network from (config, dataset); called once for the server's template and once per worker
+process, inherited through fork (never pickled), so it may be any closure. Its initial weights must be a
+function of the config (the seed) alone; only the template's are used, the workers' copies are overwritten
+from the global vector."""
+
+
+def config_model(config: Config, dataset: Dataset) -> BodyHead:
+    """The default :data:`ModelFactory`: the built-in network named by ``config.model``."""
+    return build_model(config.resolved_model(), dataset.channels, dataset.image_size, dataset.num_classes,
+                       config.head_init, config.seed)
+
 
 def stream_seed(*words: int) -> int:
     """A 63-bit seed that depends on every word (seed, round, client, purpose) and nothing else."""
@@ -67,6 +79,7 @@ class Federation:
     runtime: Runtime
     layout: Layout
     global_vector: torch.Tensor
+    model_factory: ModelFactory = config_model
     normalizer: Normalizer = field(init=False)
     shared_mask: torch.Tensor = field(init=False)
 
@@ -75,10 +88,7 @@ class Federation:
         self.normalizer = Normalizer(self.dataset.mean, self.dataset.std, self.runtime.channels_last)
 
     def new_model(self) -> BodyHead:
-        c = self.config
-        model = build_model(c.resolved_model(), self.dataset.channels, self.dataset.image_size,
-                            self.dataset.num_classes, c.head_init, c.seed)
-        model = model.to(self.runtime.device)
+        model = self.model_factory(self.config, self.dataset).to(self.runtime.device)
         if self.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
@@ -181,18 +191,18 @@ class Observer:
     def on_personalized(self, done: int, total: int) -> None: ...
 
 
-def simulate(config: Config, dataset: Dataset, partition: Partition, observer: Observer | None = None) -> RunResult:
-    """Run one federated experiment on an already-loaded dataset and partition."""
+def simulate(config: Config, dataset: Dataset, partition: Partition, observer: Observer | None = None,
+             model_factory: ModelFactory = config_model) -> RunResult:
+    """Run one federated experiment on an already-loaded dataset and partition (and a user's network)."""
     global _FEDERATION, _MODEL
     observer = observer or Observer()
     started = time.perf_counter()
     algorithm = ALGORITHMS[config.algorithm](config)
     runtime = runtime_for(config)
-    template = build_model(config.resolved_model(), dataset.channels, dataset.image_size, dataset.num_classes,
-                           config.head_init, config.seed)
+    template = model_factory(config, dataset)
     layout = Layout(template)
     global_vector = flatten(template).share_memory_()
-    federation = Federation(config, dataset, partition, algorithm, runtime, layout, global_vector)
+    federation = Federation(config, dataset, partition, algorithm, runtime, layout, global_vector, model_factory)
     shared_mask = federation.shared_mask
     _FEDERATION, _MODEL = federation, None
     personal: dict[int, Personal] = {}

@@ -35,10 +35,12 @@ def init_head(head: nn.Linear, how: str, generator: torch.Generator | None = Non
             return
         if how == "orthogonal":
             nn.init.orthogonal_(head.weight, generator=generator)
-            head.bias.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
         elif how == "zeros":
             head.weight.zero_()
-            head.bias.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
         else:
             raise UserError(f"head_init: unknown head initialization {how!r}; expected default, orthogonal or zeros")
 
@@ -55,6 +57,8 @@ BUILDERS = {
 def build_model(name: str, channels: int, image_size: int, num_classes: int, head_init: str = "default",
                 seed: int = 0) -> BodyHead:
     """Build a model with weights drawn from ``seed`` alone, so every client and the server agree on them."""
+    if name == "custom":
+        raise UserError("model: 'custom' means a network given in Python; pass it as fedbabu.run(config, model=...)")
     if name not in BUILDERS:
         raise UserError(f"model: unknown model {name!r}; expected one of {', '.join(BUILDERS)}")
     devices = []
