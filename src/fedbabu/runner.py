@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbabu.algorithms import ALGORITHMS
-from fedbabu.config import Config, merge_dicts, build_config, parse_overrides
+from fedbabu.config import Config, build_config, merge_dicts, parse_overrides
 from fedbabu.data.datasets import Dataset, load_dataset
 from fedbabu.data.partition import Partition, make_partition
 from fedbabu.engine.simulation import ModelFactory, Observer, RunResult, config_model, simulate
