@@ -157,7 +157,8 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     out = args.out or Path("runs") / "reproduce" / f"{args.name}-{args.scale}"
     out.mkdir(parents=True, exist_ok=True)
     run_preset(args.name, out, args.scale, seeds, args.overrides,
-               observer_for=None if args.quiet else RichProgress, log=console.print)
+               observer_for=None if args.quiet else RichProgress,
+               log=lambda line: console.print(line, soft_wrap=True, highlight=False))
     console.print(f"results: {out / 'results.md'}")
 
 

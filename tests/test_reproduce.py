@@ -1,0 +1,63 @@
+"""The paper's presets expand to its settings, and a quick preset runs on real CIFAR-10."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fedbabu.config import build_config, merge_dicts
+from fedbabu.errors import UserError
+from fedbabu.reproduce import cells, list_presets, load_preset
+
+
+def test_cifar100_grid_is_the_papers():
+    grid = cells(load_preset("cifar100-4convnet"))
+    assert len(grid) == 2 * 3 * 3
+    assert {(c.values["local_epochs"], c.values["rounds"]) for c in grid} == {(1, 320), (4, 80), (10, 32)}
+    assert {c.values["shards_per_client"] for c in grid} == {10, 50, 100}
+    assert {c.values["client_fraction"] for c in grid} == {0.1, 1.0}
+    assert all(c.values["num_clients"] == 100 and c.values["dataset"] == "cifar100" for c in grid)
+    assert all(c.values["finetune"]["lr"] == 0.001 for c in grid)
+
+
+def test_cifar10_and_mobilenet_grids():
+    assert {c.values["shards_per_client"] for c in cells(load_preset("cifar10-4convnet"))} == {2, 5, 10}
+    mobilenet = cells(load_preset("cifar100-mobilenet"))
+    assert len(mobilenet) == 18 and {c.values["model"] for c in mobilenet} == {"mobilenet"}
+
+
+def test_quick_scale_shrinks_rounds_and_clients():
+    quick = cells(load_preset("cifar100-4convnet"), "quick")
+    assert {(c.values["local_epochs"], c.values["rounds"]) for c in quick} == {(1, 20), (4, 5), (10, 2)}
+    assert {c.values["num_clients"] for c in quick} == {20}
+
+
+@pytest.mark.parametrize("name", sorted(list_presets()))
+@pytest.mark.parametrize("scale", ["full", "quick"])
+def test_every_cell_of_every_preset_is_a_valid_config(name, scale):
+    preset = load_preset(name)
+    for cell in cells(preset, scale):
+        for algorithm in preset.algorithms:
+            config = build_config(merge_dicts(cell.values, {"algorithm": algorithm}))
+            assert config.rounds >= 2
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(UserError, match="cifar100-4convnet"):
+        load_preset("cifar1000")
+
+
+@pytest.mark.slow
+def test_quick_preset_runs_on_real_cifar10_and_skips_finished_runs(cifar10_dir, tmp_path):
+    command = [sys.executable, "-m", "fedbabu", "reproduce", "cifar10-4convnet-offline", "--scale", "quick",
+               "--quiet", "--out", str(tmp_path), "--set", f"data_dir={cifar10_dir.parent}", "--set", "rounds=2",
+               "--set", "num_clients=10", "--set", "samples_per_client=100", "--set", "finetune.epochs=1",
+               "--set", "eval_every=1"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    results = (tmp_path / "results.md").read_text()
+    assert "local_epochs=1,shards_per_client=2" in results and "fedbabu − fedavg" in results
+    assert (tmp_path / "local_epochs-10_shards_per_client-10" / "fedbabu" / "seed-0" / "summary.json").exists()
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0
+    assert second.stdout.count("already complete, skipped") == 8
