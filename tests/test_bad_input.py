@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_config
-from fedbabu.cli import main
 
+from fedbabu.cli import main
 from fedbabu.engine.checkpoint import Checkpoint, capture_rng, encode
 
 FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",

@@ -45,6 +45,7 @@ def _same_files(a: Path, b: Path) -> None:
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(digits, tmp_path):
     """A real process killed with SIGKILL after a checkpoint resumes to the bytes of an uninterrupted run."""
     overrides = ["rounds=12", "checkpoint_every=3", "num_clients=10", "eval_every=5", "finetune.epochs=2"]

@@ -11,9 +11,10 @@ from conftest import small_config
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.fedavg import FedAvg
 from fedbabu.cli import main
+from fedbabu.engine import simulation
 from fedbabu.engine.checkpoint import load_checkpoint
 from fedbabu.engine.faults import TrainingDiverged, dropped_clients, rejection_reason
-from fedbabu.engine.simulation import DROPOUT_STREAM, sample_clients, simulate, stream_seed
+from fedbabu.engine.simulation import DROPOUT_STREAM, Observer, sample_clients, simulate, stream_seed
 from fedbabu.runner import partition_for, run_experiment
 
 SHAPES = {"head.weight": (2, 3)}
@@ -110,18 +111,35 @@ def test_bad_updates_are_rejected_logged_and_counted(digits, saboteur, caplog):
     assert all(torch.equal(result.final_state[k], other.final_state[k]) for k in result.final_state)
 
 
+class _GlobalRecorder(Observer):
+    """Copies the global vector after every round (the engine's shared one, read in-process)."""
+
+    def __init__(self) -> None:
+        self.vectors = []
+
+    def on_start(self, config, partition, algorithm):
+        self.vectors.append(simulation._FEDERATION.global_vector.clone())
+
+    def on_round(self, record):
+        self.vectors.append(simulation._FEDERATION.global_vector.clone())
+
+
 def test_client_failures_are_survived_and_an_empty_round_keeps_the_model(digits, caplog):
     config = small_config(rounds=6, client_fraction=0.2, client_failure_rate=0.7, eval_every=0)
+    recorder = _GlobalRecorder()
     with caplog.at_level(logging.WARNING, logger="fedbabu"):
-        result = simulate(config, digits, partition_for(config, digits))
+        result = simulate(config, digits, partition_for(config, digits), recorder)
     empty = []
     for index, record in enumerate(result.metrics):
         sampled = sample_clients(config.seed, index, config.num_clients, config.client_fraction)
         dropped = dropped_clients(sampled, 0.7, stream_seed(config.seed, index, 0, DROPOUT_STREAM))
         assert record["dropped"] == len(dropped) and record["rejected"] == 0
+        kept = torch.equal(recorder.vectors[index + 1], recorder.vectors[index])
         if len(dropped) == len(sampled):
             empty.append(record["round"])
-            assert np.isnan(record["train_loss"])
+            assert np.isnan(record["train_loss"]) and kept
+        else:
+            assert np.isfinite(record["train_loss"]) and not kept
     assert empty, "the seed should give at least one round in which every client drops out"
     assert f"round {empty[0]}: no client update arrived or was accepted; the global model of round " \
            f"{empty[0] - 1} is kept" in caplog.text
