@@ -75,6 +75,25 @@ def test_sigkill_then_resume_is_bit_identical(digits, tmp_path):
     assert len((folder / "timing.jsonl").read_text().splitlines()) == 12
 
 
+def test_ctrl_c_on_a_real_run_is_one_line_and_leaves_a_checkpoint(tmp_path):
+    folder = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "fedbabu", "run", "--quiet", "--out", str(folder),
+                                "--workers", "2", "--set", "rounds=40", "--set", "checkpoint_every=2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = folder / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while (not metrics.exists() or metrics.read_text().count("\n") < 3) and process.poll() is None:
+        assert time.monotonic() < deadline, "the run never reached its first checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the main process
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    rounds = load_checkpoint(folder / "checkpoint.pt").rounds_done
+    assert rounds >= 2 and rounds % 2 == 0
+    assert err == (f"interrupted; {folder} keeps its last good checkpoint (round {rounds}): continue with "
+                   f"`fedbabu resume {folder}`\n")
+
+
 class _StopAt(Observer):
     """Raises Ctrl-C's exception when a given round is reported."""
 

@@ -60,8 +60,13 @@ class Saboteur(FedAvg):
     huge_clients: frozenset[int] = frozenset()
     everyone_nan = False
     first_index: ClassVar[dict[int, int]] = {}
+    calls = 0
+    out_of_memory_at: int | None = None
 
     def client_update(self, model, data, personal, lr, generator):
+        type(self).calls += 1
+        if self.calls == self.out_of_memory_at:
+            raise MemoryError
         update = super().client_update(model, data, personal, lr, generator)
         client = self.first_index.get(int(data.train_idx[0]), -1)
         with torch.no_grad():
@@ -77,12 +82,14 @@ class Saboteur(FedAvg):
 def saboteur(monkeypatch, digits):
     monkeypatch.setitem(ALGORITHMS, "saboteur", Saboteur)
 
-    def configure(config, nan=(), huge=(), everyone_nan=False):
+    def configure(config, nan=(), huge=(), everyone_nan=False, out_of_memory_at=None):
         partition = partition_for(config, digits)
         monkeypatch.setattr(Saboteur, "first_index", {int(t[0]): c for c, t in enumerate(partition.train)})
         monkeypatch.setattr(Saboteur, "nan_clients", frozenset(nan))
         monkeypatch.setattr(Saboteur, "huge_clients", frozenset(huge))
         monkeypatch.setattr(Saboteur, "everyone_nan", everyone_nan)
+        monkeypatch.setattr(Saboteur, "calls", 0)
+        monkeypatch.setattr(Saboteur, "out_of_memory_at", out_of_memory_at)
         return partition
 
     return configure
@@ -165,3 +172,16 @@ def test_divergence_through_the_cli_is_one_clear_line(digits, saboteur, tmp_path
     assert last.startswith("error: round 1: training diverged")
     assert last.endswith(f"{tmp_path / 'run'} keeps its last good checkpoint (round 0)")
     assert warnings and all(w.startswith("warning: round 1: rejected the update of client") for w in warnings)
+
+
+def test_out_of_memory_says_how_to_resume_and_the_resume_finishes(digits, saboteur, tmp_path, capsys):
+    saboteur(small_config(), out_of_memory_at=15)  # 10 clients per round: the 2nd round runs out
+    folder = tmp_path / "run"
+    code = main(["run", "--quiet", "--out", str(folder), "--set", "algorithm=saboteur", "--set", "rounds=3",
+                 "--set", "checkpoint_every=1", "--set", "finetune.epochs=1", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == (f"error: out of memory (lower batch_size, eval_batch_size or workers); {folder} keeps its last "
+                   f"good checkpoint (round 1): continue with `fedbabu resume {folder}`\n")
+    assert main(["resume", str(folder), "--quiet"]) == 0
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 3 and (folder / "summary.json").exists()

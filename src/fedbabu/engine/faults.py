@@ -9,6 +9,7 @@ it looks at flat parameter vectors and personal-state arrays, never at an algori
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,9 +39,8 @@ def rejection_reason(vector: np.ndarray, personal: Mapping[str, np.ndarray], ref
     """Why a client's update must not be aggregated, or ``None`` if it is sound.
 
     ``vector`` is the client's shared parameters, ``reference`` the global ones it started from;
-    the norm bound applies to their difference (the update itself), computed in float64 so the
-    decision never depends on summation order. Personal tensors named like a model parameter
-    must have that parameter's shape.
+    the norm bound applies to their difference (the update itself), computed in float64. Personal
+    tensors named like a model parameter must have that parameter's shape.
     """
     if not isinstance(vector, np.ndarray) or vector.shape != reference.shape:
         got = getattr(vector, "shape", type(vector).__name__)
@@ -56,7 +56,8 @@ def rejection_reason(vector: np.ndarray, personal: Mapping[str, np.ndarray], ref
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             return f"non-finite values (NaN or inf) in personal {name!r}"
     if max_norm is not None:
-        norm = float(np.linalg.norm(vector.astype(np.float64) - reference.astype(np.float64)))
+        step = np.subtract(vector, reference, dtype=np.float64)
+        norm = math.sqrt(float(np.dot(step, step)))
         if norm > max_norm:
             return f"update norm {norm:.4g} exceeds max_update_norm {max_norm:g}"
     return None
