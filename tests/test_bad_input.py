@@ -5,8 +5,10 @@ configs, data folders and checkpoints; after each case every file of the workspa
 byte-for-byte what it was, and no new file may have appeared.
 """
 
+import fcntl
 import gzip
 import hashlib
+import os
 import pickle
 import subprocess
 import sys
@@ -192,4 +194,18 @@ def test_the_installed_command_behaves_the_same(workspace, name):
     done = subprocess.run([sys.executable, "-m", "fedbabu", *args, "--quiet"], cwd=workspace, capture_output=True,
                           text=True, timeout=300)
     _check(done.stderr, done.returncode, fragments)
+    assert _snapshot(workspace) == before
+
+
+def test_a_run_folder_in_use_is_refused(workspace, monkeypatch, capsys):
+    """A second writer (resume, or --overwrite) while a run still holds its folder gets one line."""
+    monkeypatch.chdir(workspace)
+    before = _snapshot(workspace)
+    held = os.open(workspace / "run", os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main(["resume", "run", "--quiet"])
+    finally:
+        os.close(held)
+    _check(capsys.readouterr().err, code, ["run: another fedbabu process is writing this run folder"])
     assert _snapshot(workspace) == before

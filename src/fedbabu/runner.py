@@ -7,7 +7,9 @@ same files.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from fedbabu.config import Config, build_config
 from fedbabu.data.datasets import Dataset, load_dataset
 from fedbabu.data.partition import Partition, make_partition
 from fedbabu.engine.checkpoint import CHECKPOINT, METRICS, TIMING, Checkpoint, Checkpointer, load_checkpoint
+from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.engine.simulation import Observer, RunResult, simulate
 from fedbabu.errors import UserError
 from fedbabu.results.files import prepare_output_dir
@@ -61,33 +64,68 @@ def run_experiment(config: Config, out: Path | None = None, observer: Observer |
                    partition: Partition | None = None) -> Experiment:
     """Run one experiment; with ``out`` its folder is written (and must be empty unless ``overwrite``)."""
     folder = prepare_output_dir(out, overwrite) if out is not None else None
-    if folder is not None:
-        for name in RUN_FILES:
-            (folder / name).unlink(missing_ok=True)
-    dataset = dataset if dataset is not None else prepare_data(config)
-    partition = partition if partition is not None else partition_for(config, dataset)
-    checkpoints = Checkpointer(folder, config) if folder is not None else None
-    with event_log(folder):
+    with run_folder(folder):
+        if folder is not None:
+            for name in RUN_FILES:
+                (folder / name).unlink(missing_ok=True)
+        dataset = dataset if dataset is not None else prepare_data(config)
+        partition = partition if partition is not None else partition_for(config, dataset)
+        checkpoints = Checkpointer(folder, config) if folder is not None else None
         result = simulate(config, dataset, partition, observer, checkpoints)
-    summary = write_run(result, folder) if folder is not None else summarize(result)
+        summary = write_run(result, folder) if folder is not None else summarize(result)
     return Experiment(result, summary, folder)
 
 
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    """Forked workers must not keep a run folder's lock alive (e.g. orphaned after the main process is killed).
+
+    Closing a duplicate of the descriptor in the child leaves the parent's lock in place.
+    """
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 @contextlib.contextmanager
-def event_log(folder: Path | None) -> Iterator[None]:
-    """Copy the run's warnings (rejected updates, dropped rounds, divergence) to ``<run>/events.log``."""
+def run_folder(folder: Path | None) -> Iterator[None]:
+    """Hold a run folder for the duration of a run: one writer at a time, and an event log.
+
+    The lock (``flock`` on the folder itself, released by the kernel even after SIGKILL) stops a
+    second ``resume`` or ``--overwrite`` from writing into a run that is still going. The run's
+    warnings (rejected updates, empty rounds) and a divergence are copied to ``<run>/events.log``.
+    """
     if folder is None:
         yield
         return
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise UserError(f"{folder}: another fedbabu process is writing this run folder; wait for it or stop it "
+                        "first") from None
+    _HELD_LOCKS.add(lock)
     handler = logging.FileHandler(Path(folder) / "events.log", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("fedbabu")
     logger.addHandler(handler)
     try:
         yield
+    except TrainingDiverged as err:
+        handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, str(err), None, None))
+        raise
     finally:
         logger.removeHandler(handler)
         handler.close()
+        _HELD_LOCKS.discard(lock)
+        os.close(lock)
 
 
 RUN_FILES = (CHECKPOINT, METRICS, TIMING, "events.log", "summary.json", "clients.csv", "model.pt", "partition.json",
@@ -132,6 +170,12 @@ def resume_experiment(folder: Path, given: Config | None = None, observer: Obser
     :data:`RESUME_FREE_KEYS`; ``overrides`` may set those keys.
     """
     folder = Path(folder)
+    with run_folder(folder if folder.is_dir() else None):
+        return _resume_locked(folder, given, observer, overrides)
+
+
+def _resume_locked(folder: Path, given: Config | None, observer: Observer | None,
+                   overrides: dict[str, Any] | None) -> Experiment:
     checkpoint = open_checkpoint(folder)
     config = checkpoint.config
     if given is not None:
@@ -151,8 +195,7 @@ def resume_experiment(folder: Path, given: Config | None = None, observer: Obser
     prepare_output_dir(folder, overwrite=True)
     dataset = prepare_data(config)
     partition = partition_for(config, dataset)
-    with event_log(folder):
-        result = simulate(config, dataset, partition, observer, Checkpointer(folder, config, checkpoint))
+    result = simulate(config, dataset, partition, observer, Checkpointer(folder, config, checkpoint))
     return Experiment(result, write_run(result, folder), folder)
 
 
