@@ -125,15 +125,22 @@ def test_ctrl_c_leaves_a_resumable_folder_and_stale_rounds_are_dropped(digits, t
     assert resumed.summary["personalized_accuracy"] == reference.summary["personalized_accuracy"]
 
 
-def test_resume_from_the_initial_checkpoint(digits, tmp_path):
+class _StopPersonalizing(Observer):
+    def on_personalize_start(self, total):
+        raise KeyboardInterrupt
+
+
+def test_resume_from_the_initial_and_from_the_final_checkpoint(digits, tmp_path):
     config = small_config(rounds=3, checkpoint_every=0)
     run_experiment(config, tmp_path / "ref", dataset=digits)
-    folder = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, folder, _StopAt(2), dataset=digits)
-    assert load_checkpoint(folder / "checkpoint.pt").rounds_done == 0
-    resume_experiment(folder)
-    _same_files(tmp_path / "ref", folder)
+    for name, stop, rounds_done in (("first", _StopAt(2), 0), ("last", _StopPersonalizing(), 3)):
+        folder = tmp_path / name
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(config, folder, stop, dataset=digits)
+        assert load_checkpoint(folder / "checkpoint.pt").rounds_done == rounds_done
+        assert not (folder / "clients.csv").exists()
+        resume_experiment(folder)
+        _same_files(tmp_path / "ref", folder)
 
 
 def _checkpoint(**overrides) -> Checkpoint:
