@@ -81,3 +81,16 @@ def test_tensorboard_gets_every_round_once_even_after_a_resume(digits, tmp_path,
     assert [(e.step, round(e.value, 6)) for e in accuracy] == [
         (m["round"], round(m["test_accuracy"], 6)) for m in metrics if "test_accuracy" in m]
     assert [e.value for e in events.Scalars("faults/rejected_updates")] == [0, 0, 0, 0]
+
+
+def test_tensorboard_flag_of_the_cli(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = tmp_path / "run"
+    assert main(["run", "--quiet", "--tensorboard", "--out", str(folder), "--workers", "1", "--set", "rounds=2",
+                 "--set", "finetune.epochs=1", "--set", "client_failure_rate=0.5"]) == 0
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("faults/dropped_clients")] == [m["dropped"] for m in metrics]
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2]
