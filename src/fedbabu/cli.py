@@ -1,16 +1,19 @@
-"""The ``fedbabu`` command line: ``run`` one experiment, ``compare`` several on one partition."""
+"""The ``fedbabu`` command line: ``run`` one experiment, ``compare`` several on one partition,
+``resume`` an interrupted run, ``report`` on finished or interrupted runs."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedbabu.config import Config, load_config
+from fedbabu.config import Config, _merge, load_config
 from fedbabu.engine.pool import WorkerError
 from fedbabu.errors import UserError
 
@@ -36,11 +39,21 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _reliability_options(parser: argparse.ArgumentParser, resume_option: bool) -> None:
+    """Options of checkpoints and monitoring (issue 6)."""
+    if resume_option:
+        parser.add_argument("--resume", type=Path, metavar="DIR",
+                            help="continue the run in DIR from its latest checkpoint (same config required)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="log per-round scalars to <run folder>/tensorboard (needs the tensorboard extra)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedbabu", description="FedBABU and baselines for personalized federated learning.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser("run", help="run one experiment")
     _experiment_options(run)
+    _reliability_options(run, resume_option=True)
     compare = commands.add_parser("compare", help="run several algorithms on the same partition and seeds")
     compare.add_argument("--algorithms", default="fedavg,fedbabu",
                          help="comma-separated algorithm names; an entry may carry its own settings, "
@@ -56,23 +69,55 @@ def build_parser() -> argparse.ArgumentParser:
                            help="override a config value in every cell (e.g. data_dir=/data)")
     reproduce.add_argument("--out", type=Path, help="output folder (default: runs/reproduce/<name>-<scale>)")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    resume = commands.add_parser("resume", help="continue an interrupted run from its latest checkpoint")
+    resume.add_argument("folder", type=Path, metavar="DIR", help="the run folder")
+    resume.add_argument("--workers", help="worker processes: auto (one per core) or a number")
+    resume.add_argument("--data-dir", type=Path, help="folder holding the dataset, if it moved")
+    resume.add_argument("--quiet", action="store_true", help="no progress bars")
+    _reliability_options(resume, resume_option=False)
+    report = commands.add_parser("report", help="rebuild report.md and plots of runs; compare several in one table")
+    report.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="run folders (finished or interrupted)")
+    report.add_argument("--out", type=Path, help="also write the comparison table as Markdown to this file")
     return parser
 
 
-def _config_from(args: argparse.Namespace) -> Config:
+def _workers_option(raw: str | None) -> int | str | None:
+    if raw is None or raw == "auto":
+        return raw
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"--workers: expected 'auto' or an integer >= 1, got {raw!r}") from None
+
+
+def _extra_from(args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     for key, value in (("device", args.device), ("seed", args.seed), ("data_dir", args.data_dir),
-                       ("workers", args.workers)):
+                       ("workers", _workers_option(args.workers))):
         if value is not None:
             extra[key] = str(value) if isinstance(value, Path) else value
-    if args.workers is not None and args.workers != "auto":
-        try:
-            extra["workers"] = int(args.workers)
-        except ValueError:
-            raise UserError(f"--workers: expected 'auto' or an integer >= 1, got {args.workers!r}") from None
     if args.download:
         extra["download"] = True
-    return load_config(args.config, args.overrides, extra)
+    return extra
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides, _extra_from(args))
+
+
+def _resume_config(args: argparse.Namespace) -> Config | None:
+    """The config the user asks a resumed run to have: the saved one, changed by any options given."""
+    from fedbabu.config import build_config, parse_overrides
+    from fedbabu.runner import open_checkpoint
+
+    if args.config is not None:
+        return _config_from(args)
+    if not (args.overrides or args.seed is not None or args.device):
+        return None
+    values = open_checkpoint(args.resume).config.to_plain()
+    for extra in (_extra_from(args), parse_overrides(args.overrides)):
+        values = _merge(values, extra)
+    return build_config(values, f"--resume {args.resume} (with options)")
 
 
 def _parse_list(raw: str, option: str, cast: type = str) -> list:
@@ -102,14 +147,15 @@ def _print_table(console: Console, rows: list[dict[str, Any]], title: str) -> No
     console.print(table)
 
 
-def _cmd_run(args: argparse.Namespace, console: Console) -> None:
+def _observers(args: argparse.Namespace, label: str, folder: Path) -> Any:
     from fedbabu.progress import RichProgress
-    from fedbabu.runner import default_out_dir, run_experiment
+    from fedbabu.results.live import ObserverGroup, TensorBoardObserver
 
-    config = _config_from(args)
-    out = args.out or default_out_dir(config.algorithm)
-    observer = None if args.quiet else RichProgress(config.algorithm)
-    experiment = run_experiment(config, out, observer, overwrite=args.overwrite)
+    return ObserverGroup(None if args.quiet else RichProgress(label),
+                         TensorBoardObserver(folder) if args.tensorboard else None)
+
+
+def _show_run(experiment: Any, config: Config, console: Console) -> None:
     s = experiment.summary
     rows = [{
         "algorithm": s["algorithm"],
@@ -119,6 +165,56 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> None:
     }]
     _print_table(console, rows, f"{config.dataset} {config.resolved_model()}: {config.num_clients} clients")
     console.print(f"run folder: {experiment.folder}")
+
+
+def _cmd_run(args: argparse.Namespace, console: Console) -> None:
+    from fedbabu.runner import default_out_dir, run_experiment
+
+    if args.resume is not None:
+        if args.overwrite:
+            raise UserError("--resume and --overwrite contradict each other: resume continues the run in DIR, "
+                            "overwrite would start it over")
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise UserError(f"--out {args.out}: differs from --resume {args.resume}; a run resumes in its own folder")
+        _resume(args, _resume_config(args), console)
+        return
+    config = _config_from(args)
+    out = args.out or default_out_dir(config.algorithm)
+    args.interrupted_folder = out
+    experiment = run_experiment(config, out, _observers(args, config.algorithm, out), overwrite=args.overwrite)
+    _show_run(experiment, config, console)
+
+
+def _resume(args: argparse.Namespace, given: Config | None, console: Console) -> None:
+    from fedbabu.runner import resume_experiment
+
+    folder = args.resume
+    args.interrupted_folder = folder
+    overrides = {"workers": _workers_option(args.workers),
+                 "data_dir": str(args.data_dir) if args.data_dir is not None else None}
+    experiment = resume_experiment(folder, given, _observers(args, f"resume {folder}", folder), overrides)
+    _show_run(experiment, experiment.result.config, console)
+
+
+def _cmd_resume(args: argparse.Namespace, console: Console) -> None:
+    args.resume = args.folder
+    _resume(args, None, console)
+
+
+def _cmd_report(args: argparse.Namespace, console: Console) -> None:
+    from fedbabu.results.rebuild import report_runs
+
+    rows = report_runs(args.folders, args.out)
+    table = Table(title="runs")
+    for column in ("run", "algorithm", "dataset", "rounds", "global acc (%)", "initial acc (%)",
+                   "personalized acc (%)"):
+        table.add_column(column, justify="left" if column in ("run", "algorithm", "dataset") else "right")
+    for r in rows:
+        table.add_row(r["run"], r["algorithm"], r["dataset"], r["rounds"], r["global"], r["initial"],
+                      r["personalized"])
+    console.print(table)
+    if args.out is not None:
+        console.print(f"comparison: {args.out}")
 
 
 def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
@@ -162,23 +258,63 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     console.print(f"results: {out / 'results.md'}")
 
 
-COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "reproduce": _cmd_reproduce}
+COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "resume": _cmd_resume, "report": _cmd_report,
+            "reproduce": _cmd_reproduce}
+
+
+def _checkpoint_note(args: argparse.Namespace, action: str) -> str:
+    """What the run folder still holds after a stop, for the one-line message."""
+    from fedbabu.engine.checkpoint import CHECKPOINT, load_checkpoint
+
+    folder = getattr(args, "interrupted_folder", None)
+    if folder is None or not (Path(folder) / CHECKPOINT).exists():
+        return ""
+    try:
+        rounds = load_checkpoint(Path(folder) / CHECKPOINT).rounds_done
+    except UserError:
+        return ""
+    return f"; {folder} keeps its last good checkpoint (round {rounds}){action.format(folder=folder)}"
+
+
+RESUME = ": continue with `fedbabu resume {folder}`"
+
+
+def _log_to_stderr() -> None:
+    """Warnings of the run (rejected updates, rounds without clients) as one line each."""
+    logger = logging.getLogger("fedbabu")
+    for old in [h for h in logger.handlers if getattr(h, "fedbabu_cli", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.fedbabu_cli = True
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedbabu.engine.faults import TrainingDiverged
+
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console()
+    _log_to_stderr()
     try:
         COMMANDS[args.command](args, console)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}{_checkpoint_note(args, '')}", file=sys.stderr)
+        return 1
     except WorkerError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}{_checkpoint_note(args, RESUME)}", file=sys.stderr)
+        return 1
+    except (MemoryError, torch.OutOfMemoryError):
+        print(f"error: out of memory (lower batch_size, eval_batch_size or workers)"
+              f"{_checkpoint_note(args, RESUME)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{_checkpoint_note(args, RESUME)}", file=sys.stderr)
         return 130
     return 0
 

@@ -89,6 +89,11 @@ class Config(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: Literal["auto", "on", "off"] = "auto"
 
+    # Reliability (issue 6): checkpoints, update screening and simulated client failures.
+    checkpoint_every: int = Field(10, ge=0)
+    client_failure_rate: float = Field(0.0, ge=0, lt=1)
+    max_update_norm: float | None = Field(1.0e4, gt=0)
+
     @field_validator("algorithm")
     @classmethod
     def _known_algorithm(cls, value: str) -> str:

@@ -55,7 +55,7 @@ class RichProgress(Observer):
             else f"lr {record['lr']:.4g}"
         if "test_accuracy" in record:
             info += f" acc {100 * record['test_accuracy']:.1f}%"
-        self.progress.update(self.task, advance=1, info=info)
+        self.progress.update(self.task, completed=record["round"], info=info)
 
     def on_personalize_start(self, total: int) -> None:
         self._start(f"{self.label} personalize", total)

@@ -6,8 +6,13 @@ same files.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
+import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,8 @@ from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, build_config, merge_dicts, parse_overrides
 from fedbabu.data.datasets import Dataset, load_dataset
 from fedbabu.data.partition import Partition, make_partition
+from fedbabu.engine.checkpoint import CHECKPOINT, METRICS, TIMING, Checkpoint, Checkpointer, load_checkpoint
+from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.engine.simulation import ModelFactory, Observer, RunResult, config_model, simulate
 from fedbabu.errors import UserError
 from fedbabu.results.files import prepare_output_dir
@@ -64,11 +71,139 @@ def run_experiment(config: Config, out: Path | None = None, observer: Observer |
                    partition: Partition | None = None, model_factory: ModelFactory = config_model) -> Experiment:
     """Run one experiment; with ``out`` its folder is written (and must be empty unless ``overwrite``)."""
     folder = prepare_output_dir(out, overwrite) if out is not None else None
-    dataset = dataset if dataset is not None else prepare_data(config)
-    partition = partition if partition is not None else partition_for(config, dataset)
-    result = simulate(config, dataset, partition, observer, model_factory)
-    summary = write_run(result, folder) if folder is not None else summarize(result)
+    with run_folder(folder):
+        if folder is not None:
+            for name in RUN_FILES:
+                (folder / name).unlink(missing_ok=True)
+        dataset = dataset if dataset is not None else prepare_data(config)
+        partition = partition if partition is not None else partition_for(config, dataset)
+        checkpoints = Checkpointer(folder, config) if folder is not None else None
+        result = simulate(config, dataset, partition, observer, model_factory, checkpoints)
+        summary = write_run(result, folder) if folder is not None else summarize(result)
     return Experiment(result, summary, folder)
+
+
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    """Forked workers must not keep a run folder's lock alive (e.g. orphaned after the main process is killed).
+
+    Closing a duplicate of the descriptor in the child leaves the parent's lock in place.
+    """
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
+@contextlib.contextmanager
+def run_folder(folder: Path | None) -> Iterator[None]:
+    """Hold a run folder for the duration of a run: one writer at a time, and an event log.
+
+    The lock (``flock`` on the folder itself, released by the kernel even after SIGKILL) stops a
+    second ``resume`` or ``--overwrite`` from writing into a run that is still going. The run's
+    warnings (rejected updates, empty rounds) and a divergence are copied to ``<run>/events.log``.
+    """
+    if folder is None:
+        yield
+        return
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise UserError(f"{folder}: another fedbabu process is writing this run folder; wait for it or stop it "
+                        "first") from None
+    _HELD_LOCKS.add(lock)
+    handler = logging.FileHandler(Path(folder) / "events.log", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("fedbabu")
+    logger.addHandler(handler)
+    try:
+        yield
+    except TrainingDiverged as err:
+        handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, str(err), None, None))
+        raise
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        _HELD_LOCKS.discard(lock)
+        os.close(lock)
+
+
+RUN_FILES = (CHECKPOINT, METRICS, TIMING, "events.log", "summary.json", "clients.csv", "model.pt", "partition.json",
+             "report.md", "rounds.png", "clients.png", "finetune.png")
+"""Files a run writes: removed when a run starts over in a folder (``--overwrite``), so none outlives its run."""
+
+RESUME_FREE_KEYS = ("workers", "data_dir", "download")
+"""Settings that may change on resume: they cannot change any result (results never depend on workers)."""
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: Config, given: Config) -> list[str]:
+    """Keys (dotted) whose values differ between two configs, ignoring the resume-free ones."""
+    a, b = _flat(saved.to_plain()), _flat(given.to_plain())
+    return [k for k in a if k not in RESUME_FREE_KEYS and a[k] != b.get(k)]
+
+
+def open_checkpoint(folder: Path) -> Checkpoint:
+    """The checkpoint of a run folder, or a one-line error saying why there is none to resume."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such run folder to resume")
+    if not (folder / CHECKPOINT).exists():
+        raise UserError(f"{folder}: no {CHECKPOINT} to resume from (expected a folder written by fedbabu run)")
+    return load_checkpoint(folder / CHECKPOINT)
+
+
+def resume_experiment(folder: Path, given: Config | None = None, observer: Observer | None = None,
+                      overrides: dict[str, Any] | None = None) -> Experiment:
+    """Continue an interrupted run from its latest checkpoint, to the files an uninterrupted run writes.
+
+    ``given`` (the config the user passed, if any) must equal the saved one except for
+    :data:`RESUME_FREE_KEYS`; ``overrides`` may set those keys.
+    """
+    folder = Path(folder)
+    with run_folder(folder if folder.is_dir() else None):
+        return _resume_locked(folder, given, observer, overrides)
+
+
+def _resume_locked(folder: Path, given: Config | None, observer: Observer | None,
+                   overrides: dict[str, Any] | None) -> Experiment:
+    checkpoint = open_checkpoint(folder)
+    config = checkpoint.config
+    if given is not None:
+        differences = config_differences(config, given)
+        if differences:
+            key = differences[0]
+            saved_value, given_value = _flat(config.to_plain())[key], _flat(given.to_plain()).get(key)
+            raise UserError(
+                f"--resume {folder}: the run was started with a different config ({key} is {saved_value!r} there, "
+                f"{given_value!r} here); resume without --config/--set, or start a new run in another folder")
+    free = {k: v for k, v in (overrides or {}).items() if k in RESUME_FREE_KEYS and v is not None}
+    if free:
+        config = build_config({**config.to_plain(), **free}, "resume options")
+        checkpoint.config = config
+    if checkpoint.rounds_done == config.rounds and (folder / "summary.json").exists():
+        raise UserError(f"{folder}: this run already finished all {config.rounds} rounds; nothing to resume")
+    prepare_output_dir(folder, overwrite=True)
+    dataset = prepare_data(config)
+    partition = partition_for(config, dataset)
+    result = simulate(config, dataset, partition, observer, checkpoints=Checkpointer(folder, config, checkpoint))
+    return Experiment(result, write_run(result, folder), folder)
 
 
 @dataclass

@@ -101,6 +101,8 @@ def load_dataset(name: str, data_dir: Path | None = None, download: bool = False
         raise DataError(f"data_dir: {data_dir} does not exist")
     found = _find(name, roots + SYSTEM_LOCATIONS.get(name, []))
     if found is None:
+        found = _extract_local_archive(name, roots)
+    if found is None:
         if not download:
             looked = ", ".join(str(r / FOLDERS[name]) for r in roots + SYSTEM_LOCATIONS.get(name, []))
             raise DataError(
@@ -119,6 +121,27 @@ def _find(name: str, roots: list[Path]) -> Path | None:
             return candidate
         if name == "fmnist" and (root / "train-images-idx3-ubyte.gz").exists():
             return root
+    return None
+
+
+def _extract_local_archive(name: str, roots: list[Path]) -> Path | None:
+    """Use an official archive that the user put in a data folder by hand, once its md5 checks out."""
+    if name not in ARCHIVES:
+        return None
+    url, md5 = ARCHIVES[name]
+    for root in roots:
+        archive = root / url.rsplit("/", 1)[1]
+        if archive.is_file():
+            actual = md5sum(archive)
+            if actual != md5:
+                raise DataError(f"{archive}: md5 mismatch (expected {md5} for the official {name} archive, got "
+                                f"{actual}); the file is truncated or not the official one: fetch it again")
+            try:
+                with tarfile.open(archive, "r:gz") as tar:
+                    tar.extractall(root, filter="data")
+            except (OSError, tarfile.TarError) as exc:
+                raise DataError(f"{archive}: cannot extract into {root} ({exc})") from None
+            return root / FOLDERS[name]
     return None
 
 
@@ -156,10 +179,31 @@ def load_digits() -> Dataset:
     )
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR batches contain (dicts, lists, bytes and numpy arrays).
+
+    A pickle can name any callable; refusing every other global means a foreign or malicious
+    file in the data folder is reported, never executed.
+    """
+
+    ALLOWED: frozenset[tuple[str, str]] = frozenset({
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("builtins", "bytearray"), ("_codecs", "encode"),
+    })
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which CIFAR files never do")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
-            content = pickle.load(handle, encoding="bytes")
+            content = _CifarUnpickler(handle, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"{path}: file missing from the dataset folder") from None
     except Exception as exc:

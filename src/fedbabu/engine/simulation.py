@@ -21,6 +21,8 @@ from fedbabu.config import Config
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
 from fedbabu.data.transforms import Normalizer
+from fedbabu.engine import faults
+from fedbabu.engine.checkpoint import Checkpointer
 from fedbabu.engine.local import ClientData, Runtime
 from fedbabu.engine.params import Layout, flatten, load_flat, weighted_mean
 from fedbabu.engine.pool import ClientPool
@@ -28,7 +30,7 @@ from fedbabu.models import BodyHead, build_model
 
 Personal = dict[str, np.ndarray]
 
-SAMPLER_STREAM, TRAIN_STREAM, PERSONALIZE_STREAM = 0x5A3, 0x7E1, 0x9E2
+SAMPLER_STREAM, TRAIN_STREAM, PERSONALIZE_STREAM, DROPOUT_STREAM = 0x5A3, 0x7E1, 0x9E2, 0xD20
 
 ModelFactory = Callable[[Config, Dataset], BodyHead]
 """Builds a run's network from (config, dataset); called once for the server's template and once per worker
@@ -192,8 +194,12 @@ class Observer:
 
 
 def simulate(config: Config, dataset: Dataset, partition: Partition, observer: Observer | None = None,
-             model_factory: ModelFactory = config_model) -> RunResult:
-    """Run one federated experiment on an already-loaded dataset and partition (and a user's network)."""
+             model_factory: ModelFactory = config_model, checkpoints: Checkpointer | None = None) -> RunResult:
+    """Run one federated experiment on an already-loaded dataset and partition (and a user's network).
+
+    With ``checkpoints`` the run folder is kept resumable, and a run restored from a checkpoint
+    continues where it stopped.
+    """
     global _FEDERATION, _MODEL
     observer = observer or Observer()
     started = time.perf_counter()
@@ -207,29 +213,45 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     _FEDERATION, _MODEL = federation, None
     personal: dict[int, Personal] = {}
     metrics: list[dict[str, Any]] = []
+    start_round = checkpoints.restore_into(global_vector, personal, metrics) if checkpoints else 0
+    shapes = dict(zip(layout.names, layout.shapes, strict=True))
     observer.on_start(config, partition, algorithm)
     all_clients = range(partition.num_clients)
     try:
         with ClientPool(_run_task, config.resolved_workers()) as pool:
-            for round_index in range(config.rounds):
+            for round_index in range(start_round, config.rounds):
                 tick = time.perf_counter()
                 sampled = sample_clients(config.seed, round_index, partition.num_clients, config.client_fraction)
+                dropped = faults.dropped_clients(sampled, config.client_failure_rate,
+                                                 stream_seed(config.seed, round_index, 0, DROPOUT_STREAM))
+                returned = [c for c in sampled if c not in dropped]
                 lr = config.lr_at(round_index)
-                results = pool.map([TrainTask(c, round_index, lr, personal.get(c)) for c in sampled])
-                weights = [len(partition.train[c]) for c in sampled]
-                if shared_mask.any():
-                    vectors = [torch.from_numpy(vector) for vector, _, _ in results]
+                results = pool.map([TrainTask(c, round_index, lr, personal.get(c)) for c in returned])
+                screening = faults.screen_round(round_index + 1, returned, [r[0] for r in results],
+                                                [r[2] for r in results], global_vector[shared_mask].numpy(), shapes,
+                                                config.max_update_norm)
+                accepted = [(returned[i], results[i]) for i in screening.accepted]
+                weights = [len(partition.train[c]) for c, _ in accepted]
+                if shared_mask.any() and accepted:
+                    vectors = [torch.from_numpy(vector) for _, (vector, _, _) in accepted]
                     global_vector[shared_mask] = weighted_mean(vectors, weights)
-                for client, (_, _, state) in zip(sampled, results, strict=True):
+                for client, (_, _, state) in accepted:
                     if state:
                         personal[client] = state
-                losses = [loss for _, loss, _ in results]
+                losses = [loss for _, (_, loss, _) in accepted]
                 record: dict[str, Any] = {
                     "round": round_index + 1,
                     "lr": lr,
                     "train_loss": float(np.average(losses, weights=weights)) if losses else math.nan,
                     "clients": sampled,
+                    "dropped": len(dropped),
+                    "rejected": len(screening.rejected),
                 }
+                faults.check_divergence(round_index + 1, screening, bool(torch.isfinite(global_vector).all()),
+                                        record["train_loss"])
+                if not accepted:
+                    faults.log.warning("round %d: no client update arrived or was accepted; the global model "
+                                       "of round %d is kept", round_index + 1, round_index)
                 last = round_index + 1 == config.rounds
                 if config.eval_every and ((round_index + 1) % config.eval_every == 0 or last):
                     accuracies = pool.map([EvalTask(c, personal.get(c)) for c in all_clients])
@@ -237,6 +259,8 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
                 record["seconds"] = round(time.perf_counter() - tick, 4)
                 metrics.append(record)
                 observer.on_round(record)
+                if checkpoints:
+                    checkpoints.after_round(round_index + 1, global_vector, personal, metrics)
             observer.on_personalize_start(partition.num_clients)
             curves = _personalize_all(pool, personal, partition.num_clients, observer)
     finally:

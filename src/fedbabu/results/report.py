@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from fedbabu.algorithms import ALGORITHMS
-from fedbabu.config import dump_config
+from fedbabu.config import Config, dump_config
+from fedbabu.engine.checkpoint import METRICS, TIMING, metrics_line, timing_line
 from fedbabu.engine.simulation import RunResult
 from fedbabu.results.files import atomic_write_text, save_tensors, write_csv, write_json
 from fedbabu.results.plots import plot_clients, plot_comparison, plot_finetune_curves, plot_rounds
@@ -68,9 +69,8 @@ def client_rows(result: RunResult) -> tuple[list[str], list[list[Any]]]:
 
 
 def metrics_lines(metrics: list[dict[str, Any]]) -> str:
-    import json
-
-    return "".join(json.dumps(m) + "\n" for m in metrics)
+    """``metrics.jsonl``: the reproducible per-round values (wall-clock seconds go to ``timing.jsonl``)."""
+    return "".join(metrics_line(m) for m in metrics)
 
 
 def write_run(result: RunResult, folder: Path) -> dict[str, Any]:
@@ -79,21 +79,27 @@ def write_run(result: RunResult, folder: Path) -> dict[str, Any]:
     summary = summarize(result)
     atomic_write_text(folder / "config.yaml", dump_config(result.config))
     write_json(folder / "partition.json", result.partition.to_json())
-    atomic_write_text(folder / "metrics.jsonl", metrics_lines(result.metrics))
+    atomic_write_text(folder / METRICS, metrics_lines(result.metrics))
+    atomic_write_text(folder / TIMING, "".join(timing_line(m) for m in result.metrics))
     header, rows = client_rows(result)
     write_csv(folder / "clients.csv", header, rows)
     save_tensors(folder / "model.pt", result.final_state)
     write_json(folder / "summary.json", summary)
-    label = f"{result.config.algorithm} on {result.config.dataset}"
-    if result.metrics:
-        plot_rounds(result.metrics, folder / "rounds.png", label)
-    curves = result.accuracy_curve()
-    plot_clients(curves, folder / "clients.png", f"{label}: initial vs personalized accuracy per client")
-    unit = summary["personalization_unit"]
-    plot_finetune_curves({result.config.algorithm: curves}, folder / "finetune.png",
-                         f"{label}: accuracy vs personalization {unit}s", xlabel=f"personalization {unit}s")
+    write_plots(folder, result.config, result.metrics, result.accuracy_curve())
     atomic_write_text(folder / "report.md", run_report(summary, has_rounds=bool(result.metrics)))
     return summary
+
+
+def write_plots(folder: Path, config: Config, metrics: list[dict[str, Any]], curves: np.ndarray | None) -> None:
+    """The run's plots; without ``curves`` (an interrupted run) only the per-round one."""
+    label = f"{config.algorithm} on {config.dataset}"
+    if metrics:
+        plot_rounds(metrics, folder / "rounds.png", label)
+    if curves is not None:
+        plot_clients(curves, folder / "clients.png", f"{label}: initial vs personalized accuracy per client")
+        unit = ALGORITHMS[config.algorithm].personalization_unit
+        plot_finetune_curves({config.algorithm: curves}, folder / "finetune.png",
+                             f"{label}: accuracy vs personalization {unit}s", xlabel=f"personalization {unit}s")
 
 
 def _pct(stats: dict[str, float]) -> str:

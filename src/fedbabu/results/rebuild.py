@@ -1,0 +1,115 @@
+"""``fedbabu report``: rebuild a run's report and plots from its files, and compare runs in one table.
+
+It reads only what a run writes as it goes (``config.yaml``, ``metrics.jsonl``) and, for a
+finished run, ``summary.json`` and ``clients.csv``; so it also works for a run that was
+interrupted, a run copied from another machine, or one whose report was deleted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbabu.config import Config, build_config, read_yaml
+from fedbabu.engine.checkpoint import CONFIG, METRICS
+from fedbabu.errors import UserError
+from fedbabu.results.files import atomic_write_text
+from fedbabu.results.report import run_report, write_plots
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Round records of ``metrics.jsonl``; an incomplete last line (a run killed mid-write) is ignored."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}: line {number} is not a JSON record") from None
+    return records
+
+
+def read_curves(path: Path) -> np.ndarray:
+    """clients x (fine-tuning epochs + 1) accuracies from ``clients.csv``."""
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        columns = [c for c in (rows[0].keys() if rows else []) if c.endswith("accuracy") or "_after_epoch_" in c]
+        return np.array([[float(r[c]) for c in columns] for r in rows], dtype=np.float64)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"{path}: not a readable clients.csv ({exc.__class__.__name__})") from None
+
+
+def _interrupted_report(config: Config, metrics: list[dict[str, Any]], folder: Path) -> str:
+    evaluated = [m for m in metrics if "test_accuracy" in m]
+    last = f" Last global test accuracy: {100 * evaluated[-1]['test_accuracy']:.2f}% (round " \
+           f"{evaluated[-1]['round']})." if evaluated else ""
+    lines = [
+        f"# {config.algorithm} on {config.dataset} ({config.resolved_model()}): interrupted",
+        "",
+        f"{config.num_clients} clients, seed {config.seed}. {len(metrics)} of {config.rounds} rounds were "
+        f"recorded.{last} Continue with `fedbabu resume {folder}`.",
+        "",
+    ]
+    if metrics:
+        lines += ["![rounds](rounds.png)", ""]
+    return "\n".join(lines)
+
+
+def _pct(stats: dict[str, float] | None) -> str:
+    return "—" if stats is None else f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
+
+
+def rebuild_run(folder: Path) -> dict[str, str]:
+    """Rewrite ``report.md`` and the plots of one run folder; return its row of the comparison table."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise UserError(f"{folder}: not a run folder (no {CONFIG}); expected a folder written by fedbabu run")
+    config = build_config(read_yaml(folder / CONFIG), str(folder / CONFIG))
+    metrics = read_metrics(folder / METRICS)
+    summary = None
+    if (folder / "summary.json").exists() and (folder / "clients.csv").exists() and len(metrics) == config.rounds:
+        try:
+            summary = json.loads((folder / "summary.json").read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{folder / 'summary.json'}: not valid JSON") from None
+    if summary is not None:
+        write_plots(folder, config, metrics, read_curves(folder / "clients.csv"))
+        atomic_write_text(folder / "report.md", run_report(summary, has_rounds=bool(metrics)))
+    else:
+        write_plots(folder, config, metrics, None)
+        atomic_write_text(folder / "report.md", _interrupted_report(config, metrics, folder))
+    evaluated = [m for m in metrics if "test_accuracy" in m]
+    return {
+        "run": str(folder),
+        "algorithm": config.algorithm,
+        "dataset": config.dataset,
+        "rounds": f"{len(metrics)}/{config.rounds}",
+        "global": f"{100 * evaluated[-1]['test_accuracy']:.2f}" if evaluated else "—",
+        "initial": _pct(summary["initial_accuracy"] if summary else None),
+        "personalized": _pct(summary["personalized_accuracy"] if summary else None),
+    }
+
+
+def report_runs(folders: list[Path], out: Path | None = None) -> list[dict[str, str]]:
+    """Rebuild every run's report; with ``out``, also write the comparison table as Markdown."""
+    rows = [rebuild_run(f) for f in folders]
+    if out is not None:
+        lines = ["# Runs", "", "Accuracy in %, mean ± std over clients; — where the run has not finished.", "",
+                 "| run | algorithm | dataset | rounds | global | initial | personalized |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['algorithm']} | {r['dataset']} | {r['rounds']} | {r['global']} | "
+                  f"{r['initial']} | {r['personalized']} |" for r in rows]
+        try:
+            atomic_write_text(Path(out), "\n".join(lines) + "\n")
+        except OSError as exc:
+            raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return rows
