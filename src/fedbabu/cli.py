@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedbabu.config import Config, _merge, load_config
+from fedbabu.config import Config, load_config, merge_dicts
 from fedbabu.engine.pool import WorkerError
 from fedbabu.errors import UserError
 
@@ -116,7 +116,7 @@ def _resume_config(args: argparse.Namespace) -> Config | None:
         return None
     values = open_checkpoint(args.resume).config.to_plain()
     for extra in (_extra_from(args), parse_overrides(args.overrides)):
-        values = _merge(values, extra)
+        values = merge_dicts(values, extra)
     return build_config(values, f"--resume {args.resume} (with options)")
 
 

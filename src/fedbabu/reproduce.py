@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedbabu.config import Config, build_config, merge_dicts, read_yaml
+from fedbabu.engine.checkpoint import CHECKPOINT
 from fedbabu.errors import UserError
 from fedbabu.results.files import atomic_write_text
 from fedbabu.results.plots import plot_finetune_curves
@@ -95,15 +96,20 @@ def cells(preset: Preset, scale: str = "full") -> list[Cell]:
     return result
 
 
-def _complete(folder: Path, config: Config) -> bool:
-    """A run counts as done only if it finished with exactly this configuration."""
-    summary, saved = folder / "summary.json", folder / "config.yaml"
-    if not (summary.exists() and saved.exists()):
-        return False
+def _state(folder: Path, config: Config) -> str:
+    """``done`` (finished with exactly this config), ``resumable`` (checkpointed, same config) or ``new``."""
+    saved = folder / "config.yaml"
+    if not saved.exists():
+        return "new"
     try:
-        return build_config(yaml.safe_load(saved.read_text()), str(saved)) == config
+        same = build_config(yaml.safe_load(saved.read_text()), str(saved)) == config
     except (UserError, yaml.YAMLError):
-        return False
+        return "new"
+    if not same:
+        return "new"
+    if (folder / "summary.json").exists():
+        return "done"
+    return "resumable" if (folder / CHECKPOINT).exists() else "new"
 
 
 @dataclass
@@ -125,7 +131,7 @@ def run_preset(
 ) -> list[CellResult]:
     """Run (or continue) every cell of a preset and write ``results.md`` beside the run folders."""
     from fedbabu.config import parse_overrides
-    from fedbabu.runner import run_experiment
+    from fedbabu.runner import resume_experiment, run_experiment
 
     preset = load_preset(name)
     seeds = seeds or preset.seeds
@@ -140,11 +146,15 @@ def run_preset(
                 config = build_config(values, f"configs/paper/{name}.yaml [{cell.name}]")
                 folder = out / _slug(cell.name) / algorithm / f"seed-{seed}"
                 label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
-                if _complete(folder, config):
+                state = _state(folder, config)
+                observer = observer_for(f"{algorithm} s{seed}") if observer_for else None
+                if state == "done":
                     log(f"{label}: already complete, skipped")
+                elif state == "resumable":
+                    log(f"{label}: resuming from its checkpoint")
+                    resume_experiment(folder, config, observer)
                 else:
                     log(f"{label}: running")
-                    observer = observer_for(f"{algorithm} s{seed}") if observer_for else None
                     run_experiment(config, folder, observer, overwrite=True)
                 summaries.append(json.loads((folder / "summary.json").read_text()))
                 curves.append(_curve(folder))

@@ -45,7 +45,11 @@ def tune_process(threads: int = 1) -> None:
 
 
 def _init_worker(threads: int) -> None:
+    """Workers leave Ctrl-C to the parent, and die with it even when it is SIGKILLed (Linux)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signal.SIGKILL)
     tune_process(threads)
 
 

@@ -23,10 +23,18 @@ import torch
 from fedbabu.errors import UserError
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename: readers see the old file or the new one, never a torn one."""
     path = Path(path)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
         with os.fdopen(handle, "wb") as out:
             out.write(data)
             out.flush()
