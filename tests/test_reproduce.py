@@ -56,8 +56,8 @@ def test_quick_preset_runs_on_real_cifar10_and_skips_finished_runs(cifar10_dir, 
     first = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     results = (tmp_path / "results.md").read_text()
-    assert "local_epochs=1,shards_per_client=2" in results and "fedbabu − fedavg" in results
-    assert (tmp_path / "local_epochs-10_shards_per_client-10" / "fedbabu" / "seed-0" / "summary.json").exists()
+    assert "shards_per_client=2,local_epochs=1" in results and "fedbabu − fedavg" in results
+    assert (tmp_path / "shards_per_client-10_local_epochs-10" / "fedbabu" / "seed-0" / "summary.json").exists()
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0
     assert second.stdout.count("already complete, skipped") == 8

@@ -291,7 +291,8 @@ def _natural_partition(labels: np.ndarray, test_labels: np.ndarray, clients: np.
     train = [np.flatnonzero(clients == c) for c in range(num_clients)]
     train_counts = np.stack([np.bincount(labels[t], minlength=num_classes) for t in train])
     if test_clients is None:
-        test = _test_like_train(train_counts, test_labels, num_classes, rng)
+        test = _test_like_train(train_counts, np.bincount(labels, minlength=num_classes), test_labels, num_classes,
+                                rng)
     else:
         test = [np.flatnonzero(test_clients == c) for c in range(num_clients)]
     test_counts = np.stack([np.bincount(test_labels[t], minlength=num_classes) for t in test])
