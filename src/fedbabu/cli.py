@@ -13,6 +13,7 @@ from rich.table import Table
 from fedbabu.config import Config, load_config
 from fedbabu.engine.pool import WorkerError
 from fedbabu.errors import UserError
+from fedbabu.flower.commands import add_flower_parser, run_flower_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="override a config value in every cell (e.g. data_dir=/data)")
     reproduce.add_argument("--out", type=Path, help="output folder (default: runs/reproduce/<name>-<scale>)")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_flower_parser(commands, _experiment_options)
     return parser
 
 
@@ -162,7 +164,11 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     console.print(f"results: {out / 'results.md'}")
 
 
-COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "reproduce": _cmd_reproduce}
+def _cmd_flower(args: argparse.Namespace, console: Console) -> None:
+    run_flower_command(args, console, lambda: _config_from(args))
+
+
+COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "reproduce": _cmd_reproduce, "flower": _cmd_flower}
 
 
 def main(argv: list[str] | None = None) -> int:
