@@ -260,6 +260,7 @@ class Deployment:
         self.creds = make_credentials(root / "certs", nodes=5)
         self.port = free_port()
         self.processes: list[subprocess.Popen] = []
+        self.good: list[subprocess.Popen] = []
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{self.port}"\n'
             f'root-certificates = "{self.creds.ca_cert}"\n')
@@ -287,10 +288,11 @@ class Deployment:
         done = self.flwr("supernode", "register", str(self.creds.public_key(node)), "tls")
         assert done.returncode == 0, done.stdout + done.stderr
 
-    def start_node(self, node: int, partition: int, *, key: bool = True, insecure: bool = False) -> subprocess.Popen:
+    def start_node(self, node: int, partition: int, *, key: bool = True, insecure: bool = False,
+                   max_wait: int = 20) -> subprocess.Popen:
         command = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
                    "--node-config", f"partition-id={partition} num-partitions=3", "--max-retries", "3",
-                   "--max-wait-time", "20"]
+                   "--max-wait-time", str(max_wait)]
         command += ["--insecure"] if insecure else ["--root-certificates", str(self.creds.ca_cert)]
         if key:
             command += ["--auth-supernode-private-key", str(self.creds.node_keys[node])]
@@ -310,10 +312,10 @@ class Deployment:
             assert time.monotonic() < deadline, f"fewer than {count} nodes online after {timeout} s"
             time.sleep(1)
 
-    def run(self, out: Path, *run_config: str, timeout: float = 400) -> subprocess.Popen:
+    def run(self, out: Path, log_name: str, *run_config: str) -> subprocess.Popen:
         """``flwr run`` of the repository's app (pyproject [tool.flwr.app]), streaming to a log."""
         config = " ".join([f"out='{out}'", *run_config])
-        return self._start(["flwr", "run", str(REPO), "tls", "--stream", "--run-config", config], "run.log")
+        return self._start(["flwr", "run", str(REPO), "tls", "--stream", "--run-config", config], log_name)
 
     def status(self) -> str:
         runs = json.loads(self.flwr("ls", "tls", "--format", "json").stdout)["runs"]
@@ -334,30 +336,37 @@ class Deployment:
             stop(process)
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    federation = Deployment(tmp_path)
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """One SuperLink and three registered SuperNodes (clients 0, 1, 2) shared by the deployment tests.
+
+    The killed-node test must stay last in this file: it takes client 2 away.
+    """
+    federation = Deployment(tmp_path_factory.mktemp("deployment"))
     try:
         federation.start_superlink()
+        for node in range(3):
+            federation.register(node)
+        federation.good = [federation.start_node(node, partition=node) for node in range(3)]
+        federation.wait_online(3)
         yield federation
     finally:
         federation.close()
 
 
 def test_real_deployment_tls_auth_equals_the_simulator(deployment: Deployment, tmp_path: Path) -> None:
-    for node in range(3):
-        deployment.register(node)
-    good = [deployment.start_node(node, partition=node) for node in range(3)]
-    plaintext = deployment.start_node(3, partition=0, key=False, insecure=True)
-    unregistered = deployment.start_node(4, partition=1)
-    deployment.wait_online(3)
+    plaintext = deployment.start_node(3, partition=0, key=False, insecure=True, max_wait=3)
+    unregistered = deployment.start_node(4, partition=1, max_wait=3)
     out = tmp_path / "out"
-    run = deployment.run(out, f"set='{' '.join(SMALL)}'", "round-timeout=120.0")
-    assert run.wait(400) == 0, deployment.log("run.log")
-    assert deployment.status() == "finished:completed", deployment.log("run.log")
+    run = deployment.run(out, "run-equal.log", f"set='{' '.join(SMALL)}'", "round-timeout=120.0")
+    assert run.wait(400) == 0, deployment.log("run-equal.log")
+    assert deployment.status() == "finished:completed", deployment.log("run-equal.log")
 
     assert plaintext.wait(60) != 0 and unregistered.wait(60) != 0
-    assert all(node.poll() is None for node in good)
+    assert "[code: 2004] Failed to activate SuperNode" in deployment.log("node-4.log")
+    assert "No SuperNode found with the given public key" in deployment.log("superlink.log")
+    assert "Connection attempt failed" in deployment.log("node-3.log")
+    assert all(node.poll() is None for node in deployment.good)
     assert deployment.online_nodes() == 3
 
     config = small_config()
@@ -377,21 +386,19 @@ def test_real_deployment_tls_auth_equals_the_simulator(deployment: Deployment, t
 
 
 def test_killed_supernode_run_completes_with_the_rest(deployment: Deployment, tmp_path: Path) -> None:
-    for node in range(3):
-        deployment.register(node)
-    nodes = [deployment.start_node(node, partition=node) for node in range(3)]
     deployment.wait_online(3)
     out = tmp_path / "out"
-    run = deployment.run(out, f"set='{' '.join(SMALL)}'", "min-nodes=2", "round-timeout=150.0")
+    run = deployment.run(out, "run-kill.log", f"set='{' '.join(SMALL)}'", "min-nodes=2", "round-timeout=150.0")
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-        assert time.monotonic() < deadline and run.poll() is None, deployment.log("run.log")
+        assert time.monotonic() < deadline and run.poll() is None, deployment.log("run-kill.log")
         time.sleep(0.5)
-    os.killpg(nodes[2].pid, signal.SIGKILL)
-    nodes[2].wait()
-    assert run.wait(400) == 0, deployment.log("run.log")
-    assert deployment.status() == "finished:completed", deployment.log("run.log")
+    victim = deployment.good[2]
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert run.wait(400) == 0, deployment.log("run-kill.log")
+    assert deployment.status() == "finished:completed", deployment.log("run-kill.log")
 
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["clients"] for r in records] == [[0, 1, 2], [0, 1]]

@@ -85,6 +85,7 @@ class AlgorithmStrategy(FedAvg):
         self.bytes_down = 0
         self.bytes_up = 0
         self._record: dict[str, Any] = {}
+        self._outbox: list[Message] = []
         self._tick = 0.0
 
     # --- the model on the wire ----------------------------------------------------------------
@@ -105,12 +106,22 @@ class AlgorithmStrategy(FedAvg):
 
     # --- which node is which client -----------------------------------------------------------
 
-    def _fail(self, stage: str, message: Message) -> None:
-        node = message.metadata.src_node_id
-        entry = {"stage": stage, "node": node, "client": self.nodes.get(node), "reason": message.error.reason}
-        self.failures.append(entry)
-        log(WARNING, "fedbabu: %s failed on node %s (client %s): %s", stage, node, entry["client"],
-            entry["reason"])
+    def _exchange(self, grid: Grid, messages: list[Message]) -> list[Message]:
+        self._outbox = messages
+        return list(grid.send_and_receive(messages, timeout=self.timeout))
+
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply is about: an error made by the SuperLink for a dead node names the SuperLink as
+        its source, so the reply is matched to the message it answers."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
+        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _fail(self, stage: str, reply: Message) -> int | None:
+        node = self._node_of(reply)
+        client = self.nodes.get(node)
+        self.failures.append({"stage": stage, "node": node, "client": client, "reason": reply.error.reason})
+        log(WARNING, "fedbabu: %s failed on node %s (client %s): %s", stage, node, client, reply.error.reason)
+        return client
 
     def connected_clients(self, grid: Grid) -> dict[int, int]:
         """partition id -> node id of the connected nodes; asks new nodes who they are."""
@@ -122,8 +133,8 @@ class AlgorithmStrategy(FedAvg):
         if unknown:
             record = RecordDict({CONFIG: experiment_record(self.config)})
             messages = [Message(record, node, QUERY) for node in unknown]
-            for reply in grid.send_and_receive(messages, timeout=self.timeout):
-                node = reply.metadata.src_node_id
+            for reply in self._exchange(grid, messages):
+                node = self._node_of(reply)
                 if reply.has_error():
                     self.refused.add(node)
                     self._fail("query", reply)
@@ -161,19 +172,24 @@ class AlgorithmStrategy(FedAvg):
         targets = [online[c] for c in sampled if c in online]
         self.bytes_down += arrays.count_bytes() * len(targets)
         self._record["bytes_down"] = arrays.count_bytes() * len(targets)
-        return self._messages(targets, MessageType.TRAIN, record, arrays)
+        self._outbox = self._messages(targets, MessageType.TRAIN, record, arrays)
+        return self._outbox
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the shared parts of the replies (sorted by client) with the simulator's weighted mean."""
         valid, errors = self._check_and_log_replies(list(replies), is_train=True)
         for reply in errors:
-            self._fail(f"round {server_round}", reply)
-            self._record["failed"].append(self.nodes.get(reply.metadata.src_node_id))
+            self._record["failed"].append(self._fail(f"round {server_round}", reply))
         valid.sort(key=lambda m: int(m.content[METRICS][PARTITION_ID]))
         clients = [int(m.content[METRICS][PARTITION_ID]) for m in valid]
         weights = [int(m.content[METRICS][NUM_EXAMPLES]) for m in valid]
         losses = [float(m.content[METRICS]["train-loss"]) for m in valid]
+        silent = [c for c in self._record["sampled"] if c not in clients and c not in self._record["failed"]]
+        for client in silent:
+            self._record["failed"].append(client)
+            self.failures.append({"stage": f"round {server_round}", "node": None, "client": client,
+                                  "reason": f"no reply within the round timeout ({self.timeout:g} s)"})
         up = sum(m.content[ARRAYS].count_bytes() for m in valid)
         self.bytes_up += up
         self._record.update({
@@ -201,8 +217,9 @@ class AlgorithmStrategy(FedAvg):
         if not self._evaluates(server_round):
             return []
         online = self.connected_clients(grid)
-        return self._messages([online[c] for c in sorted(online)], MessageType.EVALUATE,
-                              experiment_record(self.config), arrays)
+        self._outbox = self._messages([online[c] for c in sorted(online)], MessageType.EVALUATE,
+                                      experiment_record(self.config), arrays)
+        return self._outbox
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Mean accuracy over clients (as the simulator), then the round's record is final."""
@@ -237,7 +254,7 @@ class AlgorithmStrategy(FedAvg):
         nan_curve = [math.nan] * (self.config.finetune.epochs + 1)
         curves = {c: list(nan_curve) for c in range(self.config.num_clients)}
         answered = set()
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in self._exchange(grid, messages):
             if reply.has_error():
                 self._fail("personalize", reply)
                 continue
