@@ -182,7 +182,7 @@ def test_personal_parts_stay_on_the_node_and_match_the_simulator(tmp_path: Path,
     assert not any(name.startswith("head.") for name in sent), "a personal head travelled"
 
 
-def test_node_with_wrong_partition_count_is_refused_and_recorded(tmp_path: Path) -> None:
+def test_node_with_wrong_partition_count_is_refused(tmp_path: Path) -> None:
     config = small_config()
     grid = LoopbackGrid(3)
     grid.contexts[9999] = Context(run_id=1, node_id=9999, node_config={"partition-id": 0, "num-partitions": 5},
@@ -224,6 +224,7 @@ def test_flower_sim_refuses_bad_cpus_in_one_line(tmp_path: Path) -> None:
 # --- Flower's simulation engine (Ray) -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ray_simulation_fedbabu_four_virtual_clients(tmp_path: Path) -> None:
     out = tmp_path / "run"
     overrides = ["num_clients=4", "partition=shards", "shards_per_client=5", "rounds=2", "client_fraction=1.0",
@@ -354,6 +355,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         federation.close()
 
 
+@pytest.mark.slow
 def test_real_deployment_tls_auth_equals_the_simulator(deployment: Deployment, tmp_path: Path) -> None:
     plaintext = deployment.start_node(3, partition=0, key=False, insecure=True, max_wait=3)
     unregistered = deployment.start_node(4, partition=1, max_wait=3)
@@ -385,6 +387,7 @@ def test_real_deployment_tls_auth_equals_the_simulator(deployment: Deployment, t
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_killed_supernode_run_completes_with_the_rest(deployment: Deployment, tmp_path: Path) -> None:
     deployment.wait_online(3)
     out = tmp_path / "out"

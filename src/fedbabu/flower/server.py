@@ -36,7 +36,6 @@ from torch import nn
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, load_config
-from fedbabu.data.partition import Partition
 from fedbabu.engine.params import Layout, flatten, weighted_mean
 from fedbabu.engine.simulation import RunResult, sample_clients
 from fedbabu.errors import UserError
@@ -64,12 +63,11 @@ WAIT_POLL_S = 1.0
 class AlgorithmStrategy(FedAvg):
     """Any registered algorithm as a Flower strategy: sampling, shared-parts averaging, failures, bytes."""
 
-    def __init__(self, config: Config, partition: Partition, template: nn.Module, min_nodes: int,
-                 timeout: float, out: Path | None = None) -> None:
+    def __init__(self, config: Config, template: nn.Module, min_nodes: int, timeout: float,
+                 out: Path | None = None) -> None:
         super().__init__(fraction_train=config.client_fraction, fraction_evaluate=1.0, min_train_nodes=1,
                          min_evaluate_nodes=1, min_available_nodes=min_nodes)
         self.config = config
-        self.partition = partition
         self.algorithm = ALGORITHMS[config.algorithm](config)
         self.timeout = timeout
         self.out = out
@@ -99,7 +97,7 @@ class AlgorithmStrategy(FedAvg):
 
     def payload_bytes(self) -> int:
         """Floats of the shared parts, both ways: the figure the simulator reports per client and round."""
-        return 2 * 4 * len(self.shared_mask.nonzero())
+        return 2 * 4 * self.layout.count(self.algorithm.shared_parts)
 
     def final_state(self) -> dict[str, torch.Tensor]:
         return self.layout.to_state(self.global_vector)
@@ -281,7 +279,7 @@ def run_on_grid(grid: Grid, config: Config, out: Path, min_nodes: int, timeout: 
     partition = partition_for(config, dataset)
     template = build_model(config.resolved_model(), dataset.channels, dataset.image_size, dataset.num_classes,
                            config.head_init, config.seed)
-    strategy = AlgorithmStrategy(config, partition, template, min_nodes, timeout, folder)
+    strategy = AlgorithmStrategy(config, template, min_nodes, timeout, folder)
     log(INFO, "fedbabu: %s; %s", strategy.algorithm.describe(), partition.summary())
     strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds, timeout=timeout)
     curves = strategy.personalize(grid)
@@ -319,8 +317,11 @@ def settings_from(run_config: dict[str, Any]) -> tuple[Config, Path, int, float]
     ``key=value`` overrides separated by spaces, exactly as ``fedbabu run --set``.
     """
     path = str(run_config.get("config-file", "")).strip()
+    if path and not Path(path).expanduser().is_absolute():
+        raise UserError(f"run config config-file={path!r}: expected an absolute path (the ServerApp runs in "
+                        "another folder)")
     overrides = shlex.split(str(run_config.get("set", "")))
-    config = load_config(Path(path) if path else None, overrides)
+    config = load_config(Path(path).expanduser() if path else None, overrides)
     out = str(run_config.get("out", "")).strip()
     folder = Path(out).expanduser() if out else Path.home() / "fedbabu-runs" / (
         f"{time.strftime('%Y%m%d-%H%M%S')}-flower-{config.algorithm}")
