@@ -25,7 +25,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedbabu.algorithms import ALGORITHMS, Algorithm
+from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, load_config
 from fedbabu.data.datasets import load_digits
 from fedbabu.errors import UserError
@@ -157,29 +157,35 @@ def test_fedbabu_sends_only_the_body_and_fewer_bytes_than_fedavg(tmp_path: Path)
         assert avg["flower"][direction] - babu["flower"][direction] == 3 * head_wire
 
 
-class KeepHead(Algorithm):
-    """A FedPer-like test algorithm: the body is shared, each client's head is personal."""
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_equals_the_simulator_with_personal_state_on_the_node(algorithm: str,
+                                                                            tmp_path: Path) -> None:
+    """Any registry algorithm: same final model, same personalization curves, same personal state.
 
-    name = "keephead-test"
-    shared_parts = ("body",)
-    trained_parts = ("body", "head")
-    personal_parts = ("head",)
-
-
-def test_personal_parts_stay_on_the_node_and_match_the_simulator(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(ALGORITHMS, KeepHead.name, KeepHead)
-    config = small_config(f"algorithm={KeepHead.name}")
+    Personal parts (FedPer/FedRep heads, LG-FedAvg bodies, Ditto models) live only in each node's
+    ``context.state`` and never travel."""
+    config = small_config(f"algorithm={algorithm}", "rounds=2", "finetune.epochs=1")
     grid = LoopbackGrid(3)
     run_on_grid(grid, config, tmp_path, min_nodes=3, timeout=60)
     reference = simulator_run(config)
+    state = load_tensors(tmp_path / "model.pt")
+    for name, tensor in reference.final_state.items():
+        assert torch.equal(state[name], tensor), name
+    curves = [[float(v) for v in list(row.values())[4:]] for row in read_clients(tmp_path)]
+    assert curves == [pytest.approx(c["accuracies"], abs=1e-6, nan_ok=True) for c in reference.clients]
+    personal_parts = ALGORITHMS[algorithm].personal_parts
     for i, context in enumerate(grid.contexts.values()):
-        personal = context.state.array_records["personal"].to_torch_state_dict()
-        assert set(personal) == {"head.weight", "head.bias"}
+        record = context.state.array_records.get("personal")
+        if not personal_parts:
+            assert record is None
+            continue
+        personal = record.to_torch_state_dict()
+        assert set(personal) == set(reference.personal[i])
         for name, tensor in personal.items():
             assert torch.equal(tensor, torch.from_numpy(reference.personal[i][name])), (i, name)
+    shared = set(ALGORITHMS[algorithm].shared_parts)
     sent = {name for m in grid.sent for name in m.content.array_records.get("arrays", {})}
-    assert not any(name.startswith("head.") for name in sent), "a personal head travelled"
+    assert {name.split(".", 1)[0] for name in sent} <= shared
 
 
 def test_node_with_wrong_partition_count_is_refused(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, load_config
 from fedbabu.engine.params import Layout, flatten, weighted_mean
-from fedbabu.engine.simulation import RunResult, sample_clients
+from fedbabu.engine.simulation import RunResult, config_model, sample_clients
 from fedbabu.errors import UserError
 from fedbabu.flower.wire import (
     ARRAYS,
@@ -51,7 +51,6 @@ from fedbabu.flower.wire import (
     shared_names,
     to_vector,
 )
-from fedbabu.models import build_model
 from fedbabu.results.files import atomic_write_text, prepare_output_dir, write_json
 from fedbabu.results.report import metrics_lines, write_run
 
@@ -249,19 +248,20 @@ class AlgorithmStrategy(FedAvg):
         online = self.connected_clients(grid)
         config = experiment_record(self.config)
         messages = self._messages([online[c] for c in sorted(online)], PERSONALIZE, config, self._arrays())
-        nan_curve = [math.nan] * (self.config.finetune.epochs + 1)
-        curves = {c: list(nan_curve) for c in range(self.config.num_clients)}
-        answered = set()
+        curves: dict[int, list[float]] = {}
         for reply in self._exchange(grid, messages):
             if reply.has_error():
                 self._fail("personalize", reply)
                 continue
             client = int(reply.content[METRICS][PARTITION_ID])
             curves[client] = [float(a) for a in reply.content[METRICS]["accuracies"]]
-            answered.add(client)
-        for client in sorted(set(curves) - answered):
-            self.failures.append({"stage": "personalize", "node": online.get(client), "client": client,
-                                  "reason": "no reply (node absent or failed)"})
+        answered = set(curves)
+        steps = max((len(c) for c in curves.values()), default=self.config.finetune.epochs + 1)
+        for client in range(self.config.num_clients):
+            if client not in answered:
+                curves[client] = [math.nan] * steps
+                self.failures.append({"stage": "personalize", "node": online.get(client), "client": client,
+                                      "reason": "no reply (node absent or failed)"})
         if self.config.eval_every and self.metrics:
             initial = [curves[c][0] for c in sorted(answered)]
             self.metrics[-1]["test_accuracy"] = float(np.nanmean(initial)) if initial else math.nan
@@ -277,8 +277,7 @@ def run_on_grid(grid: Grid, config: Config, out: Path, min_nodes: int, timeout: 
     folder = prepare_output_dir(out, overwrite=True)
     dataset = prepare_data(config)
     partition = partition_for(config, dataset)
-    template = build_model(config.resolved_model(), dataset.channels, dataset.image_size, dataset.num_classes,
-                           config.head_init, config.seed)
+    template = config_model(config, dataset)
     strategy = AlgorithmStrategy(config, template, min_nodes, timeout, folder)
     log(INFO, "fedbabu: %s; %s", strategy.algorithm.describe(), partition.summary())
     strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds, timeout=timeout)
