@@ -16,6 +16,7 @@ from rich.table import Table
 from fedbabu.config import Config, load_config, merge_dicts
 from fedbabu.engine.pool import WorkerError
 from fedbabu.errors import UserError
+from fedbabu.flower.commands import add_flower_parser, run_flower_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild report.md and plots of runs; compare several in one table")
     report.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="run folders (finished or interrupted)")
     report.add_argument("--out", type=Path, help="also write the comparison table as Markdown to this file")
+    add_flower_parser(commands, _experiment_options)
     return parser
 
 
@@ -258,8 +260,12 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     console.print(f"results: {out / 'results.md'}")
 
 
+def _cmd_flower(args: argparse.Namespace, console: Console) -> None:
+    run_flower_command(args, console, lambda: _config_from(args))
+
+
 COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "resume": _cmd_resume, "report": _cmd_report,
-            "reproduce": _cmd_reproduce}
+            "reproduce": _cmd_reproduce, "flower": _cmd_flower}
 
 
 def _checkpoint_note(args: argparse.Namespace, action: str) -> str:

@@ -70,6 +70,18 @@ def runtime_for(config: Config) -> Runtime:
                    channels_last=channels_last, eval_batch_size=config.eval_batch_size)
 
 
+def client_model(config: Config, dataset: Dataset, runtime: Runtime,
+                 factory: ModelFactory = config_model) -> BodyHead:
+    """The run's model at its seeded initial weights, on the run's device and memory format.
+
+    Shared by the simulator's workers and the Flower ClientApp, so both train bit-identical models.
+    """
+    model = factory(config, dataset).to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 @dataclass
 class Federation:
     """Everything the clients of one run share. Built once; worker processes inherit it by fork."""
@@ -90,10 +102,7 @@ class Federation:
         self.normalizer = Normalizer(self.dataset.mean, self.dataset.std, self.runtime.channels_last)
 
     def new_model(self) -> BodyHead:
-        model = self.model_factory(self.config, self.dataset).to(self.runtime.device)
-        if self.runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
+        return client_model(self.config, self.dataset, self.runtime, self.model_factory)
 
     def client_data(self, client: int) -> ClientData:
         return ClientData(self.dataset, self.partition.train[client], self.partition.test[client],

@@ -1,0 +1,173 @@
+"""The Flower ClientApp: one federated client running the project's algorithm hooks on its own data.
+
+Every handler rebuilds the same objects as a simulator worker (model from the shared seed via
+:func:`~fedbabu.engine.simulation.client_model`, partition via
+:func:`~fedbabu.runner.partition_for`, :class:`~fedbabu.engine.local.ClientData`, random streams
+via :func:`~fedbabu.engine.simulation.client_generator`) and then calls
+:meth:`~fedbabu.algorithms.base.Algorithm.client_update`, ``evaluate_client`` or ``personalize``.
+Personal parts (a FedPer head, a Ditto model) stay on the node in ``context.state``; they never
+travel. The node is told which client it is by ``--node-config "partition-id=I num-partitions=N"``
+(the simulation engine sets both by itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedbabu.algorithms import ALGORITHMS, Algorithm
+from fedbabu.config import Config
+from fedbabu.data.datasets import Dataset
+from fedbabu.data.partition import Partition
+from fedbabu.engine.local import ClientData, load_state, state_of
+from fedbabu.engine.pool import tune_process
+from fedbabu.engine.simulation import (
+    PERSONALIZE_STREAM,
+    TRAIN_STREAM,
+    client_generator,
+    client_model,
+    runtime_for,
+)
+from fedbabu.errors import UserError
+from fedbabu.flower.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    PERSONAL,
+    experiment_from,
+    to_arrays,
+    to_state,
+)
+from fedbabu.models import BodyHead
+
+app = ClientApp()
+
+_LOADED: dict[str, tuple[Dataset, Partition]] = {}
+"""The last (dataset, partition) this process built: the simulation engine reuses processes."""
+
+
+def partition_id(context: Context, config: Config) -> int:
+    """Which client this node is, checked against the server's experiment."""
+    node = context.node_config
+    if PARTITION_ID not in node:
+        raise UserError("node config: partition-id is missing; start the supernode with "
+                        "--node-config \"partition-id=I num-partitions=N\"")
+    client = int(node[PARTITION_ID])
+    expected = int(node.get(NUM_PARTITIONS, config.num_clients))
+    if expected != config.num_clients:
+        raise UserError(f"node config: num-partitions={expected} but the experiment has num_clients="
+                        f"{config.num_clients}")
+    if not 0 <= client < config.num_clients:
+        raise UserError(f"node config: partition-id={client} is outside 0..{config.num_clients - 1}")
+    return client
+
+
+def _dataset_and_partition(config: Config) -> tuple[Dataset, Partition]:
+    from fedbabu.runner import partition_for, prepare_data
+
+    key = json.dumps(config.to_plain(), sort_keys=True)
+    if key not in _LOADED:
+        _LOADED.clear()
+        dataset = prepare_data(config)
+        _LOADED[key] = (dataset, partition_for(config, dataset))
+    return _LOADED[key]
+
+
+def own_share(dataset: Dataset, partition: Partition, client: int) -> Dataset:
+    """A dataset holding only this client's training and test samples (same order, same normalization).
+
+    Gathering a batch by position from this copy reads exactly the samples the simulator reads by
+    index from the full dataset, so training is bit-identical while the node keeps only its share.
+    """
+    train = torch.as_tensor(partition.train[client], dtype=torch.int64)
+    test = torch.as_tensor(partition.test[client], dtype=torch.int64)
+    return dataclasses.replace(dataset, train_x=dataset.train_x[train], train_y=dataset.train_y[train],
+                               test_x=dataset.test_x[test], test_y=dataset.test_y[test])
+
+
+@dataclasses.dataclass
+class Client:
+    """Everything one handler needs: the experiment, this client's data, the algorithm and a model."""
+
+    config: Config
+    client: int
+    data: ClientData
+    algorithm: Algorithm
+    model: BodyHead
+
+
+def client_for(message: Message, context: Context) -> Client:
+    """Rebuild this node's client from the message's experiment and the node's configuration."""
+    config = experiment_from(message.content[CONFIG])
+    if "data-dir" in context.node_config:
+        config = config.model_copy(update={"data_dir": Path(str(context.node_config["data-dir"]))})
+    client = partition_id(context, config)
+    tune_process(int(context.node_config.get("threads", 1)))
+    dataset, partition = _dataset_and_partition(config)
+    share = own_share(dataset, partition, client)
+    runtime = runtime_for(config)
+    data = ClientData(share, np.arange(share.train_y.shape[0]), np.arange(share.test_y.shape[0]), runtime)
+    model = client_model(config, share, runtime)
+    if ARRAYS in message.content.array_records:
+        load_state(model, to_state(message.content.array_records[ARRAYS]))
+    return Client(config, client, data, ALGORITHMS[config.algorithm](config), model)
+
+
+def personal_state(context: Context) -> dict[str, torch.Tensor]:
+    """This client's personal parts from earlier rounds (empty before its first round)."""
+    record = context.state.array_records.get(PERSONAL)
+    return to_state(record) if record is not None else {}
+
+
+def _reply(message: Message, c: Client, metrics: dict, arrays: dict[str, torch.Tensor] | None = None) -> Message:
+    content = RecordDict({METRICS: MetricRecord({PARTITION_ID: c.client, **metrics})})
+    if arrays is not None:
+        content[ARRAYS] = to_arrays(arrays)
+    return Message(content, reply_to=message)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Tell the server which client this node is, so it can sample clients as the simulator does."""
+    config = experiment_from(message.content[CONFIG])
+    client = partition_id(context, config)
+    return Message(RecordDict({METRICS: MetricRecord({PARTITION_ID: client})}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One round of the algorithm's local update; only the shared parts go back."""
+    c = client_for(message, context)
+    settings = message.content[CONFIG]
+    generator = client_generator(c.config.seed, int(settings["round-index"]), c.client, TRAIN_STREAM)
+    update = c.algorithm.client_update(c.model, c.data, personal_state(context), float(settings["lr"]), generator)
+    if update.personal:
+        context.state[PERSONAL] = to_arrays(update.personal)
+    return _reply(message, c, {NUM_EXAMPLES: c.data.num_train, "train-loss": update.loss},
+                  state_of(c.model, c.algorithm.shared_parts))
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Accuracy of the current global model (with this client's personal parts) on its test set."""
+    c = client_for(message, context)
+    accuracy = c.algorithm.evaluate_client(c.model, c.data, personal_state(context))
+    return _reply(message, c, {NUM_EXAMPLES: c.data.num_test, "accuracy": accuracy})
+
+
+@app.evaluate("personalize")
+def personalize(message: Message, context: Context) -> Message:
+    """The final task: fine-tune the final model on this client's data; accuracy after each epoch."""
+    c = client_for(message, context)
+    generator = client_generator(c.config.seed, c.config.rounds, c.client, PERSONALIZE_STREAM)
+    curve = c.algorithm.personalize(c.model, c.data, personal_state(context), generator)
+    return _reply(message, c, {NUM_EXAMPLES: c.data.num_test, "accuracies": [float(a) for a in curve]})

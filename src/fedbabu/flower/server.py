@@ -1,0 +1,342 @@
+"""The Flower ServerApp: the simulator's round loop, expressed as a Flower (Message API) strategy.
+
+:class:`AlgorithmStrategy` extends Flower's :class:`flwr.serverapp.strategy.FedAvg` and changes
+what the simulator does differently from plain FedAvg:
+
+* clients are sampled with :func:`~fedbabu.engine.simulation.sample_clients`, as partition ids,
+  so a Flower run trains the same clients in the same rounds as ``fedbabu run``; nodes tell the
+  server their partition id once (a ``query`` message);
+* only the algorithm's ``shared_parts`` travel and are averaged, with
+  :func:`~fedbabu.engine.params.weighted_mean` in partition order (so the result never depends on
+  which reply arrived first);
+* after the last round every client personalizes (``evaluate.personalize``) and the server
+  writes the simulator's run folder (``summary.json``, ``clients.csv``, ...).
+
+A node that fails or disappears is recorded in ``metrics.jsonl`` (``failed``) and in
+``summary.json`` (``flower.failures``); the run goes on with the others.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from fedbabu.algorithms import ALGORITHMS
+from fedbabu.config import Config, load_config
+from fedbabu.engine.params import Layout, flatten, weighted_mean
+from fedbabu.engine.simulation import RunResult, config_model, sample_clients
+from fedbabu.errors import UserError
+from fedbabu.flower.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PERSONALIZE,
+    QUERY,
+    experiment_record,
+    shared_names,
+    to_vector,
+)
+from fedbabu.results.files import atomic_write_text, prepare_output_dir, write_json
+from fedbabu.results.report import metrics_lines, write_run
+
+app = ServerApp()
+
+WAIT_POLL_S = 1.0
+
+
+class AlgorithmStrategy(FedAvg):
+    """Any registered algorithm as a Flower strategy: sampling, shared-parts averaging, failures, bytes."""
+
+    def __init__(self, config: Config, template: nn.Module, min_nodes: int, timeout: float,
+                 out: Path | None = None) -> None:
+        super().__init__(fraction_train=config.client_fraction, fraction_evaluate=1.0, min_train_nodes=1,
+                         min_evaluate_nodes=1, min_available_nodes=min_nodes)
+        self.config = config
+        self.algorithm = ALGORITHMS[config.algorithm](config)
+        self.timeout = timeout
+        self.out = out
+        self.layout = Layout(template)
+        self.shared = shared_names(self.layout, self.algorithm.shared_parts)
+        self.shared_mask = self.layout.mask(self.algorithm.shared_parts)
+        self.global_vector = flatten(template)
+        self.nodes: dict[int, int] = {}
+        """node id -> partition id of every node that answered the query."""
+        self.refused: set[int] = set()
+        self.failures: list[dict[str, Any]] = []
+        self.metrics: list[dict[str, Any]] = []
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self._record: dict[str, Any] = {}
+        self._outbox: list[Message] = []
+        self._tick = 0.0
+
+    # --- the model on the wire ----------------------------------------------------------------
+
+    def initial_arrays(self) -> ArrayRecord:
+        return self._arrays()
+
+    def _arrays(self) -> ArrayRecord:
+        state = self.layout.to_state(self.global_vector)
+        return ArrayRecord({name: state[name] for name in self.shared})
+
+    def payload_bytes(self) -> int:
+        """Floats of the shared parts, both ways: the figure the simulator reports per client and round."""
+        return 2 * 4 * self.layout.count(self.algorithm.shared_parts)
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        return self.layout.to_state(self.global_vector)
+
+    # --- which node is which client -----------------------------------------------------------
+
+    def _exchange(self, grid: Grid, messages: list[Message]) -> list[Message]:
+        self._outbox = messages
+        return list(grid.send_and_receive(messages, timeout=self.timeout))
+
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply is about: an error made by the SuperLink for a dead node names the SuperLink as
+        its source, so the reply is matched to the message it answers."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
+        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _fail(self, stage: str, reply: Message) -> int | None:
+        node = self._node_of(reply)
+        client = self.nodes.get(node)
+        self.failures.append({"stage": stage, "node": node, "client": client, "reason": reply.error.reason})
+        log(WARNING, "fedbabu: %s failed on node %s (client %s): %s", stage, node, client, reply.error.reason)
+        return client
+
+    def connected_clients(self, grid: Grid) -> dict[int, int]:
+        """partition id -> node id of the connected nodes; asks new nodes who they are."""
+        while len(connected := set(grid.get_node_ids())) < self.min_available_nodes:
+            log(INFO, "fedbabu: waiting for nodes: %d connected, %d required", len(connected),
+                self.min_available_nodes)
+            time.sleep(WAIT_POLL_S)
+        unknown = sorted(connected - set(self.nodes) - self.refused)
+        if unknown:
+            record = RecordDict({CONFIG: experiment_record(self.config)})
+            messages = [Message(record, node, QUERY) for node in unknown]
+            for reply in self._exchange(grid, messages):
+                node = self._node_of(reply)
+                if reply.has_error():
+                    self.refused.add(node)
+                    self._fail("query", reply)
+                    continue
+                client = int(reply.content[METRICS][PARTITION_ID])
+                if client in {c for n, c in self.nodes.items() if n in connected}:
+                    self.refused.add(node)
+                    self.failures.append({"stage": "query", "node": node, "client": client,
+                                          "reason": "another connected node already serves this partition"})
+                    continue
+                self.nodes[node] = client
+        return {client: node for node, client in self.nodes.items() if node in connected}
+
+    def _messages(self, nodes: Iterable[int], message_type: str, config: ConfigRecord,
+                  arrays: ArrayRecord | None) -> list[Message]:
+        content = RecordDict({CONFIG: config} if arrays is None else {ARRAYS: arrays, CONFIG: config})
+        return [Message(content, node, message_type) for node in nodes]
+
+    # --- training -----------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The simulator's sample for this round, restricted to the clients whose node is connected."""
+        self._tick = time.perf_counter()
+        round_index = server_round - 1
+        online = self.connected_clients(grid)
+        sampled = sample_clients(self.config.seed, round_index, self.config.num_clients, self.config.client_fraction)
+        absent = [c for c in sampled if c not in online]
+        for client in absent:
+            self.failures.append({"stage": f"round {server_round}", "node": None, "client": client,
+                                  "reason": "no connected node serves this client"})
+        lr = self.config.lr_at(round_index)
+        self._record = {"round": server_round, "lr": lr, "sampled": sampled, "failed": list(absent)}
+        record = experiment_record(self.config, **{"round-index": round_index, "lr": lr})
+        targets = [online[c] for c in sampled if c in online]
+        self.bytes_down += arrays.count_bytes() * len(targets)
+        self._record["bytes_down"] = arrays.count_bytes() * len(targets)
+        self._outbox = self._messages(targets, MessageType.TRAIN, record, arrays)
+        return self._outbox
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the shared parts of the replies (sorted by client) with the simulator's weighted mean."""
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True)
+        for reply in errors:
+            self._record["failed"].append(self._fail(f"round {server_round}", reply))
+        valid.sort(key=lambda m: int(m.content[METRICS][PARTITION_ID]))
+        clients = [int(m.content[METRICS][PARTITION_ID]) for m in valid]
+        weights = [int(m.content[METRICS][NUM_EXAMPLES]) for m in valid]
+        losses = [float(m.content[METRICS]["train-loss"]) for m in valid]
+        silent = [c for c in self._record["sampled"] if c not in clients and c not in self._record["failed"]]
+        for client in silent:
+            self._record["failed"].append(client)
+            self.failures.append({"stage": f"round {server_round}", "node": None, "client": client,
+                                  "reason": f"no reply within the round timeout ({self.timeout:g} s)"})
+        up = sum(m.content[ARRAYS].count_bytes() for m in valid)
+        self.bytes_up += up
+        self._record.update({
+            "train_loss": float(np.average(losses, weights=weights)) if losses else math.nan,
+            "clients": clients,
+            "bytes_up": up,
+        })
+        if not valid:
+            return None, None
+        if self.shared:
+            vectors = [to_vector(m.content[ARRAYS], self.shared) for m in valid]
+            self.global_vector[self.shared_mask] = weighted_mean(vectors, weights)
+        metrics = MetricRecord({"train-loss": self._record["train_loss"], "clients": len(valid)})
+        return self._arrays(), metrics
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def _evaluates(self, server_round: int) -> bool:
+        every = self.config.eval_every
+        return bool(every) and server_round % every == 0 and server_round < self.config.rounds
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Every client, on the simulator's ``eval_every`` rounds; the last round's test is the personalization's."""
+        if not self._evaluates(server_round):
+            return []
+        online = self.connected_clients(grid)
+        self._outbox = self._messages([online[c] for c in sorted(online)], MessageType.EVALUATE,
+                                      experiment_record(self.config), arrays)
+        return self._outbox
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Mean accuracy over clients (as the simulator), then the round's record is final."""
+        result = None
+        if self._evaluates(server_round):
+            valid, errors = self._check_and_log_replies(list(replies), is_train=False)
+            for reply in errors:
+                self._fail(f"evaluate {server_round}", reply)
+            accuracies = [float(m.content[METRICS]["accuracy"]) for m in valid]
+            accuracy = float(np.nanmean(accuracies)) if accuracies else math.nan
+            self._record["test_accuracy"] = accuracy
+            result = MetricRecord({"accuracy": accuracy})
+        self._finish_round()
+        return result
+
+    def _finish_round(self) -> None:
+        self._record["seconds"] = round(time.perf_counter() - self._tick, 4)
+        self.metrics.append(self._record)
+        log(INFO, "fedbabu: round %d: %d clients, loss %.4f, %d bytes down, %d bytes up", self._record["round"],
+            len(self._record["clients"]), self._record["train_loss"], self._record["bytes_down"],
+            self._record["bytes_up"])
+        if self.out is not None:
+            atomic_write_text(self.out / "metrics.jsonl", metrics_lines(self.metrics))
+
+    # --- personalization ----------------------------------------------------------------------
+
+    def personalize(self, grid: Grid) -> list[list[float]]:
+        """Every connected client fine-tunes the final model; absent clients get NaN curves."""
+        online = self.connected_clients(grid)
+        config = experiment_record(self.config)
+        messages = self._messages([online[c] for c in sorted(online)], PERSONALIZE, config, self._arrays())
+        curves: dict[int, list[float]] = {}
+        for reply in self._exchange(grid, messages):
+            if reply.has_error():
+                self._fail("personalize", reply)
+                continue
+            client = int(reply.content[METRICS][PARTITION_ID])
+            curves[client] = [float(a) for a in reply.content[METRICS]["accuracies"]]
+        answered = set(curves)
+        steps = max((len(c) for c in curves.values()), default=self.config.finetune.epochs + 1)
+        for client in range(self.config.num_clients):
+            if client not in answered:
+                curves[client] = [math.nan] * steps
+                self.failures.append({"stage": "personalize", "node": online.get(client), "client": client,
+                                      "reason": "no reply (node absent or failed)"})
+        if self.config.eval_every and self.metrics:
+            initial = [curves[c][0] for c in sorted(answered)]
+            self.metrics[-1]["test_accuracy"] = float(np.nanmean(initial)) if initial else math.nan
+        return [curves[c] for c in range(self.config.num_clients)]
+
+
+
+def run_on_grid(grid: Grid, config: Config, out: Path, min_nodes: int, timeout: float) -> dict[str, Any]:
+    """A whole experiment on a Flower grid; writes the simulator's run folder to ``out``; returns the summary."""
+    from fedbabu.runner import partition_for, prepare_data
+
+    started = time.perf_counter()
+    folder = prepare_output_dir(out, overwrite=True)
+    dataset = prepare_data(config)
+    partition = partition_for(config, dataset)
+    template = config_model(config, dataset)
+    strategy = AlgorithmStrategy(config, template, min_nodes, timeout, folder)
+    log(INFO, "fedbabu: %s; %s", strategy.algorithm.describe(), partition.summary())
+    strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds, timeout=timeout)
+    curves = strategy.personalize(grid)
+    clients = [
+        {
+            "client": c,
+            "train_size": len(partition.train[c]),
+            "test_size": len(partition.test[c]),
+            "classes": int(partition.classes_per_client()[c]),
+            "accuracies": curves[c],
+        }
+        for c in range(partition.num_clients)
+    ]
+    result = RunResult(config=config, partition=partition, metrics=strategy.metrics, clients=clients,
+                       final_state=strategy.final_state(), personal={}, wall_time_s=time.perf_counter() - started,
+                       bytes_per_round_per_client=strategy.payload_bytes())
+    summary = write_run(result, folder)
+    summary["flower"] = {
+        "shared_parameters": strategy.shared,
+        "bytes_down": strategy.bytes_down,
+        "bytes_up": strategy.bytes_up,
+        "clients_personalized": int(sum(not math.isnan(curve[-1]) for curve in curves)),
+        "failures": strategy.failures,
+        "min_nodes": min_nodes,
+    }
+    write_json(folder / "summary.json", summary)
+    log(INFO, "fedbabu: results in %s", folder)
+    return summary
+
+
+def settings_from(run_config: dict[str, Any]) -> tuple[Config, Path, int, float]:
+    """Experiment, result folder, minimum nodes and round timeout from the Flower run config.
+
+    ``config-file`` is a YAML experiment (empty: the embedded digits default) and ``set`` holds
+    ``key=value`` overrides separated by spaces, exactly as ``fedbabu run --set``.
+    """
+    path = str(run_config.get("config-file", "")).strip()
+    if path and not Path(path).expanduser().is_absolute():
+        raise UserError(f"run config config-file={path!r}: expected an absolute path (the ServerApp runs in "
+                        "another folder)")
+    overrides = shlex.split(str(run_config.get("set", "")))
+    config = load_config(Path(path).expanduser() if path else None, overrides)
+    out = str(run_config.get("out", "")).strip()
+    folder = Path(out).expanduser() if out else Path.home() / "fedbabu-runs" / (
+        f"{time.strftime('%Y%m%d-%H%M%S')}-flower-{config.algorithm}")
+    if not folder.is_absolute():
+        raise UserError(f"run config out={out!r}: expected an absolute path (the ServerApp runs in another folder)")
+    min_nodes = int(run_config.get("min-nodes", 0)) or config.num_clients
+    if min_nodes > config.num_clients:
+        raise UserError(f"run config min-nodes={min_nodes}: more than num_clients={config.num_clients}")
+    timeout = float(run_config.get("round-timeout", 600.0))
+    if timeout <= 0:
+        raise UserError(f"run config round-timeout={timeout}: expected seconds > 0")
+    return config, folder, min_nodes, timeout
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls: read the run config, run, write the result folder."""
+    config, folder, min_nodes, timeout = settings_from(dict(context.run_config))
+    run_on_grid(grid, config, folder, min_nodes, timeout)

@@ -1,0 +1,67 @@
+"""What travels between the Flower ServerApp and ClientApp, and how it maps to fedbabu objects.
+
+The server sends the whole validated :class:`~fedbabu.config.Config` (as JSON, about a kilobyte)
+with every message, so a client needs no copy of the experiment file and cannot drift from the
+server's settings. Model state travels as named tensors of the algorithm's ``shared_parts`` only:
+for FedBABU that is the body, and each client rebuilds the fixed head from the shared seed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+from fedbabu.config import Config, build_config
+from fedbabu.engine.params import Layout
+from fedbabu.models import part_of
+
+CONFIG = "config"
+"""Key of the ConfigRecord in every message (the key Flower's strategies use)."""
+ARRAYS = "arrays"
+METRICS = "metrics"
+EXPERIMENT = "fedbabu-config"
+"""ConfigRecord entry holding the experiment as JSON."""
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+PERSONAL = "personal"
+"""Key of the ArrayRecord in ``context.state`` holding a client's personal parts between rounds."""
+PERSONALIZE = "evaluate.personalize"
+"""Message type of the final task: fine-tune and test on every client."""
+QUERY = "query"
+
+
+def experiment_record(config: Config, **entries: int | float | str) -> ConfigRecord:
+    """The ConfigRecord of a message: the experiment plus per-message entries (round, lr)."""
+    return ConfigRecord({EXPERIMENT: json.dumps(config.to_plain()), **entries})
+
+
+def experiment_from(record: ConfigRecord) -> Config:
+    """The experiment a message carries, validated exactly like a local config file."""
+    return build_config(json.loads(str(record[EXPERIMENT])), "flower message")
+
+
+def shared_names(layout: Layout, parts: Sequence[str]) -> list[str]:
+    """Parameter names of the given parts, in the layout's (flat vector) order."""
+    return [name for name in layout.names if part_of(name) in parts]
+
+
+def to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """Named tensors as an ArrayRecord (logical element order, whatever the memory format)."""
+    return ArrayRecord({name: t.detach().cpu().contiguous() for name, t in state.items()})
+
+
+def to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+def to_vector(record: ArrayRecord, names: Sequence[str]) -> torch.Tensor:
+    """The named arrays concatenated in ``names`` order: positions match ``Layout.mask`` selections."""
+    state = record.to_torch_state_dict()
+    missing = [n for n in names if n not in state]
+    if missing or len(state) != len(names):
+        raise ValueError(f"expected arrays {list(names)}, got {list(state)}")
+    return torch.cat([state[n].reshape(-1).to(torch.float32) for n in names]) if names else torch.zeros(0)
