@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fedbabu.engine.simulation import Observer
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 CACHE = ROOT / ".cache" / "datasets"
@@ -64,3 +66,14 @@ def small_config(**overrides):
         else:
             values[key] = value
     return build_config(values)
+
+
+class StopAtRound(Observer):
+    """Raises Ctrl-C's exception when a given round is reported (an interrupted run, in-process)."""
+
+    def __init__(self, round_number: int) -> None:
+        self.round_number = round_number
+
+    def on_round(self, record):
+        if record["round"] == self.round_number:
+            raise KeyboardInterrupt

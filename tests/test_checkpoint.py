@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import small_config
+from conftest import StopAtRound, small_config
 
 from fedbabu.config import build_config, load_config
 from fedbabu.engine.checkpoint import (
@@ -99,23 +99,12 @@ def test_ctrl_c_on_a_real_run_is_one_line_and_leaves_a_checkpoint(tmp_path):
                    f"`fedbabu resume {folder}`\n")
 
 
-class _StopAt(Observer):
-    """Raises Ctrl-C's exception when a given round is reported."""
-
-    def __init__(self, round_number: int) -> None:
-        self.round_number = round_number
-
-    def on_round(self, record):
-        if record["round"] == self.round_number:
-            raise KeyboardInterrupt
-
-
 def test_ctrl_c_leaves_a_resumable_folder_and_stale_rounds_are_dropped(digits, tmp_path):
     config = small_config(rounds=5, checkpoint_every=2, eval_every=3)
     reference = run_experiment(config, tmp_path / "ref", dataset=digits)
     folder = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, folder, _StopAt(4), dataset=digits)
+        run_experiment(config, folder, StopAtRound(4), dataset=digits)
     assert load_checkpoint(folder / "checkpoint.pt").rounds_done == 2
     # rounds recorded after the checkpoint, and a line cut short by a crash, must not survive the resume
     with open(folder / "metrics.jsonl", "a") as out:
@@ -133,7 +122,7 @@ class _StopPersonalizing(Observer):
 def test_resume_from_the_initial_and_from_the_final_checkpoint(digits, tmp_path):
     config = small_config(rounds=3, checkpoint_every=0)
     run_experiment(config, tmp_path / "ref", dataset=digits)
-    for name, stop, rounds_done in (("first", _StopAt(2), 0), ("last", _StopPersonalizing(), 3)):
+    for name, stop, rounds_done in (("first", StopAtRound(2), 0), ("last", _StopPersonalizing(), 3)):
         folder = tmp_path / name
         with pytest.raises(KeyboardInterrupt):
             run_experiment(config, folder, stop, dataset=digits)
@@ -219,7 +208,7 @@ def test_run_refuses_a_used_folder_and_overwrite_starts_clean(digits, tmp_path):
     with pytest.raises(UserError, match="not empty; pass --overwrite"):
         run_experiment(small_config(rounds=2), folder, dataset=digits)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(small_config(rounds=4, checkpoint_every=1), folder, _StopAt(2), overwrite=True,
+        run_experiment(small_config(rounds=4, checkpoint_every=1), folder, StopAtRound(2), overwrite=True,
                        dataset=digits)
     # nothing of the first run survives next to the interrupted second one
     assert not (folder / "summary.json").exists() and not (folder / "model.pt").exists()

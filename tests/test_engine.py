@@ -81,6 +81,7 @@ def test_ctrl_c_stops_the_run_and_its_workers(tmp_path):
         [sys.executable, "-m", "fedbabu", "run", "--quiet", "--workers", "2", "--out", str(out),
          "--set", "rounds=2000", "--set", "eval_every=0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores SIGINT
     )
     try:
         deadline = time.monotonic() + 60

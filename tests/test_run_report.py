@@ -3,20 +3,10 @@
 import json
 
 import pytest
-from conftest import small_config
+from conftest import StopAtRound, small_config
 
 from fedbabu.cli import main
-from fedbabu.engine.simulation import Observer
 from fedbabu.runner import run_experiment
-
-
-class _StopAt(Observer):
-    def __init__(self, round_number: int) -> None:
-        self.round_number = round_number
-
-    def on_round(self, record):
-        if record["round"] == self.round_number:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +15,7 @@ def runs(tmp_path_factory, digits):
     finished = {a: run_experiment(small_config(algorithm=a, rounds=3, eval_every=1), root / a, dataset=digits)
                 for a in ("fedavg", "fedbabu")}
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(small_config(rounds=5, eval_every=1), root / "cut", _StopAt(3), dataset=digits)
+        run_experiment(small_config(rounds=5, eval_every=1), root / "cut", StopAtRound(3), dataset=digits)
     return root, finished
 
 
@@ -69,7 +59,7 @@ def test_tensorboard_gets_every_round_once_even_after_a_resume(digits, tmp_path,
     folder = tmp_path / "run"
     config = small_config(rounds=4, checkpoint_every=2, eval_every=2)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, folder, ObserverGroup(TensorBoardObserver(folder), _StopAt(4)), dataset=digits)
+        run_experiment(config, folder, ObserverGroup(TensorBoardObserver(folder), StopAtRound(4)), dataset=digits)
     resume_experiment(folder, observer=TensorBoardObserver(folder))
     events = EventAccumulator(str(folder / "tensorboard"))
     events.Reload()

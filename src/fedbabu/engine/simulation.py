@@ -274,16 +274,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
             curves = _personalize_all(pool, personal, partition.num_clients, observer)
     finally:
         _FEDERATION, _MODEL = None, None
-    clients = [
-        {
-            "client": c,
-            "train_size": len(partition.train[c]),
-            "test_size": len(partition.test[c]),
-            "classes": int(partition.classes_per_client()[c]),
-            "accuracies": curves[c],
-        }
-        for c in all_clients
-    ]
+    clients = client_records(partition, curves)
     shared_floats = layout.count(algorithm.shared_parts)
     return RunResult(
         config=config,
@@ -295,6 +286,21 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
         wall_time_s=time.perf_counter() - started,
         bytes_per_round_per_client=2 * 4 * shared_floats,
     )
+
+
+def client_records(partition: Partition, curves: list[list[float]]) -> list[dict[str, Any]]:
+    """Per-client rows of a run (sizes, classes, accuracy curve), the same for every engine."""
+    classes = partition.classes_per_client()
+    return [
+        {
+            "client": c,
+            "train_size": len(partition.train[c]),
+            "test_size": len(partition.test[c]),
+            "classes": int(classes[c]),
+            "accuracies": curves[c],
+        }
+        for c in range(partition.num_clients)
+    ]
 
 
 def _personalize_all(pool: ClientPool, personal: dict[int, Personal], num_clients: int,

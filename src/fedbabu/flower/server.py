@@ -37,7 +37,7 @@ from torch import nn
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, load_config
 from fedbabu.engine.params import Layout, flatten, weighted_mean
-from fedbabu.engine.simulation import RunResult, config_model, sample_clients
+from fedbabu.engine.simulation import RunResult, client_records, config_model, sample_clients
 from fedbabu.errors import UserError
 from fedbabu.flower.wire import (
     ARRAYS,
@@ -282,16 +282,7 @@ def run_on_grid(grid: Grid, config: Config, out: Path, min_nodes: int, timeout: 
     log(INFO, "fedbabu: %s; %s", strategy.algorithm.describe(), partition.summary())
     strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds, timeout=timeout)
     curves = strategy.personalize(grid)
-    clients = [
-        {
-            "client": c,
-            "train_size": len(partition.train[c]),
-            "test_size": len(partition.test[c]),
-            "classes": int(partition.classes_per_client()[c]),
-            "accuracies": curves[c],
-        }
-        for c in range(partition.num_clients)
-    ]
+    clients = client_records(partition, curves)
     result = RunResult(config=config, partition=partition, metrics=strategy.metrics, clients=clients,
                        final_state=strategy.final_state(), personal={}, wall_time_s=time.perf_counter() - started,
                        bytes_per_round_per_client=strategy.payload_bytes())
