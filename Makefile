@@ -1,26 +1,33 @@
 # Every target sets up (or refreshes) .venv itself, so a fresh clone needs nothing but python3.
+# `run` installs the package alone; `test`, `lint` and `bench` add the dev extras (Flower, pytest, ruff).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install --quiet --constraint constraints.txt
 
 .PHONY: run test lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
-	touch $(STAMP)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 
-run: $(STAMP)
+$(VENV)/.core: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) --editable .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) --editable '.[dev]'
+	touch $@ $(VENV)/.core
+
+run: $(VENV)/.core
 	$(BIN)/fedbabu compare --algorithms fedavg,fedbabu --out runs/default --overwrite
 
-test: $(STAMP)
+test: $(VENV)/.dev
 	FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m pytest
 
-lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+lint: $(VENV)/.dev
+	$(BIN)/ruff check src tests examples benchmarks
 
-bench: $(STAMP)
+bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/round_throughput.py
 
 clean:
