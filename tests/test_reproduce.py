@@ -7,7 +7,7 @@ import pytest
 
 from fedbabu.config import build_config, merge_dicts
 from fedbabu.errors import UserError
-from fedbabu.reproduce import cells, list_presets, load_preset
+from fedbabu.reproduce import cells, list_presets, load_preset, run_preset
 
 
 def test_cifar100_grid_is_the_papers():
@@ -67,3 +67,25 @@ def test_quick_preset_runs_on_real_cifar10_and_skips_finished_runs(cifar10_dir, 
     assert second.stdout.count("resuming from its checkpoint") == 1
     assert (interrupted / "model.pt").read_bytes() == model_bytes
     assert (interrupted / "summary.json").exists()
+
+
+def test_a_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "tiny.yaml").write_text(
+        "title: tiny\nalgorithms: [fedavg]\nseeds: [0]\n"
+        "base: {dataset: digits, model: digitcnn, num_clients: 10, partition: shards, shards_per_client: 2,\n"
+        "       client_fraction: 0.5, rounds: 3, batch_size: 10, eval_every: 0, workers: 1,\n"
+        "       max_update_norm: null, finetune: {epochs: 1}}\n"
+        "grid: {weight_decay: [0.0, 1.0e+30]}\n")
+    monkeypatch.setattr("fedbabu.reproduce.PRESET_DIR", presets)
+    lines = []
+    outcomes = run_preset("tiny", tmp_path / "out", log=lines.append)
+    assert [len(o.summaries) for o in outcomes] == [1, 0]
+    assert [o.diverged for o in outcomes] == [0, 1]
+    results = (tmp_path / "out" / "results.md").read_text()
+    assert "| weight_decay=1e+30 | diverged | diverged |" in results
+    lines.clear()
+    again = run_preset("tiny", tmp_path / "out", log=lines.append)
+    assert [o.diverged for o in again] == [0, 1]
+    assert "already complete, skipped" in lines[0] and "diverged in an earlier attempt" in lines[1]

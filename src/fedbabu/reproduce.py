@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedbabu.config import Config, build_config, merge_dicts, read_yaml
 from fedbabu.engine.checkpoint import CHECKPOINT
+from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
 from fedbabu.results.files import atomic_write_text
 from fedbabu.results.plots import plot_finetune_curves
@@ -97,7 +98,8 @@ def cells(preset: Preset, scale: str = "full") -> list[Cell]:
 
 
 def _state(folder: Path, config: Config) -> str:
-    """``done`` (finished with exactly this config), ``resumable`` (checkpointed, same config) or ``new``."""
+    """``done`` (finished with exactly this config), ``diverged`` (stopped by divergence, same config),
+    ``resumable`` (checkpointed, same config) or ``new``."""
     saved = folder / "config.yaml"
     if not saved.exists():
         return "new"
@@ -109,15 +111,21 @@ def _state(folder: Path, config: Config) -> str:
         return "new"
     if (folder / "summary.json").exists():
         return "done"
+    events = folder / "events.log"
+    if events.exists() and "training diverged" in events.read_text():
+        return "diverged"
     return "resumable" if (folder / CHECKPOINT).exists() else "new"
 
 
 @dataclass
 class CellResult:
+    """One algorithm on one cell: the summaries and accuracy curves of its finished seeds."""
+
     cell: Cell
     algorithm: str
     summaries: list[dict[str, Any]]
     curves: list[np.ndarray]
+    diverged: int = 0
 
 
 def run_preset(
@@ -140,7 +148,7 @@ def run_preset(
     grid = cells(preset, scale)
     for index, cell in enumerate(grid, 1):
         for algorithm in preset.algorithms:
-            summaries, curves = [], []
+            summaries, curves, diverged = [], [], 0
             for seed in seeds:
                 values = merge_dicts(merge_dicts(cell.values, extra), {"algorithm": algorithm, "seed": seed})
                 config = build_config(values, f"configs/paper/{name}.yaml [{cell.name}]")
@@ -148,17 +156,24 @@ def run_preset(
                 label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
                 state = _state(folder, config)
                 observer = observer_for(f"{algorithm} s{seed}") if observer_for else None
-                if state == "done":
-                    log(f"{label}: already complete, skipped")
-                elif state == "resumable":
-                    log(f"{label}: resuming from its checkpoint")
-                    resume_experiment(folder, config, observer)
-                else:
-                    log(f"{label}: running")
-                    run_experiment(config, folder, observer, overwrite=True)
+                try:
+                    if state == "diverged":
+                        raise TrainingDiverged(f"diverged in an earlier attempt (see {folder / 'events.log'})")
+                    if state == "done":
+                        log(f"{label}: already complete, skipped")
+                    elif state == "resumable":
+                        log(f"{label}: resuming from its checkpoint")
+                        resume_experiment(folder, config, observer)
+                    else:
+                        log(f"{label}: running")
+                        run_experiment(config, folder, observer, overwrite=True)
+                except TrainingDiverged as err:
+                    log(f"{label}: {err}; recorded as diverged")
+                    diverged += 1
+                    continue
                 summaries.append(json.loads((folder / "summary.json").read_text()))
                 curves.append(_curve(folder))
-            outcomes.append(CellResult(cell, algorithm, summaries, curves))
+            outcomes.append(CellResult(cell, algorithm, summaries, curves, diverged))
     write_results(preset, name, scale, outcomes, out)
     return outcomes
 
@@ -194,16 +209,24 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
     for cell_name, results in by_cell.items():
         row = [cell_name]
         for algorithm in algorithms:
+            outcome = results[algorithm]
+            note = f" ({outcome.diverged} of {outcome.diverged + len(outcome.summaries)} seeds diverged)" \
+                if outcome.diverged else ""
             for key in ("initial_accuracy", "personalized_accuracy"):
-                mean, std = _seed_stats(results[algorithm].summaries, key)
-                row.append(f"{100 * mean:.2f} ± {100 * std:.2f}")
-        if algorithms[:2] == ["fedavg", "fedbabu"]:
+                if not outcome.summaries:
+                    row.append("diverged")
+                    continue
+                mean, std = _seed_stats(outcome.summaries, key)
+                row.append(f"{100 * mean:.2f} ± {100 * std:.2f}{note}")
+        if algorithms[:2] == ["fedavg", "fedbabu"] and all(results[a].summaries for a in algorithms[:2]):
             diff = (_seed_stats(results["fedbabu"].summaries, "personalized_accuracy")[0]
                     - _seed_stats(results["fedavg"].summaries, "personalized_accuracy")[0])
             row.append(f"{100 * diff:+.2f}")
+        elif algorithms[:2] == ["fedavg", "fedbabu"]:
+            row.append("–")
         lines.append("| " + " | ".join(row) + " |")
     wall = sum(s["wall_time_s"] for o in outcomes for s in o.summaries)
     lines += ["", f"Total wall time of the runs: {wall / 60:.1f} min.", "", "![fine-tuning](finetune.png)", ""]
-    curves = {f"{o.algorithm} {o.cell.name}": np.concatenate(o.curves) for o in outcomes}
+    curves = {f"{o.algorithm} {o.cell.name}": np.concatenate(o.curves) for o in outcomes if o.curves}
     plot_finetune_curves(curves, out / "finetune.png", f"{name}: accuracy vs fine-tuning epochs")
     atomic_write_text(out / "results.md", "\n".join(lines))
