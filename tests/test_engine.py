@@ -1,10 +1,15 @@
 """The worker pool: same bits for any number of workers, clear errors, and no processes left behind."""
 
+import contextlib
+import faulthandler
+import gc
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -49,7 +54,7 @@ def _square(x):
 def test_a_dying_worker_is_a_clear_error_not_a_hang():
     pool = ClientPool(_die_on_three, workers=2)
     assert pool.map([0, 1, 2]) == [0, 1, 2]
-    pids = list(pool._executor._processes)
+    pids = [worker.process.pid for worker in pool._pool]
     with pytest.raises(WorkerError, match="worker process died while running 3"), pool:
         pool.map([1, 3, 2])
     assert pids and not any(_alive(pid) for pid in pids)
@@ -58,8 +63,38 @@ def test_a_dying_worker_is_a_clear_error_not_a_hang():
 def test_pool_returns_results_in_task_order_and_stops_its_workers():
     with ClientPool(_square, workers=2) as pool:
         assert pool.map(list(range(20))) == [x * x for x in range(20)]
-        pids = list(pool._executor._processes)
+        pids = [worker.process.pid for worker in pool._pool]
     assert pids and not any(_alive(pid) for pid in pids)
+
+
+def _die_half_way_through_a_result(task):
+    # what a worker killed mid-send leaves behind: a message header promising 1 MB, and only a few bytes of it
+    for conn in [o for o in gc.get_objects() if isinstance(o, Connection) and not o.closed]:
+        with contextlib.suppress(OSError):
+            conn._send(struct.pack("!i", 1_000_000) + b"partial")
+    os._exit(9)
+
+
+def test_a_worker_killed_half_way_through_sending_its_result_is_an_error_not_a_hang():
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang must fail the suite, not stall it
+    try:
+        pool = ClientPool(_die_half_way_through_a_result, workers=2)
+        with pytest.raises(WorkerError, match="died while running 1"), pool:
+            pool.map([1])
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _fail_on_two(task):
+    if task == 2:
+        raise ValueError(f"task {task} is bad")
+    return task
+
+
+def test_an_exception_in_a_worker_reaches_the_caller_with_the_worker_traceback():
+    with pytest.raises(ValueError, match="task 2 is bad") as caught, ClientPool(_fail_on_two, workers=2) as pool:
+        pool.map([0, 1, 2, 3])
+    assert "_fail_on_two" in str(caught.value.__cause__)
 
 
 def _marked_processes(marker: str) -> list[int]:

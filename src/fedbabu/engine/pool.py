@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing
-import os
 import signal
+import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import torch
@@ -27,6 +28,13 @@ import torch
 
 class WorkerError(RuntimeError):
     """A worker process died or failed; the message says which task and why."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, attached as its ``__cause__``."""
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def tune_process(threads: int = 1) -> None:
@@ -44,63 +52,127 @@ def tune_process(threads: int = 1) -> None:
         libc.mallopt(m_trim_threshold, 1 << 30)
 
 
-def _init_worker(threads: int) -> None:
-    """Workers leave Ctrl-C to the parent, and die with it even when it is SIGKILLed (Linux)."""
+_STOP = None
+"""Sent instead of a task: the worker returns."""
+
+
+def _serve(fn: Callable[[Any], Any], conn: Connection, threads: int, inherited: list[Connection]) -> None:
+    """A worker's life: run tasks as they arrive until told to stop or the parent goes away.
+
+    Workers leave Ctrl-C to the parent and die with it even when it is SIGKILLed (Linux); the
+    other workers' pipe ends inherited through fork are closed so that each pipe has one reader.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         pr_set_pdeathsig = 1
         ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signal.SIGKILL)
+    for other in inherited:
+        other.close()
     tune_process(threads)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is _STOP:
+            return
+        try:
+            reply = (True, fn(task))
+        except BaseException as exc:  # every failure goes back to the parent
+            reply = (False, exc, traceback.format_exc())
+        try:
+            conn.send(reply)
+        except OSError:
+            return
+        except Exception as exc:  # a result or an exception that cannot be pickled
+            conn.send((False, WorkerError(f"the result of {task!r} could not be sent back: {exc}"),
+                       traceback.format_exc()))
+
+
+@dataclass
+class _Worker:
+    process: BaseProcess
+    conn: Connection
 
 
 class ClientPool:
-    """Runs ``fn(task)`` for a list of tasks, in-process (``workers=1``) or on forked workers."""
+    """Runs ``fn(task)`` for a list of tasks, in-process (``workers=1``) or on forked workers.
+
+    Each worker has its own pipe and takes the next task when it returns a result, so fast and
+    slow clients balance out. No helper threads: a worker killed half-way through sending a result
+    shows up as a closed pipe in the caller, and Ctrl-C at any moment leaves nothing to wait for.
+    """
 
     def __init__(self, fn: Callable[[Any], Any], workers: int, threads: int = 1) -> None:
         self.fn = fn
         self.workers = workers
-        self._executor: ProcessPoolExecutor | None = None
+        self._pool: list[_Worker] = []
         self._previous_threads = torch.get_num_threads()
         tune_process(threads)
         if workers > 1:
-            self._executor = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context("fork"),
-                initializer=_init_worker,
-                initargs=(threads,),
-            )
+            context = multiprocessing.get_context("fork")
+            for _ in range(workers):
+                mine, theirs = context.Pipe()
+                process = context.Process(target=_serve, daemon=True,
+                                          args=(fn, theirs, threads, [w.conn for w in self._pool] + [mine]))
+                process.start()
+                theirs.close()
+                self._pool.append(_Worker(process, mine))
 
     def map(self, tasks: Sequence[Any]) -> list[Any]:
         """Results in the order of ``tasks``; a dead worker becomes a :class:`WorkerError`, never a hang."""
-        if self._executor is None:
+        if not self._pool:
             return [self.fn(task) for task in tasks]
-        futures = [self._executor.submit(self.fn, task) for task in tasks]
-        results = []
-        for task, future in zip(tasks, futures, strict=True):
-            try:
-                results.append(future.result())
-            except BrokenProcessPool:
-                self.close(force=True)
-                raise WorkerError(
-                    f"a worker process died while running {task!r} (killed, or out of memory?); "
-                    "rerun with workers=1 to see the error in-process"
-                ) from None
+        results: list[Any] = [None] * len(tasks)
+        queue = iter(range(len(tasks)))
+        running: dict[Connection, tuple[_Worker, int]] = {}
+
+        def give_next(worker: _Worker) -> None:
+            index = next(queue, None)
+            if index is not None:
+                running[worker.conn] = (worker, index)
+                try:
+                    worker.conn.send(tasks[index])
+                except OSError:
+                    raise self._died(tasks[index]) from None
+
+        for worker in self._pool:
+            give_next(worker)
+        while running:
+            for ready in wait(list(running)):
+                worker, index = running.pop(ready)
+                try:
+                    reply = worker.conn.recv()
+                except (EOFError, OSError):
+                    raise self._died(tasks[index]) from None
+                if not reply[0]:
+                    self.close(force=True)
+                    _, exc, text = reply
+                    raise exc from RemoteTraceback(text)
+                results[index] = reply[1]
+                give_next(worker)
         return results
 
+    def _died(self, task: Any) -> WorkerError:
+        self.close(force=True)
+        return WorkerError(f"a worker process died while running {task!r} (killed, or out of memory?); "
+                           "rerun with workers=1 to see the error in-process")
+
     def close(self, force: bool = False) -> None:
-        """Stop the workers; with ``force`` they are terminated at once (errors, Ctrl-C)."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            processes = list(getattr(executor, "_processes", {}).values())
+        """Stop the workers; with ``force`` they are killed at once (errors, Ctrl-C)."""
+        pool, self._pool = self._pool, []
+        for worker in pool:
             if force:
-                for process in processes:
-                    if process.is_alive():
-                        process.terminate()
-            executor.shutdown(wait=True, cancel_futures=True)
-            for process in processes:
-                process.join(timeout=5)
-                if process.is_alive():
-                    os.kill(process.pid, signal.SIGKILL)
+                worker.process.kill()
+            else:
+                with contextlib.suppress(OSError):
+                    worker.conn.send(_STOP)
+        for worker in pool:
+            worker.process.join(timeout=None if force else 5)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
         torch.set_num_threads(self._previous_threads)
 
     def __enter__(self) -> ClientPool:
