@@ -2,12 +2,14 @@
 
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
 from fedbabu.config import build_config, merge_dicts
 from fedbabu.errors import UserError
-from fedbabu.reproduce import cells, list_presets, load_preset, run_preset
+from fedbabu.reproduce import PRESET_DIR, cells, list_presets, load_preset, run_preset
 
 
 def test_cifar100_grid_is_the_papers():
@@ -89,3 +91,16 @@ def test_a_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch)
     again = run_preset("tiny", tmp_path / "out", log=lines.append)
     assert [o.diverged for o in again] == [0, 1]
     assert "already complete, skipped" in lines[0] and "diverged in an earlier attempt" in lines[1]
+
+
+@pytest.mark.slow
+def test_the_presets_ship_inside_the_wheel(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path),
+                            str(root)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("fedbabu-*.whl")
+    shipped = {Path(name).name for name in zipfile.ZipFile(wheel).namelist() if "/presets/" in name}
+    assert shipped == {path.name for path in PRESET_DIR.glob("*.yaml")} and len(shipped) >= 8
+    assert (root / "configs" / "paper" / "cifar10-4convnet-offline.yaml").read_bytes() == \
+        (PRESET_DIR / "cifar10-4convnet-offline.yaml").read_bytes()

@@ -26,7 +26,8 @@ from fedbabu.errors import UserError
 from fedbabu.results.files import atomic_write_text
 from fedbabu.results.plots import plot_finetune_curves
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "paper"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+"""Shipped with the package, so `reproduce` works from an installed wheel; `configs/paper` links here."""
 
 
 class QuickScale(BaseModel):
@@ -56,17 +57,13 @@ class Cell:
     values: dict[str, Any]
 
 
-def preset_dir() -> Path:
-    return PRESET_DIR
-
-
 def list_presets(folder: Path | None = None) -> dict[str, Preset]:
-    folder = folder or preset_dir()
+    folder = folder or PRESET_DIR
     return {path.stem: load_preset(path.stem, folder) for path in sorted(folder.glob("*.yaml"))}
 
 
 def load_preset(name: str, folder: Path | None = None) -> Preset:
-    folder = folder or preset_dir()
+    folder = folder or PRESET_DIR
     path = folder / f"{name}.yaml"
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
@@ -151,7 +148,7 @@ def run_preset(
             summaries, curves, diverged = [], [], 0
             for seed in seeds:
                 values = merge_dicts(merge_dicts(cell.values, extra), {"algorithm": algorithm, "seed": seed})
-                config = build_config(values, f"configs/paper/{name}.yaml [{cell.name}]")
+                config = build_config(values, f"preset {name} [{cell.name}]")
                 folder = out / _slug(cell.name) / algorithm / f"seed-{seed}"
                 label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
                 state = _state(folder, config)
