@@ -109,9 +109,13 @@ def test_ctrl_c_leaves_a_resumable_folder_and_stale_rounds_are_dropped(digits, t
     # rounds recorded after the checkpoint, and a line cut short by a crash, must not survive the resume
     with open(folder / "metrics.jsonl", "a") as out:
         out.write('{"round": 4, "lr": 1.0}\n{"round": 5, "lr"')
+    before = sum(m["seconds"] for m in load_checkpoint(folder / "checkpoint.pt").metrics)
     resumed = resume_experiment(folder)
     _same_files(tmp_path / "ref", folder)
     assert resumed.summary["personalized_accuracy"] == reference.summary["personalized_accuracy"]
+    # the wall time counts the rounds run before the interruption too
+    rounds = [json.loads(line)["seconds"] for line in (folder / "timing.jsonl").read_text().splitlines()]
+    assert before > 0 and resumed.summary["wall_time_s"] >= sum(rounds) - 1e-3
 
 
 class _StopPersonalizing(Observer):

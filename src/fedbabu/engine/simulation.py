@@ -283,7 +283,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
         clients=clients,
         final_state=layout.to_state(global_vector),
         personal=personal,
-        wall_time_s=time.perf_counter() - started,
+        wall_time_s=time.perf_counter() - started + (checkpoints.seconds_before_resume if checkpoints else 0.0),
         bytes_per_round_per_client=2 * 4 * shared_floats,
     )
 
