@@ -99,6 +99,29 @@ def test_ctrl_c_on_a_real_run_is_one_line_and_leaves_a_checkpoint(tmp_path):
                    f"`fedbabu resume {folder}`\n")
 
 
+def test_sigterm_stops_a_real_run_like_ctrl_c_with_its_workers(tmp_path):
+    folder = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "fedbabu", "run", "--quiet", "--out", str(folder),
+                                "--workers", "2", "--set", "rounds=40", "--set", "checkpoint_every=2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = folder / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while (not metrics.exists() or metrics.read_text().count("\n") < 3) and process.poll() is None:
+            assert time.monotonic() < deadline, "the run never reached its first checkpoint"
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGTERM)  # what a batch scheduler sends to the whole job at its time limit
+        _, err = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    rounds = load_checkpoint(folder / "checkpoint.pt").rounds_done
+    assert err == (f"terminated; {folder} keeps its last good checkpoint (round {rounds}): continue with "
+                   f"`fedbabu resume {folder}`\n")
+    assert not subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True).stdout, "workers outlived it"
+
+
 def test_ctrl_c_leaves_a_resumable_folder_and_stale_rounds_are_dropped(digits, tmp_path):
     config = small_config(rounds=5, checkpoint_every=2, eval_every=3)
     reference = run_experiment(config, tmp_path / "ref", dataset=digits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedbabu.config import Config, load_config, merge_dicts
+from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.engine.pool import WorkerError
 from fedbabu.errors import UserError
 from fedbabu.flower.commands import add_flower_parser, run_flower_command
@@ -297,13 +299,28 @@ def _log_to_stderr() -> None:
     logger.propagate = False
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fedbabu.engine.faults import TrainingDiverged
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit, ``kill``) stops a run as cleanly as Ctrl-C does."""
 
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    raise Terminated
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console()
     _log_to_stderr()
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _dispatch(args, console)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    """Run the command; every expected way for it to stop becomes one line on stderr and an exit code."""
     try:
         COMMANDS[args.command](args, console)
     except UserError as err:
@@ -319,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: out of memory (lower batch_size, eval_batch_size or workers)"
               f"{_checkpoint_note(args, RESUME)}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"terminated{_checkpoint_note(args, RESUME)}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"interrupted{_checkpoint_note(args, RESUME)}", file=sys.stderr)
         return 130

@@ -63,6 +63,7 @@ def _serve(fn: Callable[[Any], Any], conn: Connection, threads: int, inherited: 
     other workers' pipe ends inherited through fork are closed so that each pipe has one reader.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with contextlib.suppress(OSError, AttributeError):
         pr_set_pdeathsig = 1
         ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signal.SIGKILL)
