@@ -191,8 +191,6 @@ class Checkpointer:
         self.resume = resume
         self.path = self.folder / CHECKPOINT
         self.saved_round: int | None = resume.rounds_done if resume is not None else None
-        self.seconds_before_resume = 0.0
-        """Wall-clock seconds of the rounds restored from the checkpoint, so a resumed run reports its whole time."""
 
     def restore_into(self, global_vector: torch.Tensor, personal: dict[int, Personal],
                      metrics: list[dict[str, Any]]) -> int:
@@ -210,7 +208,6 @@ class Checkpointer:
         personal.clear()
         personal.update(saved.personal)
         metrics[:] = saved.metrics
-        self.seconds_before_resume = float(sum(m.get("seconds", 0.0) for m in saved.metrics))
         restore_rng(saved.rng)
         self._rewrite_logs(saved.metrics)
         return saved.rounds_done

@@ -223,6 +223,8 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     personal: dict[int, Personal] = {}
     metrics: list[dict[str, Any]] = []
     start_round = checkpoints.restore_into(global_vector, personal, metrics) if checkpoints else 0
+    # a resumed run reports its whole time: the restored records carry their rounds' seconds
+    seconds_before = sum(m.get("seconds", 0.0) for m in metrics)
     shapes = dict(zip(layout.names, layout.shapes, strict=True))
     observer.on_start(config, partition, algorithm)
     all_clients = range(partition.num_clients)
@@ -283,7 +285,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
         clients=clients,
         final_state=layout.to_state(global_vector),
         personal=personal,
-        wall_time_s=time.perf_counter() - started + (checkpoints.seconds_before_resume if checkpoints else 0.0),
+        wall_time_s=time.perf_counter() - started + seconds_before,
         bytes_per_round_per_client=2 * 4 * shared_floats,
     )
 
