@@ -80,26 +80,11 @@ def test_sigkill_then_resume_is_bit_identical(digits, tmp_path):
     assert len((folder / "timing.jsonl").read_text().splitlines()) == 12
 
 
-def test_ctrl_c_on_a_real_run_is_one_line_and_leaves_a_checkpoint(tmp_path):
-    folder = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "fedbabu", "run", "--quiet", "--out", str(folder),
-                                "--workers", "2", "--set", "rounds=40", "--set", "checkpoint_every=2"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = folder / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while (not metrics.exists() or metrics.read_text().count("\n") < 3) and process.poll() is None:
-        assert time.monotonic() < deadline, "the run never reached its first checkpoint"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the main process
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
-    rounds = load_checkpoint(folder / "checkpoint.pt").rounds_done
-    assert rounds >= 2 and rounds % 2 == 0
-    assert err == (f"interrupted; {folder} keeps its last good checkpoint (round {rounds}): continue with "
-                   f"`fedbabu resume {folder}`\n")
-
-
-def test_sigterm_stops_a_real_run_like_ctrl_c_with_its_workers(tmp_path):
+@pytest.mark.parametrize(("signum", "word", "to_group"), [
+    (signal.SIGINT, "interrupted", False),  # what Ctrl-C delivers to the main process (the workers ignore it)
+    (signal.SIGTERM, "terminated", True),  # what a batch scheduler sends to the whole job at its time limit
+])
+def test_a_stop_signal_on_a_real_run_is_one_line_and_leaves_a_checkpoint(tmp_path, signum, word, to_group):
     folder = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "fedbabu", "run", "--quiet", "--out", str(folder),
                                 "--workers", "2", "--set", "rounds=40", "--set", "checkpoint_every=2"],
@@ -110,14 +95,18 @@ def test_sigterm_stops_a_real_run_like_ctrl_c_with_its_workers(tmp_path):
         while (not metrics.exists() or metrics.read_text().count("\n") < 3) and process.poll() is None:
             assert time.monotonic() < deadline, "the run never reached its first checkpoint"
             time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGTERM)  # what a batch scheduler sends to the whole job at its time limit
+        if to_group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
         _, err = process.communicate(timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 128 + signal.SIGTERM, err
+    assert process.returncode == 128 + signum, err
     rounds = load_checkpoint(folder / "checkpoint.pt").rounds_done
-    assert err == (f"terminated; {folder} keeps its last good checkpoint (round {rounds}): continue with "
+    assert rounds >= 2 and rounds % 2 == 0
+    assert err == (f"{word}; {folder} keeps its last good checkpoint (round {rounds}): continue with "
                    f"`fedbabu resume {folder}`\n")
     assert not subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True).stdout, "workers outlived it"
 
