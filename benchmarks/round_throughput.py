@@ -11,6 +11,8 @@ momentum 0.9, FedBABU):
 2. ``engine workers=1``: our engine, in-process, one thread.
 3. ``engine default``: our engine with default settings (one worker process per core).
 4. ``engine default bf16``: row 3 with ``precision: bf16``.
+5. ``engine workers=1, executor=vectorized``: the 10 clients trained together (``torch.func``), to compare
+   with row 2; it is meant for GPUs, and on a CPU it shows what stacking clients costs there.
 
 Then: personalization of 100 clients (5 epochs), one ResNet-18 round, and the accuracy effect of bf16.
 Prints ``speedup: X.XX`` (row 3 over row 1) last and writes ``benchmarks/results.md``.
@@ -111,10 +113,10 @@ def reference_round(global_model: nn.Module, dataset: Dataset, partition) -> flo
 
 
 def engine_rounds(dataset: Dataset, rounds: int, workers: int | str, precision: str = "fp32",
-                  model: str = "4convnet", clients: int = 10) -> float:
+                  model: str = "4convnet", clients: int = 10, executor: str = "sequential") -> float:
     """Median seconds per round of the engine (the first round, with worker start-up, is dropped)."""
     config, partition = workload(dataset, clients, rounds=rounds + 1, workers=workers, precision=precision,
-                                 model=model)
+                                 model=model, executor=executor)
     result = simulate(config, dataset, partition)
     return float(np.median([m["seconds"] for m in result.metrics[1:]]))
 
@@ -170,6 +172,8 @@ def main() -> None:
     rows.append(("engine workers=1", engine_rounds(dataset, rounds, 1)))
     rows.append(("engine default (workers=auto)", engine_rounds(dataset, rounds, "auto")))
     rows.append(("engine default, bf16 autocast", engine_rounds(dataset, rounds, "auto", "bf16")))
+    rows.append(("engine workers=1, executor=vectorized (torch.func)",
+                 engine_rounds(dataset, rounds, 1, executor="vectorized")))
 
     lines = [f"| {name} | {images_per_round / s:,.0f} | {s:.2f} |" for name, s in rows]
     table = ["| setting | images/s | s/round |", "|---|---|---|", *lines]
@@ -188,7 +192,7 @@ def main() -> None:
         f"the personalization above scaled to 100 clients: "
         f"{(320 * rows[2][1] + personal_s * 100 / personal_clients) / 60:.1f} min",
         f"- workers=auto over workers=1: {rows[1][1] / rows[2][1]:.2f}x; bf16 over fp32: "
-        f"{rows[2][1] / rows[3][1]:.2f}x",
+        f"{rows[2][1] / rows[3][1]:.2f}x; vectorized over sequential (both workers=1): {rows[1][1] / rows[4][1]:.2f}x",
     ]
     if provenance != "random":
         accuracy = bf16_accuracy(dataset, 4 if args.quick else 30)

@@ -88,6 +88,7 @@ class Config(_Strict):
     workers: int | Literal["auto"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: Literal["auto", "on", "off"] = "auto"
+    executor: Literal["auto", "sequential", "vectorized"] = "auto"
 
     # Reliability (issue 6): checkpoints, update screening and simulated client failures.
     checkpoint_every: int = Field(10, ge=0)

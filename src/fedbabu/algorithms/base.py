@@ -5,7 +5,8 @@ An algorithm says three things and nothing else:
 * which parts of the network the server aggregates (``shared_parts``) and which each client keeps
   for itself across rounds (``personal_parts``);
 * what a client does in a round (:meth:`Algorithm.client_update`, by default SGD on
-  ``trained_parts``);
+  ``trained_parts``; an algorithm that keeps this default can also have its clients trained
+  together by the vectorized executor);
 * how a client personalizes and is evaluated at the end (:meth:`Algorithm.personalize`, by default
   fine-tuning ``finetune.part``).
 

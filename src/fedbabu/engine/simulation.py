@@ -26,7 +26,8 @@ from fedbabu.engine.checkpoint import Checkpointer
 from fedbabu.engine.local import ClientData, Runtime
 from fedbabu.engine.params import Layout, flatten, load_flat, weighted_mean
 from fedbabu.engine.pool import ClientPool
-from fedbabu.models import BodyHead, build_model
+from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
+from fedbabu.models import BodyHead, build_model, part_of
 
 Personal = dict[str, np.ndarray]
 
@@ -63,9 +64,14 @@ def sample_clients(seed: int, round_index: int, num_clients: int, fraction: floa
 
 
 def runtime_for(config: Config) -> Runtime:
-    """The compute settings of a run; channels_last pays for convolutions on CPU (perf-notes)."""
+    """The compute settings of a run; channels_last pays for convolutions on CPU (perf-notes).
+
+    Not under the vectorized executor: its convolutions run grouped over the stacked clients, which
+    are faster in NCHW (measured on CPU: 1.4x).
+    """
     device = config.resolved_device()
-    channels_last = config.channels_last == "on" or (config.channels_last == "auto" and device == "cpu")
+    channels_last = config.channels_last == "on" or (
+        config.channels_last == "auto" and device == "cpu" and config.executor != "vectorized")
     return Runtime(device=device, augment=config.augment_enabled(), precision=config.precision,
                    channels_last=channels_last, eval_batch_size=config.eval_batch_size)
 
@@ -168,6 +174,26 @@ class PersonalizeTask:
                                          generator)
 
 
+def _train_vectorized(clients: list[int], round_index: int, lr: float,
+                      personal: dict[int, Personal]) -> list[tuple[np.ndarray, float, Personal]]:
+    """The round's clients trained together in this process; the same triples a :class:`TrainTask` returns."""
+    fed = _FEDERATION
+    model = _worker_model()
+    device = fed.runtime.device
+    base = {name: param.detach() for name, param in model.named_parameters()}
+    starts = [{**base, **{k: v.to(device) for k, v in _to_torch(personal.get(c)).items()}} for c in clients]
+    finals, losses = vectorized_sgd(
+        model, [fed.client_data(c) for c in clients], starts, fed.algorithm.trained_parts,
+        fed.algorithm.local_training(lr),
+        [client_generator(fed.config.seed, round_index, c, TRAIN_STREAM) for c in clients])
+    kept = [name for name in fed.layout.names if part_of(name) in fed.algorithm.personal_parts]
+    return [
+        (torch.cat([final[n].reshape(-1).to("cpu", torch.float32) for n in fed.layout.names])[fed.shared_mask].numpy(),
+         loss, _to_numpy({n: final[n] for n in kept}))
+        for final, loss in zip(finals, losses, strict=True)
+    ]
+
+
 def _run_task(task: Callable[[], Any]) -> Any:
     return task()
 
@@ -220,6 +246,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     federation = Federation(config, dataset, partition, algorithm, runtime, layout, global_vector, model_factory)
     shared_mask = federation.shared_mask
     _FEDERATION, _MODEL = federation, None
+    vectorized = choose_executor(config.executor, runtime.device, algorithm, template) == "vectorized"
     personal: dict[int, Personal] = {}
     metrics: list[dict[str, Any]] = []
     start_round = checkpoints.restore_into(global_vector, personal, metrics) if checkpoints else 0
@@ -237,7 +264,10 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
                                                  stream_seed(config.seed, round_index, 0, DROPOUT_STREAM))
                 returned = [c for c in sampled if c not in dropped]
                 lr = config.lr_at(round_index)
-                results = pool.map([TrainTask(c, round_index, lr, personal.get(c)) for c in returned])
+                if vectorized:
+                    results = _train_vectorized(returned, round_index, lr, personal)
+                else:
+                    results = pool.map([TrainTask(c, round_index, lr, personal.get(c)) for c in returned])
                 screening = faults.screen_round(round_index + 1, returned, [r[0] for r in results],
                                                 [r[2] for r in results], global_vector[shared_mask].numpy(), shapes,
                                                 config.max_update_norm)
