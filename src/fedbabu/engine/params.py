@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -38,7 +38,12 @@ class Layout:
 
 def flatten(model: nn.Module) -> torch.Tensor:
     """All parameters in registration order, as one float32 vector (logical order, any memory format)."""
-    return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in model.parameters()])
+    return flatten_tensors(model.parameters())
+
+
+def flatten_tensors(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Tensors (a model's parameters, or the same taken from a stack of clients) as one float32 CPU vector."""
+    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors])
 
 
 @torch.no_grad()

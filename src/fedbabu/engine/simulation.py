@@ -24,7 +24,7 @@ from fedbabu.data.transforms import Normalizer
 from fedbabu.engine import faults
 from fedbabu.engine.checkpoint import Checkpointer
 from fedbabu.engine.local import ClientData, Runtime
-from fedbabu.engine.params import Layout, flatten, load_flat, weighted_mean
+from fedbabu.engine.params import Layout, flatten, flatten_tensors, load_flat, weighted_mean
 from fedbabu.engine.pool import ClientPool
 from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
 from fedbabu.models import BodyHead, build_model, part_of
@@ -188,8 +188,8 @@ def _train_vectorized(clients: list[int], round_index: int, lr: float,
         [client_generator(fed.config.seed, round_index, c, TRAIN_STREAM) for c in clients])
     kept = [name for name in fed.layout.names if part_of(name) in fed.algorithm.personal_parts]
     return [
-        (torch.cat([final[n].reshape(-1).to("cpu", torch.float32) for n in fed.layout.names])[fed.shared_mask].numpy(),
-         loss, _to_numpy({n: final[n] for n in kept}))
+        (flatten_tensors(final[n] for n in fed.layout.names)[fed.shared_mask].numpy(), loss,
+         _to_numpy({n: final[n] for n in kept}))
         for final, loss in zip(finals, losses, strict=True)
     ]
 

@@ -39,19 +39,16 @@ def choose_executor(requested: str, device: str, algorithm: Algorithm, model: nn
     """``sequential`` or ``vectorized`` for a run; an explicit request that cannot be honoured is an error."""
     if requested == "sequential":
         return "sequential"
+    buffers = [name for name, _ in model.named_buffers()]
     if requested == "auto":
-        return "vectorized" if device == "cuda" and vectorizable(algorithm) and not _buffers(model) else "sequential"
+        return "vectorized" if device == "cuda" and vectorizable(algorithm) and not buffers else "sequential"
     if not vectorizable(algorithm):
         raise UserError(f"executor: vectorized runs plain SGD client updates only, and {algorithm.name} trains its "
                         "clients its own way; use executor=sequential (or auto)")
-    if _buffers(model):
+    if buffers:
         raise UserError(f"executor: vectorized needs a model without buffers, and this one has "
-                        f"{', '.join(_buffers(model))}; use executor=sequential (or auto)")
+                        f"{', '.join(buffers)}; use executor=sequential (or auto)")
     return "vectorized"
-
-
-def _buffers(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_buffers()]
 
 
 def vectorized_sgd(
