@@ -13,6 +13,9 @@ momentum 0.9, FedBABU):
 4. ``engine default bf16``: row 3 with ``precision: bf16``.
 5. ``engine workers=1, executor=vectorized``: the 10 clients trained together (``torch.func``), to compare
    with row 2; it is meant for GPUs, and on a CPU it shows what stacking clients costs there.
+6. ``kernel ceiling``: forward, backward and SGD step repeated on one prepared batch, one thread,
+   channels_last, the allocator tuned: no data, no copies, no evaluation. No engine can beat this per
+   core, so twice this rate bounds what two cores can reach on the machine, whatever the engine does.
 
 Then: personalization of 100 clients (5 epochs), one ResNet-18 round, and the accuracy effect of bf16.
 Prints ``speedup: X.XX`` (row 3 over row 1) last and writes ``benchmarks/results.md``.
@@ -38,6 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from fedbabu.config import build_config  # noqa: E402
 from fedbabu.data.datasets import CIFAR10_MEAN, CIFAR10_STD, Dataset, read_cifar10  # noqa: E402
 from fedbabu.data.partition import make_partition  # noqa: E402
+from fedbabu.engine.pool import tune_process  # noqa: E402
 from fedbabu.engine.simulation import simulate  # noqa: E402
 from fedbabu.models import build_model  # noqa: E402
 
@@ -121,6 +125,37 @@ def engine_rounds(dataset: Dataset, rounds: int, workers: int | str, precision: 
     return float(np.median([m["seconds"] for m in result.metrics[1:]]))
 
 
+def kernel_ceiling_seconds(steps: int, cores: int) -> float:
+    """Seconds per round of the bare training step (10 x 500 images), the best any engine can do.
+
+    One worker's step on one thread, repeated on a single batch, scaled by the ``cores`` workers
+    that would run side by side: the upper bound of rows 2 and 3.
+    """
+    tune_process(1)
+    model = build_model("4convnet", 3, 32, 10).to(memory_format=torch.channels_last)
+    for p in model.head.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, 32, 32, generator=gen).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (50,), generator=gen)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    for _ in range(10):
+        step()
+    timings = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        timings.append((time.perf_counter() - start) / (steps * 50))
+    return min(timings) * 10 * 500 / cores
+
+
 def personalization_seconds(dataset: Dataset, clients: int, epochs: int) -> float:
     config, partition = workload(dataset, clients, rounds=0, finetune={"epochs": epochs, "lr": 0.001})
     start = time.perf_counter()
@@ -142,6 +177,10 @@ def bf16_accuracy(dataset: Dataset, rounds: int) -> dict[str, tuple[float, float
     return outcome
 
 
+def core_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -151,8 +190,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {cores} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    return f"{cpu}, {core_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -174,6 +212,9 @@ def main() -> None:
     rows.append(("engine default, bf16 autocast", engine_rounds(dataset, rounds, "auto", "bf16")))
     rows.append(("engine workers=1, executor=vectorized (torch.func)",
                  engine_rounds(dataset, rounds, 1, executor="vectorized")))
+    cores = core_count()
+    rows.append((f"kernel ceiling: bare step on one batch, 1 thread x {cores} cores",
+                 kernel_ceiling_seconds(20 if args.quick else 100, cores)))
 
     lines = [f"| {name} | {images_per_round / s:,.0f} | {s:.2f} |" for name, s in rows]
     table = ["| setting | images/s | s/round |", "|---|---|---|", *lines]
@@ -183,6 +224,7 @@ def main() -> None:
     personal_s = personalization_seconds(dataset, personal_clients, 5)
     resnet_clients = 2 if args.quick else 10
     resnet_s = engine_rounds(dataset, 1, "auto", model="resnet18", clients=resnet_clients)
+    ceiling_personal_s = 100 * 5 * 500 * rows[5][1] / images_per_round
     extra = [
         f"- personalization of {personal_clients} 4convNet clients x 5 epochs (500 images each, evaluation "
         f"after every epoch): {personal_s:.1f} s",
@@ -193,6 +235,10 @@ def main() -> None:
         f"{(320 * rows[2][1] + personal_s * 100 / personal_clients) / 60:.1f} min",
         f"- workers=auto over workers=1: {rows[1][1] / rows[2][1]:.2f}x; bf16 over fp32: "
         f"{rows[2][1] / rows[3][1]:.2f}x; vectorized over sequential (both workers=1): {rows[1][1] / rows[4][1]:.2f}x",
+        f"- kernel ceiling: the engine default reaches {rows[5][1] / rows[2][1]:.0%} of it; the most any engine "
+        f"could show against the reference on this machine in fp32 is {rows[0][1] / rows[5][1]:.2f}x, and "
+        f"personalizing 100 clients x 5 epochs needs at least {ceiling_personal_s:.0f} s of training steps alone, "
+        f"the paper CIFAR setting at least {(320 * rows[5][1] + ceiling_personal_s) / 60:.1f} min",
     ]
     if provenance != "random":
         accuracy = bf16_accuracy(dataset, 4 if args.quick else 30)
