@@ -1,10 +1,12 @@
 """The paper's presets expand to its settings, and a quick preset runs on real CIFAR-10."""
 
+import json
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedbabu.config import build_config, merge_dicts
@@ -86,11 +88,35 @@ def test_a_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch)
     assert [len(o.summaries) for o in outcomes] == [1, 0]
     assert [o.diverged for o in outcomes] == [0, 1]
     results = (tmp_path / "out" / "results.md").read_text()
-    assert "| weight_decay=1e+30 | diverged | diverged |" in results
+    assert "| weight_decay=1e+30 | – | diverged | diverged |" in results
     lines.clear()
     again = run_preset("tiny", tmp_path / "out", log=lines.append)
     assert [o.diverged for o in again] == [0, 1]
     assert "already complete, skipped" in lines[0] and "diverged in an earlier attempt" in lines[1]
+
+
+def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypatch):
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "pair.yaml").write_text(
+        "title: pair\nalgorithms: [fedavg, fedbabu]\nseeds: [0]\n"
+        "base: {dataset: digits, model: digitcnn, num_clients: 10, partition: shards, shards_per_client: 2,\n"
+        "       client_fraction: 0.5, rounds: 2, batch_size: 10, eval_every: 0, workers: 1, finetune: {epochs: 1}}\n")
+    monkeypatch.setattr("fedbabu.reproduce.PRESET_DIR", presets)
+    out = tmp_path / "out"
+    run_preset("pair", out, log=lambda line: None)
+    row = (out / "results.md").read_text().splitlines()[-5]
+    assert row.startswith("| default | 0 |") and "±" not in row
+    outcomes = run_preset("pair", out, seeds=[1], log=lambda line: None)
+    assert [o.seeds for o in outcomes] == [[1, 0], [1, 0]]
+    cells = (out / "results.md").read_text().splitlines()[-5].strip("| ").split(" | ")
+    assert cells[:2] == ["default", "0, 1"]
+    personalized = {a: [json.loads((out / "default" / a / f"seed-{k}" / "summary.json").read_text())
+                        ["personalized_accuracy"]["mean"] for k in (0, 1)] for a in ("fedavg", "fedbabu")}
+    diffs = np.subtract(personalized["fedbabu"], personalized["fedavg"])
+    fedavg = np.array(personalized["fedavg"])
+    assert cells[3] == f"{100 * fedavg.mean():.2f} ± {100 * fedavg.std(ddof=1):.2f}"
+    assert cells[6].lstrip("+") == f"{100 * diffs.mean():.2f} ± {100 * diffs.std(ddof=1):.2f}"
 
 
 @pytest.mark.slow

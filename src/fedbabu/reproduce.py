@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +116,19 @@ def _state(folder: Path, config: Config) -> str:
 
 @dataclass
 class CellResult:
-    """One algorithm on one cell: the summaries and accuracy curves of its finished seeds."""
+    """One algorithm on one cell: the seeds it finished, with their summaries and accuracy curves."""
 
     cell: Cell
     algorithm: str
     summaries: list[dict[str, Any]]
     curves: list[np.ndarray]
     diverged: int = 0
+    seeds: list[int] = field(default_factory=list)
+
+    def add(self, seed: int, folder: Path) -> None:
+        self.seeds.append(seed)
+        self.summaries.append(json.loads((folder / "summary.json").read_text()))
+        self.curves.append(_curve(folder))
 
 
 def run_preset(
@@ -145,10 +151,9 @@ def run_preset(
     grid = cells(preset, scale)
     for index, cell in enumerate(grid, 1):
         for algorithm in preset.algorithms:
-            summaries, curves, diverged = [], [], 0
+            outcome = CellResult(cell, algorithm, [], [])
             for seed in seeds:
-                values = merge_dicts(merge_dicts(cell.values, extra), {"algorithm": algorithm, "seed": seed})
-                config = build_config(values, f"preset {name} [{cell.name}]")
+                config = _run_config(name, cell, extra, algorithm, seed)
                 folder = out / _slug(cell.name) / algorithm / f"seed-{seed}"
                 label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
                 state = _state(folder, config)
@@ -166,13 +171,31 @@ def run_preset(
                         run_experiment(config, folder, observer, overwrite=True)
                 except TrainingDiverged as err:
                     log(f"{label}: {err}; recorded as diverged")
-                    diverged += 1
+                    outcome.diverged += 1
                     continue
-                summaries.append(json.loads((folder / "summary.json").read_text()))
-                curves.append(_curve(folder))
-            outcomes.append(CellResult(cell, algorithm, summaries, curves, diverged))
+                outcome.add(seed, folder)
+            for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, seeds):
+                if _state(folder, _run_config(name, cell, extra, algorithm, seed)) == "done":
+                    outcome.add(seed, folder)
+            outcomes.append(outcome)
     write_results(preset, name, scale, outcomes, out)
     return outcomes
+
+
+def _run_config(preset: str, cell: Cell, extra: dict[str, Any], algorithm: str, seed: int) -> Config:
+    values = merge_dicts(merge_dicts(cell.values, extra), {"algorithm": algorithm, "seed": seed})
+    return build_config(values, f"preset {preset} [{cell.name}]")
+
+
+def _other_seeds(folder: Path, requested: list[int]) -> list[tuple[int, Path]]:
+    """Seeds finished by earlier invocations (``--seeds 0`` yesterday, ``--seeds 1`` today), so that
+    the results table grows with the grid instead of showing only the seeds of the last call."""
+    found = []
+    for path in folder.glob("seed-*"):
+        suffix = path.name.removeprefix("seed-")
+        if suffix.isdigit() and int(suffix) not in requested:
+            found.append((int(suffix), path))
+    return sorted(found)
 
 
 def _slug(name: str) -> str:
@@ -187,24 +210,38 @@ def _curve(folder: Path) -> np.ndarray:
     return np.array([[float(v) for v in row[4:]] for row in rows[1:]])
 
 
-def _seed_stats(summaries: list[dict[str, Any]], key: str) -> tuple[float, float]:
-    means = [s[key]["mean"] for s in summaries]
-    return float(np.mean(means)), float(np.std(means))
+def _over_seeds(values: list[float]) -> str:
+    """Mean ± sample std in %, or the single value when one seed gives no spread to report."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}"
+
+
+def _means(outcome: CellResult, key: str) -> dict[int, float]:
+    return {seed: s[key]["mean"] for seed, s in zip(outcome.seeds, outcome.summaries, strict=True)}
 
 
 def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResult], out: Path) -> None:
-    """A Markdown table (mean ± std over seeds of the per-run client means) and a fine-tuning plot."""
+    """A Markdown table over every finished seed of each cell, and a fine-tuning plot.
+
+    The difference column pairs the two algorithms seed by seed (same partition, same initial
+    body), which is the comparison the paper makes.
+    """
     algorithms = preset.algorithms
-    header = "| cell | " + " | ".join(f"{a} initial | {a} personalized" for a in algorithms)
-    if algorithms[:2] == ["fedavg", "fedbabu"]:
+    paired = algorithms[:2] == ["fedavg", "fedbabu"]
+    header = "| cell | seeds | " + " | ".join(f"{a} initial | {a} personalized" for a in algorithms)
+    if paired:
         header += " | fedbabu − fedavg (personalized)"
-    lines = [f"# {preset.title}", "", f"Scale: {scale}. Accuracy in %, mean ± std over seeds.", "",
+    lines = [f"# {preset.title}", "",
+             f"Scale: {scale}. Accuracy in %: the mean over clients of each run, then mean ± std over seeds "
+             "(a single value where one seed has finished).", "",
              header + " |", "|" + "---|" * (header.count("|"))]
     by_cell: dict[str, dict[str, CellResult]] = {}
     for outcome in outcomes:
         by_cell.setdefault(outcome.cell.name, {})[outcome.algorithm] = outcome
     for cell_name, results in by_cell.items():
-        row = [cell_name]
+        seeds = sorted(set().union(*(results[a].seeds for a in algorithms)))
+        row = [cell_name, ", ".join(map(str, seeds)) or "–"]
         for algorithm in algorithms:
             outcome = results[algorithm]
             note = f" ({outcome.diverged} of {outcome.diverged + len(outcome.summaries)} seeds diverged)" \
@@ -213,14 +250,13 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
                 if not outcome.summaries:
                     row.append("diverged")
                     continue
-                mean, std = _seed_stats(outcome.summaries, key)
-                row.append(f"{100 * mean:.2f} ± {100 * std:.2f}{note}")
-        if algorithms[:2] == ["fedavg", "fedbabu"] and all(results[a].summaries for a in algorithms[:2]):
-            diff = (_seed_stats(results["fedbabu"].summaries, "personalized_accuracy")[0]
-                    - _seed_stats(results["fedavg"].summaries, "personalized_accuracy")[0])
-            row.append(f"{100 * diff:+.2f}")
-        elif algorithms[:2] == ["fedavg", "fedbabu"]:
-            row.append("–")
+                row.append(_over_seeds(list(_means(outcome, key).values())) + note)
+        if paired:
+            fedavg = _means(results["fedavg"], "personalized_accuracy")
+            fedbabu = _means(results["fedbabu"], "personalized_accuracy")
+            both = sorted(fedavg.keys() & fedbabu.keys())
+            diffs = [fedbabu[seed] - fedavg[seed] for seed in both]
+            row.append(("+" if np.mean(diffs) >= 0 else "") + _over_seeds(diffs) if diffs else "–")
         lines.append("| " + " | ".join(row) + " |")
     wall = sum(s["wall_time_s"] for o in outcomes for s in o.summaries)
     lines += ["", f"Total wall time of the runs: {wall / 60:.1f} min.", "", "![fine-tuning](finetune.png)", ""]
