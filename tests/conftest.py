@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,10 @@ class StopAtRound(Observer):
     def on_round(self, record):
         if record["round"] == self.round_number:
             raise KeyboardInterrupt
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """For ``preexec_fn`` of a run that a test stops with SIGINT: a suite started in the background
+    (``make test &``) ignores SIGINT, the child inherits that, and Python installs its Ctrl-C
+    handler only where SIGINT is not ignored at start-up."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import StopAtRound, small_config
+from conftest import StopAtRound, ctrl_c_as_in_a_terminal, small_config
 
 from fedbabu.config import build_config, load_config
 from fedbabu.engine.checkpoint import (
@@ -87,14 +87,16 @@ def test_sigkill_then_resume_is_bit_identical(digits, tmp_path):
 def test_a_stop_signal_on_a_real_run_is_one_line_and_leaves_a_checkpoint(tmp_path, signum, word, to_group):
     folder = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "fedbabu", "run", "--quiet", "--out", str(folder),
-                                "--workers", "2", "--set", "rounds=40", "--set", "checkpoint_every=2"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                "--workers", "2", "--set", "rounds=1000", "--set", "checkpoint_every=2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=ctrl_c_as_in_a_terminal)
     metrics = folder / "metrics.jsonl"
     deadline = time.monotonic() + 240
     try:
         while (not metrics.exists() or metrics.read_text().count("\n") < 3) and process.poll() is None:
             assert time.monotonic() < deadline, "the run never reached its first checkpoint"
             time.sleep(0.02)
+        assert process.poll() is None, "the run ended before it could be stopped"
         if to_group:
             os.killpg(process.pid, signum)
         else:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import ctrl_c_as_in_a_terminal, small_config
 
 from fedbabu.engine.pool import ClientPool, WorkerError
 from fedbabu.engine.simulation import simulate
@@ -116,7 +116,7 @@ def test_ctrl_c_stops_the_run_and_its_workers(tmp_path):
         [sys.executable, "-m", "fedbabu", "run", "--quiet", "--workers", "2", "--out", str(out),
          "--set", "rounds=2000", "--set", "eval_every=0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores SIGINT
+        preexec_fn=ctrl_c_as_in_a_terminal,
     )
     try:
         deadline = time.monotonic() + 60
