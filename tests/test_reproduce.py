@@ -73,16 +73,20 @@ def test_quick_preset_runs_on_real_cifar10_and_skips_finished_runs(cifar10_dir, 
     assert (interrupted / "summary.json").exists()
 
 
-def test_a_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+def _digits_preset(tmp_path: Path, monkeypatch, name: str, algorithms: str, rounds: int, more: str = "") -> None:
+    """A preset of a few seconds on digits, in a preset folder of the test's own."""
     presets = tmp_path / "presets"
     presets.mkdir()
-    (presets / "tiny.yaml").write_text(
-        "title: tiny\nalgorithms: [fedavg]\nseeds: [0]\n"
+    (presets / f"{name}.yaml").write_text(
+        f"title: {name}\nalgorithms: [{algorithms}]\nseeds: [0]\n"
         "base: {dataset: digits, model: digitcnn, num_clients: 10, partition: shards, shards_per_client: 2,\n"
-        "       client_fraction: 0.5, rounds: 3, batch_size: 10, eval_every: 0, workers: 1,\n"
-        "       max_update_norm: null, finetune: {epochs: 1}}\n"
-        "grid: {weight_decay: [0.0, 1.0e+30]}\n")
+        f"       client_fraction: 0.5, rounds: {rounds}, batch_size: 10, eval_every: 0, workers: 1,\n"
+        "       max_update_norm: null, finetune: {epochs: 1}}\n" + more)
     monkeypatch.setattr("fedbabu.reproduce.PRESET_DIR", presets)
+
+
+def test_a_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    _digits_preset(tmp_path, monkeypatch, "tiny", "fedavg", 3, "grid: {weight_decay: [0.0, 1.0e+30]}\n")
     lines = []
     outcomes = run_preset("tiny", tmp_path / "out", log=lines.append)
     assert [len(o.summaries) for o in outcomes] == [1, 0]
@@ -96,13 +100,7 @@ def test_a_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch)
 
 
 def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypatch):
-    presets = tmp_path / "presets"
-    presets.mkdir()
-    (presets / "pair.yaml").write_text(
-        "title: pair\nalgorithms: [fedavg, fedbabu]\nseeds: [0]\n"
-        "base: {dataset: digits, model: digitcnn, num_clients: 10, partition: shards, shards_per_client: 2,\n"
-        "       client_fraction: 0.5, rounds: 2, batch_size: 10, eval_every: 0, workers: 1, finetune: {epochs: 1}}\n")
-    monkeypatch.setattr("fedbabu.reproduce.PRESET_DIR", presets)
+    _digits_preset(tmp_path, monkeypatch, "pair", "fedavg, fedbabu", 2)
     out = tmp_path / "out"
     run_preset("pair", out, log=lambda line: None)
     row = (out / "results.md").read_text().splitlines()[-5]
