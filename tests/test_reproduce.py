@@ -114,7 +114,7 @@ def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypa
     diffs = np.subtract(personalized["fedbabu"], personalized["fedavg"])
     fedavg = np.array(personalized["fedavg"])
     assert cells[3] == f"{100 * fedavg.mean():.2f} ± {100 * fedavg.std(ddof=1):.2f}"
-    assert cells[6].lstrip("+") == f"{100 * diffs.mean():.2f} ± {100 * diffs.std(ddof=1):.2f}"
+    assert cells[6] == f"{100 * diffs.mean():+.2f} ± {100 * diffs.std(ddof=1):.2f}"
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +123,12 @@ class CellResult:
     summaries: list[dict[str, Any]]
     curves: list[np.ndarray]
     diverged: int = 0
-    seeds: list[int] = field(default_factory=list)
 
-    def add(self, seed: int, folder: Path) -> None:
-        self.seeds.append(seed)
+    @property
+    def seeds(self) -> list[int]:
+        return [summary["seed"] for summary in self.summaries]
+
+    def add(self, folder: Path) -> None:
         self.summaries.append(json.loads((folder / "summary.json").read_text()))
         self.curves.append(_curve(folder))
 
@@ -173,10 +175,10 @@ def run_preset(
                     log(f"{label}: {err}; recorded as diverged")
                     outcome.diverged += 1
                     continue
-                outcome.add(seed, folder)
+                outcome.add(folder)
             for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, seeds):
                 if _state(folder, _run_config(name, cell, extra, algorithm, seed)) == "done":
-                    outcome.add(seed, folder)
+                    outcome.add(folder)
             outcomes.append(outcome)
     write_results(preset, name, scale, outcomes, out)
     return outcomes
@@ -210,15 +212,14 @@ def _curve(folder: Path) -> np.ndarray:
     return np.array([[float(v) for v in row[4:]] for row in rows[1:]])
 
 
-def _over_seeds(values: list[float]) -> str:
+def _over_seeds(values: list[float], signed: bool = False) -> str:
     """Mean ± sample std in %, or the single value when one seed gives no spread to report."""
-    if len(values) == 1:
-        return f"{100 * values[0]:.2f}"
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}"
+    mean = f"{100 * np.mean(values):{'+' if signed else ''}.2f}"
+    return mean if len(values) == 1 else f"{mean} ± {100 * np.std(values, ddof=1):.2f}"
 
 
 def _means(outcome: CellResult, key: str) -> dict[int, float]:
-    return {seed: s[key]["mean"] for seed, s in zip(outcome.seeds, outcome.summaries, strict=True)}
+    return {s["seed"]: s[key]["mean"] for s in outcome.summaries}
 
 
 def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResult], out: Path) -> None:
@@ -256,7 +257,7 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
             fedbabu = _means(results["fedbabu"], "personalized_accuracy")
             both = sorted(fedavg.keys() & fedbabu.keys())
             diffs = [fedbabu[seed] - fedavg[seed] for seed in both]
-            row.append(("+" if np.mean(diffs) >= 0 else "") + _over_seeds(diffs) if diffs else "–")
+            row.append(_over_seeds(diffs, signed=True) if diffs else "–")
         lines.append("| " + " | ".join(row) + " |")
     wall = sum(s["wall_time_s"] for o in outcomes for s in o.summaries)
     lines += ["", f"Total wall time of the runs: {wall / 60:.1f} min.", "", "![fine-tuning](finetune.png)", ""]
