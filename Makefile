@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --constraint constraints.txt
+# The pinned torch is the CPU build (2.13.0+cpu). Where pip cannot find it (PyPI serves only the CUDA
+# builds), the install is retried with PyTorch's CPU index; point TORCH_INDEX at a mirror if needed.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: run test lint bench clean
 
@@ -11,11 +14,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.core: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) --editable .
+	$(PIP) --editable . || $(PIP) --extra-index-url $(TORCH_INDEX) --editable .
 	touch $@
 
 $(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) --editable '.[dev]'
+	$(PIP) --editable '.[dev]' || $(PIP) --extra-index-url $(TORCH_INDEX) --editable '.[dev]'
 	touch $@ $(VENV)/.core
 
 run: $(VENV)/.core

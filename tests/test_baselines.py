@@ -21,6 +21,7 @@ from fedbabu.engine.params import Layout
 from fedbabu.engine.simulation import TRAIN_STREAM, client_generator, runtime_for, simulate
 from fedbabu.errors import UserError
 from fedbabu.models import build_model, count_parameters
+from fedbabu.results.report import comparison_markdown, comparison_rows, write_comparison
 from fedbabu.runner import partition_for, run_comparison
 
 ALL = ["fedavg", "fedbabu", "fedper", "lg_fedavg", "fedrep", "perfedavg", "ditto", "fedprox", "local"]
@@ -353,3 +354,22 @@ def test_compare_all_algorithms_end_to_end_on_digits(tmp_path, digits):
     assert header.endswith("initial_accuracy,accuracy_after_step_1")
     partitions = {(out / name / "seed-0" / "partition.json").read_text() for name in ("fedavg", "local", "ditto")}
     assert len(partitions) == 1, "every algorithm of a seed runs on the identical partition"
+
+
+def _summary(initial: float, personalized: float) -> dict:
+    return {"initial_accuracy": {"mean": initial}, "personalized_accuracy": {"mean": personalized},
+            "bytes_per_round_per_client": 8, "wall_time_s": 1.0, "personalization": "5 epochs",
+            "personalization_unit": "epoch"}
+
+
+def test_comparison_spread_over_seeds_is_the_sample_std_and_absent_for_one_seed(tmp_path):
+    curve = np.array([[0.5, 0.8], [0.7, 1.0]])
+    one = comparison_rows({"fedbabu": [_summary(0.6, 0.9)]}, {"fedbabu": [curve]})
+    two = comparison_rows({"fedbabu": [_summary(0.6, 0.9), _summary(0.5, 0.7)]}, {"fedbabu": [curve, curve]})
+    assert np.isnan(one[0]["personalized_seed_std"])
+    assert two[0]["personalized_seed_std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
+    assert "60.00 ± 10.00 | 90.00 ± 10.00 |" in comparison_markdown(one, "t")
+    assert "60.00 ± 10.00 [7.07] | 90.00 ± 10.00 [14.14] |" in comparison_markdown(two, "t")
+    write_comparison(one, {"fedbabu": [curve]}, tmp_path, "t")
+    row = next(csv.DictReader((tmp_path / "comparison.csv").open()))
+    assert row["personalized_seed_std"] == "" and row["personalized_mean"] == "0.900000"

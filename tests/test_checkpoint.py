@@ -132,6 +132,20 @@ def test_ctrl_c_leaves_a_resumable_folder_and_stale_rounds_are_dropped(digits, t
     assert before > 0 and resumed.summary["wall_time_s"] >= sum(rounds) - 1e-3
 
 
+@pytest.mark.parametrize("algorithm", ["fedper", "fedrep", "lg_fedavg", "ditto", "local"])
+def test_resume_keeps_every_clients_personal_state(digits, tmp_path, algorithm):
+    """Heads, bodies and personal models live on the clients across rounds; a resume must bring them all back."""
+    config = small_config(algorithm=algorithm, rounds=5, checkpoint_every=2, eval_every=0)
+    run_experiment(config, tmp_path / "ref", dataset=digits)
+    folder = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, folder, StopAtRound(4), dataset=digits)
+    saved = load_checkpoint(folder / "checkpoint.pt")
+    assert saved.rounds_done == 2 and len(saved.personal) >= 5
+    resume_experiment(folder)
+    _same_files(tmp_path / "ref", folder)
+
+
 class _StopPersonalizing(Observer):
     def on_personalize_start(self, total):
         raise KeyboardInterrupt

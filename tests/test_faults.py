@@ -1,5 +1,6 @@
 """Faults during training: broken updates are screened out, dropouts are survived, divergence stops."""
 
+import json
 import logging
 from typing import ClassVar
 
@@ -17,20 +18,24 @@ from fedbabu.engine.faults import TrainingDiverged, dropped_clients, rejection_r
 from fedbabu.engine.simulation import DROPOUT_STREAM, Observer, sample_clients, simulate, stream_seed
 from fedbabu.runner import partition_for, run_experiment
 
-SHAPES = {"head.weight": (2, 3)}
+SHAPES = {"head.weight": (2, 3), "head.bias": (2,)}
+SOUND_HEAD = {"head.weight": np.ones((2, 3), np.float32), "head.bias": np.ones(2, np.float32)}
 
 
 @pytest.mark.parametrize(("vector", "personal", "reason"), [
     (np.ones(4, np.float32), {}, None),
+    (np.ones(4, np.float32), SOUND_HEAD, None),
     (np.array([1, np.nan, 0, 0], np.float32), {}, "non-finite values"),
     (np.array([1, np.inf, 0, 0], np.float32), {}, "non-finite values"),
     (np.ones(5, np.float32), {}, "wrong shape: expected (4,)"),
     (np.ones((2, 2), np.float32), {}, "wrong shape"),
     (np.ones(4, np.float64), {}, "wrong dtype"),
     (np.full(4, 1e5, np.float32), {}, "update norm 2e+05 exceeds max_update_norm 1000"),
-    (np.ones(4, np.float32), {"head.weight": np.ones((3, 2), np.float32)}, "shape (3, 2), expected (2, 3)"),
-    (np.ones(4, np.float32), {"head.weight": np.full((2, 3), np.nan, np.float32)}, "non-finite values"),
-    (np.ones(4, np.float32), {"extra": np.ones(7, np.float32)}, None),
+    (np.ones(4, np.float32), {**SOUND_HEAD, "head.weight": np.ones((3, 2), np.float32)},
+     "shape (3, 2), expected (2, 3)"),
+    (np.ones(4, np.float32), {**SOUND_HEAD, "head.weight": np.full((2, 3), np.nan, np.float32)}, "non-finite values"),
+    (np.ones(4, np.float32), {**SOUND_HEAD, "extra": np.ones(7, np.float32)}, "personal 'extra' is not a tensor"),
+    (np.ones(4, np.float32), {"head.weight": np.ones((2, 3), np.float32)}, "personal state lacks 'head.bias'"),
 ])
 def test_rejection_reasons(vector, personal, reason):
     got = rejection_reason(vector, personal, np.zeros(4, np.float32), SHAPES, max_norm=1000.0)
@@ -131,11 +136,19 @@ class _GlobalRecorder(Observer):
         self.vectors.append(simulation._FEDERATION.global_vector.clone())
 
 
-def test_client_failures_are_survived_and_an_empty_round_keeps_the_model(digits, caplog):
+def _not_json(constant: str) -> None:
+    raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+
+def test_client_failures_are_survived_and_an_empty_round_keeps_the_model(digits, caplog, tmp_path):
     config = small_config(rounds=6, client_fraction=0.2, client_failure_rate=0.7, eval_every=0)
     recorder = _GlobalRecorder()
     with caplog.at_level(logging.WARNING, logger="fedbabu"):
-        result = simulate(config, digits, partition_for(config, digits), recorder)
+        result = run_experiment(config, tmp_path / "run", recorder, dataset=digits).result
+    written = [json.loads(line, parse_constant=_not_json)
+               for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(w["dropped"], w["rejected"]) for w in written] == [(m["dropped"], m["rejected"]) for m in result.metrics]
+    assert [w["train_loss"] is None for w in written] == [bool(np.isnan(m["train_loss"])) for m in result.metrics]
     empty = []
     for index, record in enumerate(result.metrics):
         sampled = sample_clients(config.seed, index, config.num_clients, config.client_fraction)

@@ -25,6 +25,7 @@ from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
 from fedbabu.results.files import atomic_write_text
 from fedbabu.results.plots import plot_finetune_curves
+from fedbabu.results.report import seed_spread
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 """Shipped with the package, so `reproduce` works from an installed wheel; `configs/paper` links here."""
@@ -215,7 +216,8 @@ def _curve(folder: Path) -> np.ndarray:
 def _over_seeds(values: list[float], signed: bool = False) -> str:
     """Mean ± sample std in %, or the single value when one seed gives no spread to report."""
     mean = f"{100 * np.mean(values):{'+' if signed else ''}.2f}"
-    return mean if len(values) == 1 else f"{mean} ± {100 * np.std(values, ddof=1):.2f}"
+    spread = seed_spread(values)
+    return mean if np.isnan(spread) else f"{mean} ± {100 * spread:.2f}"
 
 
 def _means(outcome: CellResult, key: str) -> dict[int, float]:

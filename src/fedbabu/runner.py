@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, build_config, merge_dicts, parse_overrides
 from fedbabu.data.datasets import Dataset, load_dataset
 from fedbabu.data.partition import Partition, make_partition
 from fedbabu.engine.checkpoint import CHECKPOINT, METRICS, TIMING, Checkpoint, Checkpointer, load_checkpoint
 from fedbabu.engine.faults import TrainingDiverged
-from fedbabu.engine.simulation import ModelFactory, Observer, RunResult, config_model, simulate
+from fedbabu.engine.simulation import ModelFactory, Observer, RunResult, config_model, preflight, simulate
 from fedbabu.errors import UserError
-from fedbabu.results.files import prepare_output_dir
+from fedbabu.results.files import check_output_dir, prepare_output_dir
 from fedbabu.results.report import comparison_rows, summarize, write_comparison, write_run
 
 
@@ -69,14 +68,21 @@ class Experiment:
 def run_experiment(config: Config, out: Path | None = None, observer: Observer | None = None,
                    overwrite: bool = False, dataset: Dataset | None = None,
                    partition: Partition | None = None, model_factory: ModelFactory = config_model) -> Experiment:
-    """Run one experiment; with ``out`` its folder is written (and must be empty unless ``overwrite``)."""
+    """Run one experiment; with ``out`` its folder is written (and must be empty unless ``overwrite``).
+
+    Everything that can refuse the run (the folder, the data, the partition, the algorithm's
+    settings) is checked before the folder is created or an earlier run in it is removed.
+    """
+    if out is not None:
+        check_output_dir(out, overwrite)
+    dataset = dataset if dataset is not None else prepare_data(config)
+    partition = partition if partition is not None else partition_for(config, dataset)
+    preflight(config, dataset, model_factory)
     folder = prepare_output_dir(out, overwrite) if out is not None else None
     with run_folder(folder):
         if folder is not None:
             for name in RUN_FILES:
                 (folder / name).unlink(missing_ok=True)
-        dataset = dataset if dataset is not None else prepare_data(config)
-        partition = partition if partition is not None else partition_for(config, dataset)
         checkpoints = Checkpointer(folder, config) if folder is not None else None
         result = simulate(config, dataset, partition, observer, model_factory, checkpoints)
         summary = write_run(result, folder) if folder is not None else summarize(result)
@@ -252,14 +258,15 @@ def run_comparison(config: Config, algorithms: list[str], out: Path, seeds: list
     if len(set(names)) != len(names):
         raise UserError(f"--algorithms: each entry must appear once, got {','.join(algorithms)}")
     configs = {a: variant_config(config, a) for a in algorithms}
-    for run_config in configs.values():
-        ALGORITHMS[run_config.algorithm](run_config)
-    folder = prepare_output_dir(out, overwrite)
+    check_output_dir(out, overwrite)
     dataset = dataset if dataset is not None else prepare_data(config)
+    for run_config in configs.values():
+        preflight(run_config, dataset, model_factory)
+    partitions = {seed: partition if partition is not None else partition_for(
+        config.model_copy(update={"seed": seed}), dataset) for seed in seeds}
+    folder = prepare_output_dir(out, overwrite)
     experiments: dict[str, list[Experiment]] = {a: [] for a in algorithms}
-    for seed in seeds:
-        seed_partition = partition if partition is not None else partition_for(
-            config.model_copy(update={"seed": seed}), dataset)
+    for seed, seed_partition in partitions.items():
         for algorithm in algorithms:
             run_config = configs[algorithm].model_copy(update={"seed": seed})
             sub = folder / folder_name(algorithm)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import warnings
@@ -55,8 +56,13 @@ class CheckpointError(UserError):
 
 
 def metrics_line(record: dict[str, Any]) -> str:
-    """The reproducible part of a round record, as one JSON line of ``metrics.jsonl``."""
-    return json.dumps({k: v for k, v in record.items() if k not in TIMING_KEYS}) + "\n"
+    """The reproducible part of a round record, as one strict JSON line of ``metrics.jsonl``.
+
+    A value that is not a finite number (the loss of a round in which no update was accepted) is
+    written as ``null``: ``NaN`` is not JSON, and other tools reading the file would refuse it.
+    """
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in record.items() if k not in TIMING_KEYS}, allow_nan=False) + "\n"
 
 
 def timing_line(record: dict[str, Any]) -> str:

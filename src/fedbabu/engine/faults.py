@@ -35,12 +35,14 @@ def dropped_clients(sampled: Sequence[int], rate: float, seed: int) -> list[int]
 
 
 def rejection_reason(vector: np.ndarray, personal: Mapping[str, np.ndarray], reference: np.ndarray,
-                     shapes: Mapping[str, tuple[int, ...]], max_norm: float | None) -> str | None:
+                     personal_shapes: Mapping[str, tuple[int, ...]], max_norm: float | None) -> str | None:
     """Why a client's update must not be aggregated, or ``None`` if it is sound.
 
     ``vector`` is the client's shared parameters, ``reference`` the global ones it started from;
-    the norm bound applies to their difference (the update itself), computed in float64. Personal
-    tensors named like a model parameter must have that parameter's shape.
+    the norm bound applies to their difference (the update itself), computed in float64.
+    ``personal_shapes`` names every tensor the algorithm keeps per client, with its shape: a
+    personal state must hold exactly those (an empty one when the algorithm keeps nothing),
+    since the client's next round loads it into the network.
     """
     if not isinstance(vector, np.ndarray) or vector.shape != reference.shape:
         got = getattr(vector, "shape", type(vector).__name__)
@@ -49,10 +51,16 @@ def rejection_reason(vector: np.ndarray, personal: Mapping[str, np.ndarray], ref
         return f"wrong dtype: expected {reference.dtype}, got {vector.dtype}"
     if not np.isfinite(vector).all():
         return "non-finite values (NaN or inf) in the shared parameters"
+    if personal:
+        unexpected = sorted(set(personal) - set(personal_shapes))
+        if unexpected:
+            return f"personal {unexpected[0]!r} is not a tensor this algorithm keeps per client"
+        missing = sorted(set(personal_shapes) - set(personal))
+        if missing:
+            return f"personal state lacks {missing[0]!r}"
     for name, value in personal.items():
-        expected = shapes.get(name)
-        if expected is not None and tuple(value.shape) != expected:
-            return f"personal {name!r} has shape {tuple(value.shape)}, expected {expected}"
+        if tuple(value.shape) != personal_shapes[name]:
+            return f"personal {name!r} has shape {tuple(value.shape)}, expected {personal_shapes[name]}"
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             return f"non-finite values (NaN or inf) in personal {name!r}"
     if max_norm is not None:
@@ -79,11 +87,11 @@ class Screening:
 
 def screen_round(round_number: int, clients: Sequence[int], vectors: Sequence[np.ndarray],
                  personals: Sequence[Mapping[str, np.ndarray]], reference: np.ndarray,
-                 shapes: Mapping[str, tuple[int, ...]], max_norm: float | None) -> Screening:
+                 personal_shapes: Mapping[str, tuple[int, ...]], max_norm: float | None) -> Screening:
     """Screen every returned update of a round; log each rejection with its reason."""
     result = Screening()
     for position, (client, vector, personal) in enumerate(zip(clients, vectors, personals, strict=True)):
-        reason = rejection_reason(vector, personal, reference, shapes, max_norm)
+        reason = rejection_reason(vector, personal, reference, personal_shapes, max_norm)
         if reason is None:
             result.accepted.append(position)
         else:

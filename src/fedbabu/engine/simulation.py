@@ -219,13 +219,32 @@ class RunResult:
 class Observer:
     """Hooks for progress bars and incremental files; every method is optional."""
 
-    def on_start(self, config: Config, partition: Partition, algorithm: Algorithm) -> None: ...
+    def on_start(self, config: Config, partition: Partition, algorithm: Algorithm) -> None:
+        """Before the first round (or the first resumed one): the setting is final, nothing has trained."""
 
-    def on_round(self, record: dict[str, Any]) -> None: ...
+    def on_round(self, record: dict[str, Any]) -> None:
+        """After each round, with the record that goes to ``metrics.jsonl`` (plus its ``seconds``)."""
 
-    def on_personalize_start(self, total: int) -> None: ...
+    def on_personalize_start(self, total: int) -> None:
+        """Training is over; ``total`` clients are about to be fine-tuned and evaluated."""
 
-    def on_personalized(self, done: int, total: int) -> None: ...
+    def on_personalized(self, done: int, total: int) -> None:
+        """``done`` of ``total`` clients are personalized (called per chunk, so progress can be shown)."""
+
+
+def preflight(config: Config, dataset: Dataset,
+              model_factory: ModelFactory = config_model) -> tuple[Algorithm, Runtime, BodyHead, bool]:
+    """Everything that can refuse a run (algorithm settings, device, network, executor), checked cheaply.
+
+    The runner calls it before it touches a run folder, so that ``--overwrite`` with a setting the
+    algorithm refuses leaves the previous run intact; :func:`simulate` calls it to set up. Returns
+    the algorithm, the runtime, the network at its initial weights and whether clients run vectorized.
+    """
+    algorithm = ALGORITHMS[config.algorithm](config)
+    runtime = runtime_for(config)
+    template = model_factory(config, dataset)
+    vectorized = choose_executor(config.executor, runtime.device, algorithm, template) == "vectorized"
+    return algorithm, runtime, template, vectorized
 
 
 def simulate(config: Config, dataset: Dataset, partition: Partition, observer: Observer | None = None,
@@ -238,21 +257,19 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     global _FEDERATION, _MODEL
     observer = observer or Observer()
     started = time.perf_counter()
-    algorithm = ALGORITHMS[config.algorithm](config)
-    runtime = runtime_for(config)
-    template = model_factory(config, dataset)
+    algorithm, runtime, template, vectorized = preflight(config, dataset, model_factory)
     layout = Layout(template)
     global_vector = flatten(template).share_memory_()
     federation = Federation(config, dataset, partition, algorithm, runtime, layout, global_vector, model_factory)
     shared_mask = federation.shared_mask
     _FEDERATION, _MODEL = federation, None
-    vectorized = choose_executor(config.executor, runtime.device, algorithm, template) == "vectorized"
     personal: dict[int, Personal] = {}
     metrics: list[dict[str, Any]] = []
     start_round = checkpoints.restore_into(global_vector, personal, metrics) if checkpoints else 0
     # a resumed run reports its whole time: the restored records carry their rounds' seconds
     seconds_before = sum(m.get("seconds", 0.0) for m in metrics)
-    shapes = dict(zip(layout.names, layout.shapes, strict=True))
+    personal_shapes = {name: shape for name, shape in zip(layout.names, layout.shapes, strict=True)
+                       if part_of(name) in algorithm.personal_parts}
     observer.on_start(config, partition, algorithm)
     all_clients = range(partition.num_clients)
     try:
@@ -269,8 +286,8 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
                 else:
                     results = pool.map([TrainTask(c, round_index, lr, personal.get(c)) for c in returned])
                 screening = faults.screen_round(round_index + 1, returned, [r[0] for r in results],
-                                                [r[2] for r in results], global_vector[shared_mask].numpy(), shapes,
-                                                config.max_update_norm)
+                                                [r[2] for r in results], global_vector[shared_mask].numpy(),
+                                                personal_shapes, config.max_update_norm)
                 accepted = [(returned[i], results[i]) for i in screening.accepted]
                 weights = [len(partition.train[c]) for c, _ in accepted]
                 if shared_mask.any() and accepted:

@@ -93,14 +93,20 @@ def write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def prepare_output_dir(path: Path, overwrite: bool = False) -> Path:
-    """Create the run folder; refuse a non-empty one unless the user said ``--overwrite``."""
+def check_output_dir(path: Path, overwrite: bool = False) -> None:
+    """Refuse a path that is not a folder, or a non-empty folder unless the user said ``--overwrite``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {path}: exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UserError(f"--out {path}: folder is not empty; pass --overwrite to replace its run, or choose "
                         "another folder")
+
+
+def prepare_output_dir(path: Path, overwrite: bool = False) -> Path:
+    """Create the run folder after :func:`check_output_dir`'s checks, and prove it is writable."""
+    path = Path(path)
+    check_output_dir(path, overwrite)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"

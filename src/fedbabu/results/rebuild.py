@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,17 @@ from fedbabu.results.report import run_report, write_plots
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Round records of ``metrics.jsonl``; an incomplete last line (a run killed mid-write) is ignored."""
+    """Round records of ``metrics.jsonl``; an incomplete last line (a run killed mid-write) is ignored.
+
+    A ``null`` (a round without any accepted update has no loss) reads back as NaN, as in memory.
+    """
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
+            records.append({k: math.nan if v is None else v for k, v in json.loads(line).items()})
         except json.JSONDecodeError:
             if number == len(lines):
                 break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,11 @@ def run_report(summary: dict[str, Any], has_rounds: bool = True) -> str:
     return "\n".join(lines)
 
 
+def seed_spread(means: list[float]) -> float:
+    """Sample std of per-seed means; NaN for a single seed, whose spread is unknown, not zero."""
+    return float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
+
+
 def comparison_rows(summaries: dict[str, list[dict[str, Any]]],
                     curves: dict[str, list[np.ndarray]]) -> list[dict[str, Any]]:
     """One row per algorithm: accuracies pooled over clients and seeds, plus the spread of seed means."""
@@ -144,8 +150,8 @@ def comparison_rows(summaries: dict[str, list[dict[str, Any]]],
             "initial_std": float(np.nanstd(stacked[:, 0])),
             "personalized_mean": float(np.nanmean(stacked[:, -1])),
             "personalized_std": float(np.nanstd(stacked[:, -1])),
-            "initial_seed_std": float(np.std([r["initial_accuracy"]["mean"] for r in runs])),
-            "personalized_seed_std": float(np.std([r["personalized_accuracy"]["mean"] for r in runs])),
+            "initial_seed_std": seed_spread([r["initial_accuracy"]["mean"] for r in runs]),
+            "personalized_seed_std": seed_spread([r["personalized_accuracy"]["mean"] for r in runs]),
             "seeds": len(runs),
             "bytes_per_round_per_client": runs[0]["bytes_per_round_per_client"],
             "wall_time_s": float(sum(r["wall_time_s"] for r in runs)),
@@ -163,7 +169,7 @@ COMPARISON_HEADER = ["algorithm", "initial_mean", "initial_std", "personalized_m
 def write_comparison(rows: list[dict[str, Any]], curves: dict[str, list[np.ndarray]], folder: Path,
                      title: str) -> None:
     write_csv(folder / "comparison.csv", COMPARISON_HEADER,
-              [[r[k] if not isinstance(r[k], float) else f"{r[k]:.6f}" for k in COMPARISON_HEADER] for r in rows])
+              [[_csv_value(r[k]) for k in COMPARISON_HEADER] for r in rows])
     plot_comparison(rows, folder / "comparison.png", title)
     units = sorted({r["personalization_unit"] for r in rows})
     plot_finetune_curves({a: np.concatenate(c, axis=0) for a, c in curves.items()}, folder / "finetune.png",
@@ -171,12 +177,24 @@ def write_comparison(rows: list[dict[str, Any]], curves: dict[str, list[np.ndarr
     atomic_write_text(folder / "comparison.md", comparison_markdown(rows, title))
 
 
+def _csv_value(value: Any) -> Any:
+    """Floats with six decimals; an unknown value (a one-seed spread) as an empty cell."""
+    if not isinstance(value, float):
+        return value
+    return "" if math.isnan(value) else f"{value:.6f}"
+
+
+def _seed_bracket(spread: float) -> str:
+    return "" if math.isnan(spread) else f" [{100 * spread:.2f}]"
+
+
 def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines = [
         f"# {title}",
         "",
         f"Accuracy in %: mean ± std over all clients of all {rows[0]['seeds'] if rows else 0} seed(s) pooled, "
-        "then (in brackets) the std of the per-seed means. Every algorithm ran on the same partition and "
+        "then (in brackets, with two or more seeds) the sample std of the per-seed means. Every algorithm ran "
+        "on the same partition and "
         "seed. Initial = what each client holds when training ends (global model plus its personal parts), "
         "before personalization. Bytes = down + up per participating client per round. Wall time summed "
         "over seeds.",
@@ -186,10 +204,10 @@ def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['algorithm']} | {100 * r['initial_mean']:.2f} ± {100 * r['initial_std']:.2f} "
-            f"[{100 * r['initial_seed_std']:.2f}] | "
-            f"{100 * r['personalized_mean']:.2f} ± {100 * r['personalized_std']:.2f} "
-            f"[{100 * r['personalized_seed_std']:.2f}] | "
+            f"| {r['algorithm']} | {100 * r['initial_mean']:.2f} ± {100 * r['initial_std']:.2f}"
+            f"{_seed_bracket(r['initial_seed_std'])} | "
+            f"{100 * r['personalized_mean']:.2f} ± {100 * r['personalized_std']:.2f}"
+            f"{_seed_bracket(r['personalized_seed_std'])} | "
             f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f} | {r['bytes_per_round_per_client']:,} | "
             f"{r['wall_time_s']:.1f} | {r['personalization']} |"
         )
