@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import FMNIST_DIR, small_config
 
 from fedbabu.cli import main
 from fedbabu.engine.checkpoint import Checkpoint, capture_rng, encode
@@ -43,16 +43,8 @@ def _write_run(folder: Path, config) -> None:
     (folder / "checkpoint.pt").write_bytes(encode(Checkpoint(config, 0, vector, {}, [], capture_rng())))
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, fmnist_dir):
-    ws = tmp_path_factory.mktemp("bad-input")
-    (ws / "good.yaml").write_text("dataset: digits\nrounds: 2\n")
-    (ws / "typo.yaml").write_text("dataset: digits\nrouns: 2\n")
-    (ws / "syntax.yaml").write_text("dataset: digits\nrounds: [2\n")
-    (ws / "tabs.yaml").write_text("dataset: digits\n\trounds: 2\n")
-    (ws / "list.yaml").write_text("- dataset\n- digits\n")
-    (ws / "a-file").write_text("not a folder\n")
-
+def _damaged_fmnist_copies(ws: Path, fmnist_dir: Path) -> None:
+    """A Fashion-MNIST folder with a file cut in half, and one whose labels lack 100 samples."""
     truncated = ws / "fmnist-truncated" / "fashion-mnist"
     truncated.mkdir(parents=True)
     for name in FMNIST_FILES:
@@ -67,6 +59,20 @@ def workspace(tmp_path_factory, fmnist_dir):
     (short / FMNIST_FILES[3]).unlink()
     (short / FMNIST_FILES[3]).write_bytes(gzip.compress(gzip.decompress((fmnist_dir / FMNIST_FILES[3])
                                                                         .read_bytes())[:-100]))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("bad-input")
+    (ws / "good.yaml").write_text("dataset: digits\nrounds: 2\n")
+    (ws / "typo.yaml").write_text("dataset: digits\nrouns: 2\n")
+    (ws / "syntax.yaml").write_text("dataset: digits\nrounds: [2\n")
+    (ws / "tabs.yaml").write_text("dataset: digits\n\trounds: 2\n")
+    (ws / "list.yaml").write_text("- dataset\n- digits\n")
+    (ws / "a-file").write_text("not a folder\n")
+
+    if (FMNIST_DIR / FMNIST_FILES[0]).exists():
+        _damaged_fmnist_copies(ws, FMNIST_DIR)
 
     (ws / "cifar-archive").mkdir()
     (ws / "cifar-archive" / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b" + b"\0" * 4000)
@@ -118,6 +124,13 @@ CASES = [
     ("more clients than samples", ["run", "--set", "partition=iid", "--set", "num_clients=5000"],
      ["num_clients", "5000 clients but only"]),
     ("algorithm refuses a setting", ["run", "--set", "head_init=zeros"], ["head_init", "zero head"]),
+    ("overwrite with a setting the algorithm refuses",
+     ["run", "--out", "run", "--overwrite", "--set", "head_init=zeros"],
+     ["head_init", "zero head"]),
+    ("overwrite with missing data", ["run", "--out", "run", "--overwrite", "--set", "dataset=fmnist", "--data-dir",
+                                     "no/such/dir"], ["data_dir", "no/such/dir", "does not exist"]),
+    ("compare with missing data", ["compare", "--algorithms", "fedavg,fedbabu", "--out", "new-comparison", "--set",
+                                   "dataset=fmnist", "--data-dir", "no/such/dir"], ["data_dir", "does not exist"]),
     ("vectorized executor for an algorithm with its own update",
      ["run", "--set", "algorithm=ditto", "--set", "executor=vectorized"],
      ["executor: vectorized runs plain SGD client updates only", "ditto trains its clients its own way"]),
@@ -159,8 +172,9 @@ CASES = [
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's hash and every folder: a refused command may neither change a file nor leave a folder."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
 
 
 def test_there_are_at_least_25_distinct_cases():
@@ -176,8 +190,10 @@ def _check(message: str, code: int, fragments: list[str]) -> None:
 
 
 @pytest.mark.parametrize(("args", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_gets_one_clear_line(workspace, args, fragments, monkeypatch, capsys):
+def test_bad_input_gets_one_clear_line(workspace, args, fragments, monkeypatch, capsys, request):
     """The CLI's entry point in-process (each case in a subprocess would cost minutes of interpreter starts)."""
+    if any(arg.startswith("fmnist-") for arg in args):
+        request.getfixturevalue("fmnist_dir")  # the damaged copies need the real files (skips only off CI)
     monkeypatch.chdir(workspace)
     before = _snapshot(workspace)
     try:
@@ -212,3 +228,20 @@ def test_a_run_folder_in_use_is_refused(workspace, monkeypatch, capsys):
         os.close(held)
     _check(capsys.readouterr().err, code, ["run: another fedbabu process is writing this run folder"])
     assert _snapshot(workspace) == before
+
+
+@pytest.mark.parametrize("command", [["run"], ["run", "--out", "new-run"]])
+def test_cuda_without_a_cuda_device(workspace, command, monkeypatch, capsys):
+    """``--device cuda`` where torch sees no GPU: one line naming ``device`` and the way out, no run folder.
+
+    The GPU is hidden on purpose, so that the case holds on a GPU machine too; not even an empty
+    folder may be left (the workspace snapshot sees files only).
+    """
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    before = _snapshot(workspace)
+    code = main([*command, "--device", "cuda", "--quiet"])
+    _check(capsys.readouterr().err, code, ["device: cuda requested but torch sees no CUDA device",
+                                           "this torch build: ", "use device=cpu or auto"])
+    assert _snapshot(workspace) == before
+    assert not (workspace / "runs").exists() and not (workspace / "new-run").exists()

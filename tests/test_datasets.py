@@ -1,10 +1,14 @@
+import functools
 import gzip
 import pickle
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import small_config
 
+from fedbabu.data import datasets
 from fedbabu.data.datasets import (
     fetch_verified,
     load_dataset,
@@ -15,6 +19,7 @@ from fedbabu.data.datasets import (
     read_fmnist,
 )
 from fedbabu.errors import DataError
+from fedbabu.runner import prepare_data
 
 
 def test_cifar10_real_files(cifar10_dir):
@@ -108,11 +113,36 @@ def test_missing_data_says_where_it_looked(tmp_path, monkeypatch):
         load_dataset("cifar10", tmp_path / "nowhere")
 
 
-def test_data_dir_lookup_order(tmp_path, monkeypatch):
-    _write_cifar100(tmp_path / "env" / "cifar-100-python")
-    monkeypatch.setenv("FEDBABU_DATA", str(tmp_path / "env"))
-    with pytest.raises(DataError, match=str(tmp_path / "env")):  # found through $FEDBABU_DATA, counts checked
-        load_dataset("cifar100", None)
+@pytest.fixture
+def three_data_roots(tmp_path, monkeypatch):
+    """Small CIFAR-100 copies under a --data-dir, $FEDBABU_DATA and the user cache; each load names its folder."""
+    roots = {name: tmp_path / name for name in ("given", "env", "cache")}
+    for root in roots.values():
+        _write_cifar100(root / "cifar-100-python")
+    monkeypatch.setenv("FEDBABU_DATA", str(roots["env"]))
+    monkeypatch.setattr(datasets, "default_cache_dir", lambda: roots["cache"])
+    monkeypatch.setattr(datasets, "read_cifar100", functools.partial(read_cifar100, train_total=200, test_total=100))
+    return roots
+
+
+def _loaded_from(dataset):
+    return dataset.provenance.removeprefix("official python-format files in ")
+
+
+def test_data_dir_lookup_order(three_data_roots, monkeypatch):
+    roots = three_data_roots
+    assert _loaded_from(load_dataset("cifar100", roots["given"])) == str(roots["given"] / "cifar-100-python")
+    config = small_config(dataset="cifar100", data_dir=str(roots["given"]))
+    assert _loaded_from(prepare_data(config)) == str(roots["given"] / "cifar-100-python")  # the config key
+    assert _loaded_from(load_dataset("cifar100", None)) == str(roots["env"] / "cifar-100-python")
+    empty = roots["given"].parent / "empty"
+    empty.mkdir()
+    assert _loaded_from(load_dataset("cifar100", empty)) == str(roots["env"] / "cifar-100-python")
+    monkeypatch.delenv("FEDBABU_DATA")
+    assert _loaded_from(load_dataset("cifar100", empty)) == str(roots["cache"] / "cifar-100-python")
+    shutil.rmtree(roots["cache"])
+    with pytest.raises(DataError, match="cifar100: data not found"):
+        load_dataset("cifar100", empty)
 
 
 def test_download_is_md5_verified(tmp_path):

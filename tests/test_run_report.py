@@ -1,12 +1,124 @@
-"""`fedbabu report` rebuilds reports from run files; `--tensorboard` logs the per-round scalars."""
+"""A plain `fedbabu run` leaves the promised run folder; `fedbabu report` rebuilds reports from run files;
+`--tensorboard` logs the per-round scalars; `--quiet` drops the bars but keeps the partition summary."""
 
+import contextlib
+import csv
+import io
 import json
+import math
 
+import numpy as np
 import pytest
+import torch
+import yaml
 from conftest import StopAtRound, small_config
 
 from fedbabu.cli import main
-from fedbabu.runner import run_experiment
+from fedbabu.config import build_config
+from fedbabu.data.partition import Partition
+from fedbabu.engine.simulation import sample_clients
+from fedbabu.runner import partition_for, run_experiment
+
+CLI_SETTINGS = ["--workers", "1", "--set", "rounds=3", "--set", "eval_every=2", "--set", "finetune.epochs=2",
+                "--set", "client_failure_rate=0.5"]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """Two plain `fedbabu run`s of the embedded digits experiment, in-process, their output captured.
+
+    ``quiet``: ``--quiet --tensorboard --seed 3``; ``bars``: the default seed (0) with progress bars.
+    Each maps to (run folder, stdout, stderr).
+    """
+    root = tmp_path_factory.mktemp("cli")
+    runs = {}
+    for name, options in (("quiet", ["--quiet", "--tensorboard", "--seed", "3"]), ("bars", [])):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["run", *options, "--out", str(root / name), *CLI_SETTINGS])
+        assert code == 0, err.getvalue()
+        runs[name] = (root / name, out.getvalue(), err.getvalue())
+    return runs
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_run_folder_of_a_plain_cli_run(cli_runs):
+    folder = cli_runs["quiet"][0]
+    config = build_config(yaml.safe_load((folder / "config.yaml").read_text()))
+    assert (config.seed, config.rounds, config.eval_every, config.num_clients) == (3, 3, 2, 20)
+    assert (config.finetune.epochs, config.client_failure_rate) == (2, 0.5)
+
+    with (folder / "clients.csv").open() as f:
+        header, *rows = list(csv.reader(f))
+    assert header == ["client", "train_size", "test_size", "classes", "initial_accuracy", "accuracy_after_epoch_1",
+                      "accuracy_after_epoch_2"]
+    clients = json.loads((folder / "partition.json").read_text())["clients"]
+    assert [[int(v) for v in r[:4]] for r in rows] == [
+        [c["client"], len(c["train_indices"]), len(c["test_indices"]), int(np.count_nonzero(c["train_label_counts"]))]
+        for c in clients]
+    assert len(rows) == 20
+    accuracies = np.array([[float(v) for v in r[4:]] for r in rows])
+    assert ((accuracies >= 0) & (accuracies <= 1)).all()
+
+    summary = json.loads((folder / "summary.json").read_text())
+    assert {k: summary[k] for k in ("algorithm", "dataset", "model", "rounds", "num_clients", "seed")} == {
+        "algorithm": "fedbabu", "dataset": "digits", "model": "digitcnn", "rounds": 3, "num_clients": 20, "seed": 3}
+    assert summary["finetune"] == {"part": "full", "epochs": 2, "lr": 0.01}
+    for key, column in (("initial_accuracy", 0), ("personalized_accuracy", -1)):
+        assert summary[key] == pytest.approx({"mean": accuracies[:, column].mean(), "std": accuracies[:, column].std()},
+                                             abs=1e-6)
+
+    metrics = _jsonl(folder / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    assert [m["lr"] for m in metrics] == [config.lr_at(r) for r in range(3)]
+    assert [m["clients"] for m in metrics] == [sample_clients(3, r, 20, 0.5) for r in range(3)]
+    assert all(math.isfinite(m["train_loss"]) and m["train_loss"] > 0 for m in metrics)
+    assert ["test_accuracy" in m for m in metrics] == [False, True, True]  # every eval_every rounds, and the last
+    assert metrics[-1]["test_accuracy"] == pytest.approx(summary["initial_accuracy"]["mean"], abs=1e-6)
+    assert not any("seconds" in m for m in metrics)
+    timing = _jsonl(folder / "timing.jsonl")
+    assert [t["round"] for t in timing] == [1, 2, 3] and all(t["seconds"] > 0 for t in timing)
+    assert summary["wall_time_s"] >= sum(t["seconds"] for t in timing) - 0.01
+
+    state = torch.load(folder / "model.pt", weights_only=True)
+    assert {k.split(".")[0] for k in state} == {"body", "head"}
+    for plot in ("rounds.png", "clients.png", "finetune.png"):
+        data = (folder / plot).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000, plot
+    report = (folder / "report.md").read_text()
+    assert report.startswith("# fedbabu on digits (digitcnn)") and "20 clients, 3 rounds, seed 3" in report
+
+
+def test_the_seed_option_draws_another_partition_and_is_recorded(cli_runs, digits):
+    partitions = {}
+    for name, seed in (("quiet", 3), ("bars", 0)):
+        folder = cli_runs[name][0]
+        config = build_config(yaml.safe_load((folder / "config.yaml").read_text()))
+        assert config.seed == seed and json.loads((folder / "summary.json").read_text())["seed"] == seed
+        partitions[name] = Partition.load(folder / "partition.json")
+        drawn = partition_for(config, digits)
+        assert all(np.array_equal(a, b) for a, b in zip(partitions[name].train, drawn.train, strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(partitions["quiet"].train, partitions["bars"].train,
+                                                          strict=True))
+
+
+def test_quiet_keeps_the_partition_summary_and_drops_the_bars(cli_runs):
+    folder, out, err = cli_runs["quiet"]
+    line = f"fedbabu: {Partition.load(folder / 'partition.json').summary()}"
+    assert line.startswith("fedbabu: partition shards: 20 clients, classes per client mean ")
+    assert out.splitlines()[0] == line
+    assert err == ""  # no bars (they draw on stderr) and no warnings in this run
+    assert "fedbabu rounds" not in out and "fedbabu personalize" not in out and "run folder: " in out
+
+    folder, _, err = cli_runs["bars"]
+    assert err.splitlines()[0] == f"fedbabu: {Partition.load(folder / 'partition.json').summary()}"
+    last = _jsonl(folder / "metrics.jsonl")[-1]
+    bar, = (row for row in err.splitlines() if row.startswith("fedbabu rounds"))
+    assert "3/3" in bar and f"lr {last['lr']:.4g} loss {last['train_loss']:.3f}" in bar
+    assert any(row.startswith("fedbabu personalize") and "20/20" in row for row in err.splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +185,14 @@ def test_tensorboard_gets_every_round_once_even_after_a_resume(digits, tmp_path,
     assert [e.value for e in events.Scalars("faults/rejected_updates")] == [0, 0, 0, 0]
 
 
-def test_tensorboard_flag_of_the_cli(tmp_path, capsys):
+def test_tensorboard_flag_of_the_cli(cli_runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    folder = tmp_path / "run"
-    assert main(["run", "--quiet", "--tensorboard", "--out", str(folder), "--workers", "1", "--set", "rounds=2",
-                 "--set", "finetune.epochs=1", "--set", "client_failure_rate=0.5"]) == 0
+    folder = cli_runs["quiet"][0]
     events = EventAccumulator(str(folder / "tensorboard"))
     events.Reload()
-    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    metrics = _jsonl(folder / "metrics.jsonl")
     assert [e.value for e in events.Scalars("faults/dropped_clients")] == [m["dropped"] for m in metrics]
-    assert [e.step for e in events.Scalars("train/lr")] == [1, 2]
+    assert any(m["dropped"] for m in metrics)
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3]
+    assert not (cli_runs["bars"][0] / "tensorboard").exists()

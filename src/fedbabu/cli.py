@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from rich.console import Console
@@ -19,6 +19,9 @@ from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.engine.pool import WorkerError
 from fedbabu.errors import UserError
 from fedbabu.flower.commands import add_flower_parser, run_flower_command
+
+if TYPE_CHECKING:
+    from fedbabu.progress import PartitionSummary
 
 
 class _Parser(argparse.ArgumentParser):
@@ -151,12 +154,21 @@ def _print_table(console: Console, rows: list[dict[str, Any]], title: str) -> No
     console.print(table)
 
 
+def _progress(label: str, quiet: bool) -> PartitionSummary:
+    """Progress bars on stderr, or with ``--quiet`` the partition summary line alone.
+
+    A quiet run prints that line on stdout, with the results table, so its stderr holds only
+    warnings and errors.
+    """
+    from fedbabu.progress import PartitionSummary, RichProgress
+
+    return PartitionSummary(label) if quiet else RichProgress(label)
+
+
 def _observers(args: argparse.Namespace, label: str, folder: Path) -> Any:
-    from fedbabu.progress import RichProgress
     from fedbabu.results.live import ObserverGroup, TensorBoardObserver
 
-    return ObserverGroup(None if args.quiet else RichProgress(label),
-                         TensorBoardObserver(folder) if args.tensorboard else None)
+    return ObserverGroup(_progress(label, args.quiet), TensorBoardObserver(folder) if args.tensorboard else None)
 
 
 def _show_run(experiment: Any, config: Config, console: Console) -> None:
@@ -222,7 +234,6 @@ def _cmd_report(args: argparse.Namespace, console: Console) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
-    from fedbabu.progress import RichProgress
     from fedbabu.runner import default_out_dir, run_comparison
 
     config = _config_from(args)
@@ -230,8 +241,8 @@ def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
     seeds = _parse_list(args.seeds, "--seeds", int) if args.seeds else None
     out = args.out or default_out_dir("compare")
 
-    def observer_for(algorithm: str, seed: int) -> RichProgress | None:
-        return None if args.quiet else RichProgress(f"{algorithm} seed {seed}")
+    def observer_for(algorithm: str, seed: int) -> PartitionSummary:
+        return _progress(f"{algorithm} seed {seed}", args.quiet)
 
     comparison = run_comparison(config, algorithms, out, seeds, observer_for, overwrite=args.overwrite)
     title = (f"{config.dataset} {config.resolved_model()}: {config.num_clients} clients, {config.rounds} rounds, "
@@ -241,7 +252,6 @@ def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
-    from fedbabu.progress import RichProgress
     from fedbabu.reproduce import cells, list_presets, run_preset
 
     if args.name.lower() == "list":
@@ -257,7 +267,7 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     out = args.out or Path("runs") / "reproduce" / f"{args.name}-{args.scale}"
     out.mkdir(parents=True, exist_ok=True)
     run_preset(args.name, out, args.scale, seeds, args.overrides,
-               observer_for=None if args.quiet else RichProgress,
+               observer_for=lambda label: _progress(label, args.quiet),
                log=lambda line: console.print(line, soft_wrap=True, highlight=False))
     console.print(f"results: {out / 'results.md'}")
 

@@ -152,11 +152,22 @@ class Config(_Strict):
         return int(self.workers)
 
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            import torch
+        """The device the run computes on: ``auto`` takes CUDA when torch sees it, else the CPU.
 
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        An explicit ``cuda`` without a usable CUDA device is a user mistake, not a crash deep in the
+        first round: it is refused here, and the runner asks before it touches a run folder.
+        """
+        if self.device == "cpu":
+            return "cpu"
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        if self.device == "auto":
+            return "cpu"
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+        raise UserError(f"device: cuda requested but torch sees no CUDA device (this torch build: {build}, "
+                        f"torch {torch.__version__}); use device=cpu or auto")
 
     def augment_enabled(self) -> bool:
         """Crop and flip are the CIFAR recipe; they would distort digits and clothing items."""
@@ -238,6 +249,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, nested sections key by key.
+
+    So ``--set finetune.lr=0.1`` changes one key of the file's ``finetune`` section and keeps the others.
+    """
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
