@@ -465,3 +465,15 @@ def test_bad_arguments_raise_value_errors_naming_the_argument(message, digit_dat
     assert str(err.value).startswith(message), str(err.value)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "runs").exists(), "a refused call must not leave a run folder"
+
+
+def test_a_used_or_wrong_out_names_the_api_arguments(tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "mine.txt").write_text("mine")
+    with pytest.raises(ValueError, match=rf"^out {used}: folder is not empty; pass overwrite=True to replace"):
+        fedbabu.run(tiny(), out=used, progress=False)
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ValueError, match=rf"^out {tmp_path / 'a-file'}: exists and is not a folder$"):
+        fedbabu.compare(tiny(), out=tmp_path / "a-file", progress=False)
+    assert [p.name for p in used.iterdir()] == ["mine.txt"] and (tmp_path / "a-file").read_text() == "mine"

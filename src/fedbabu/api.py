@@ -36,6 +36,7 @@ from fedbabu.engine.simulation import ModelFactory, Observer, config_model
 from fedbabu.errors import UserError
 from fedbabu.models import BodyHead
 from fedbabu.models.custom import ModelSpec, check_body_head, example_batch, model_factory
+from fedbabu.results.files import check_output_dir
 from fedbabu.runner import Experiment, default_out_dir, prepare_data, run_comparison, run_experiment
 
 ConfigLike = Config | str | Path | None
@@ -263,6 +264,8 @@ def run(config: ConfigLike = None, *, data: Any = None, model: ModelSpec | None 
             for silence; or your own :class:`~fedbabu.engine.simulation.Observer`.
     """
     _check_progress(progress)
+    if out is not None:
+        check_output_dir(Path(out), overwrite, "out", "overwrite=True")
     setup = _setup(config, data, model, head)
     folder = Path(out) if out is not None else default_out_dir(setup.config.algorithm)
     experiment = run_experiment(setup.config, folder, _observer(progress, setup.config.algorithm), overwrite,
@@ -290,6 +293,8 @@ def compare(config: ConfigLike = None, algorithms: Sequence[str] = ("fedavg", "f
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise UserError(f"seeds: expected a list of integers >= 0, got {seeds!r}")
     _check_progress(progress)
+    if out is not None:
+        check_output_dir(Path(out), overwrite, "out", "overwrite=True")
     setup = _setup(config, data, model, head)
     folder = Path(out) if out is not None else default_out_dir("compare")
 

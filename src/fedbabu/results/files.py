@@ -93,14 +93,19 @@ def write_csv(path: Path, header: list[str], rows: Iterable[list[Any]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def check_output_dir(path: Path, overwrite: bool = False) -> None:
-    """Refuse a path that is not a folder, or a non-empty folder unless the user said ``--overwrite``."""
+def check_output_dir(path: Path, overwrite: bool = False, argument: str = "--out",
+                     overwrite_flag: str = "--overwrite") -> None:
+    """Refuse a path that is not a folder, or a non-empty folder unless the user said ``--overwrite``.
+
+    ``argument`` and ``overwrite_flag`` name the option as the caller's user wrote it (the Python API
+    says ``out=`` and ``overwrite=True``).
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path}: exists and is not a folder")
+        raise UserError(f"{argument} {path}: exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"--out {path}: folder is not empty; pass --overwrite to replace its run, or choose "
-                        "another folder")
+        raise UserError(f"{argument} {path}: folder is not empty; pass {overwrite_flag} to replace its run, or "
+                        "choose another folder")
 
 
 def prepare_output_dir(path: Path, overwrite: bool = False) -> Path:
