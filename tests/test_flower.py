@@ -8,7 +8,9 @@ compare with ``torch.equal`` rather than a tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import json
 import math
 import os
@@ -16,26 +18,31 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, load_config
 from fedbabu.data.datasets import load_digits
+from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
+from fedbabu.flower import client as node_app
 from fedbabu.flower.certs import make_credentials
 from fedbabu.flower.client import app as client_app
-from fedbabu.flower.launch import flower_env, free_port, stop, wait_for_port
+from fedbabu.flower.launch import flower_env, free_port, stop, stop_reason, wait_for_port
 from fedbabu.flower.server import run_on_grid
+from fedbabu.flower.wire import experiment_record
 from fedbabu.models import build_model
 from fedbabu.results.files import load_tensors
-from fedbabu.runner import run_experiment
+from fedbabu.runner import partition_for, run_experiment
 
 pytestmark = pytest.mark.flower
 
@@ -59,11 +66,19 @@ def read_clients(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def initial_head(config: Config) -> dict[str, torch.Tensor]:
+def initial_model(config: Config) -> dict[str, torch.Tensor]:
     digits = load_digits()
     model = build_model(config.resolved_model(), digits.channels, digits.image_size, digits.num_classes,
                         config.head_init, config.seed)
-    return {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def initial_head(config: Config) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in initial_model(config).items() if k.startswith("head.")}
+
+
+def read_records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- in-process: the strategy and the ClientApp wired by a loopback grid -----------------------
@@ -73,7 +88,9 @@ class LoopbackGrid(Grid):
     """Delivers each message to the ClientApp in this process; one persistent Context per node.
 
     It exercises the real strategy and ClientApp code (records, message types, ``context.state``)
-    without processes, so exact equality with the simulator is cheap to check.
+    without processes, so exact equality with the simulator is cheap to check. As Flower does, an
+    exception in the ClientApp becomes an error reply. The train replies of the nodes in
+    ``poisoned`` have every shared value replaced by NaN (a broken device).
     """
 
     def __init__(self, num_clients: int) -> None:
@@ -84,6 +101,7 @@ class LoopbackGrid(Grid):
             for i in range(num_clients)
         }
         self.sent: list[Message] = []
+        self.poisoned: set[int] = set()
 
     def set_run(self, run: object) -> None:
         self._run = run
@@ -109,7 +127,17 @@ class LoopbackGrid(Grid):
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id
             self.sent.append(message)
-            replies.append(client_app(message, self.contexts[message.metadata.dst_node_id]))
+            node = message.metadata.dst_node_id
+            try:
+                reply = client_app(message, self.contexts[node])
+            except Exception as err:
+                error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err)}:<'{err}'>")
+                replies.append(Message(error, reply_to=message))
+                continue
+            if node in self.poisoned and message.metadata.message_type == "train":
+                arrays = reply.content["arrays"].to_torch_state_dict()
+                reply.content["arrays"] = ArrayRecord({k: torch.full_like(v, math.nan) for k, v in arrays.items()})
+            replies.append(reply)
         return replies
 
 
@@ -188,13 +216,142 @@ def test_every_algorithm_equals_the_simulator_with_personal_state_on_the_node(al
     assert {name.split(".", 1)[0] for name in sent} <= shared
 
 
-def test_node_with_wrong_partition_count_is_refused(tmp_path: Path) -> None:
+def test_node_with_wrong_partition_count_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:
+    """The node's ClientApp refuses the query (an error reply, as on Flower); the server records the refusal,
+    never sends the node work, and the run equals the simulator's without it."""
     config = small_config()
     grid = LoopbackGrid(3)
     grid.contexts[9999] = Context(run_id=1, node_id=9999, node_config={"partition-id": 0, "num-partitions": 5},
                                   state=RecordDict(), run_config={})
-    with pytest.raises(UserError, match="num-partitions=5"):
-        run_on_grid(grid, config, tmp_path, min_nodes=3, timeout=60)
+    summary = run_on_grid(grid, config, tmp_path, min_nodes=3, timeout=60)
+    refusals = summary["flower"]["failures"]
+    assert [(f["stage"], f["node"]) for f in refusals] == [("query", 9999)]
+    assert "num-partitions=5 but the experiment has num_clients=3" in refusals[0]["reason"]
+    assert [m.metadata.message_type for m in grid.sent if m.metadata.dst_node_id == 9999] == ["query"]
+    assert [r["clients"] for r in read_records(tmp_path)] == [[0, 1, 2], [0, 1, 2]]
+    assert summary["flower"]["clients_personalized"] == 3
+    state = load_tensors(tmp_path / "model.pt")
+    for name, tensor in simulator_run(config).final_state.items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_nan_update_is_rejected_counted_and_the_model_stays_finite(tmp_path: Path) -> None:
+    """Client 1 returns NaN every round: screened out by the simulator's rules, logged, counted; its
+    personal head (FedPer) is never kept, since none of its updates was accepted."""
+    config = small_config("algorithm=fedper", "eval_every=1")
+    grid = LoopbackGrid(3)
+    grid.poisoned = {7001}
+    summary = run_on_grid(grid, config, tmp_path, min_nodes=3, timeout=60)
+    records = read_records(tmp_path)
+    assert [r["rejected"] for r in records] == [1, 1]
+    assert [r["clients"] for r in records] == [[0, 1, 2], [0, 1, 2]]
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["test_accuracy"]) for r in records)
+    assert [(r["round"], r["client"]) for r in summary["flower"]["rejected"]] == [(1, 1), (2, 1)]
+    assert all("non-finite" in r["reason"] for r in summary["flower"]["rejected"])
+    assert "round 1: rejected the update of client 1: non-finite" in (tmp_path / "events.log").read_text()
+    state = load_tensors(tmp_path / "model.pt")
+    assert all(torch.isfinite(t).all() for t in state.values())
+    body = [name for name in state if name.startswith("body.")]
+    assert any(not torch.equal(state[n], initial_model(config)[n]) for n in body)
+    kept = {i: "personal" in ctx.state.array_records for i, ctx in enumerate(grid.contexts.values())}
+    assert kept == {0: True, 1: False, 2: True}
+
+
+def test_every_update_nan_stops_the_run_with_the_simulator_message(tmp_path: Path) -> None:
+    grid = LoopbackGrid(3)
+    grid.poisoned = set(grid.contexts)
+    message = r"round 1: training diverged \(every client update of the round held NaN or inf\)"
+    with pytest.raises(TrainingDiverged, match=message):
+        run_on_grid(grid, small_config(), tmp_path, min_nodes=3, timeout=60)
+    assert "ERROR round 1: training diverged" in (tmp_path / "events.log").read_text()
+    assert stop_reason(tmp_path) == ("round 1: training diverged (every client update of the round held NaN or "
+                                     "inf); lower lr or check the data")
+
+
+def test_max_update_norm_rejects_large_updates_and_keeps_the_model(tmp_path: Path) -> None:
+    config = small_config("max_update_norm=1e-6", "rounds=1", "finetune.epochs=0")
+    summary = run_on_grid(LoopbackGrid(3), config, tmp_path, min_nodes=3, timeout=60)
+    (record,) = read_records(tmp_path)
+    assert record["rejected"] == 3 and record["train_loss"] is None
+    assert all("exceeds max_update_norm 1e-06" in r["reason"] for r in summary["flower"]["rejected"])
+    state = load_tensors(tmp_path / "model.pt")
+    for name, tensor in initial_model(config).items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_client_failure_rate_drops_the_simulators_clients(tmp_path: Path) -> None:
+    """The same seeded dropouts as ``fedbabu run``: same counts per round, same final model, bit for bit."""
+    config = small_config("algorithm=fedper", "client_failure_rate=0.5", "rounds=3", "eval_every=1")
+    grid = LoopbackGrid(3)
+    summary = run_on_grid(grid, config, tmp_path, min_nodes=3, timeout=60)
+    reference = simulator_run(config)
+    records = read_records(tmp_path)
+    assert [r["dropped"] for r in records] == [m["dropped"] for m in reference.metrics]
+    assert 0 < sum(r["dropped"] for r in records) < 9
+    rounds = [m.content["config"]["round-index"] for m in grid.sent if m.metadata.message_type == "train"]
+    trained = [rounds.count(i) for i in range(3)]
+    assert trained == [3 - r["dropped"] for r in records]
+    state = load_tensors(tmp_path / "model.pt")
+    for name, tensor in reference.final_state.items():
+        assert torch.equal(state[name], tensor), name
+    assert [r["test_accuracy"] for r in records] == pytest.approx([m["test_accuracy"] for m in reference.metrics])
+    assert summary["flower"]["failures"] == []
+
+
+def test_server_waits_for_nodes_only_until_the_round_timeout(tmp_path: Path) -> None:
+    """Node 2 never connects: after the deadline the run goes on with two nodes and records the shortfall."""
+    grid = LoopbackGrid(3)
+    del grid.contexts[7002]
+    started = time.monotonic()
+    summary = run_on_grid(grid, small_config(), tmp_path, min_nodes=3, timeout=0.5)
+    assert time.monotonic() - started < 30
+    connect = [f for f in summary["flower"]["failures"] if f["stage"] == "connect"]
+    assert [f["reason"] for f in connect] == [
+        "only 2 of the 3 nodes waited for (min-nodes) connected within 0.5 s; going on with them"]
+    assert [r["clients"] for r in read_records(tmp_path)] == [[0, 1], [0, 1]]
+    assert summary["flower"]["clients_personalized"] == 2
+
+
+def test_server_without_any_node_stops_with_one_line(tmp_path: Path) -> None:
+    grid = LoopbackGrid(3)
+    grid.contexts.clear()
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"^no SuperNode serving a client connected within 0.3 s \(round-timeout\)"):
+        run_on_grid(grid, small_config(), tmp_path, min_nodes=3, timeout=0.3)
+    assert time.monotonic() - started < 5
+
+
+def test_node_keeps_only_its_own_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After cutting the seeded partition the node holds its client's samples and no reference to the rest."""
+    import fedbabu.runner
+
+    config = small_config()
+    full: list[weakref.ref] = []
+    read = fedbabu.runner.prepare_data
+
+    def watched(cfg: Config):
+        dataset = read(cfg)
+        full.extend(weakref.ref(t) for t in (dataset.train_x, dataset.train_y, dataset.test_x, dataset.test_y))
+        return dataset
+
+    monkeypatch.setattr(fedbabu.runner, "prepare_data", watched)
+    monkeypatch.setattr(node_app, "_SHARES", {})
+    grid = LoopbackGrid(3)
+    message = Message(RecordDict({"config": experiment_record(config)}), 7001, "evaluate")
+    data = node_app.client_for(message, grid.contexts[7001]).data
+    gc.collect()
+    assert len(full) == 4 and all(ref() is None for ref in full), "the full dataset is still referenced"
+    digits = load_digits()
+    partition = partition_for(config, digits)
+    share = data.dataset
+    assert list(node_app._SHARES.values()) == [share]
+    train, test = partition.train[1], partition.test[1]
+    assert (share.train_x.shape[0], share.test_x.shape[0]) == (len(train), len(test)) == (data.num_train, data.num_test)
+    assert share.train_x.shape[0] < digits.train_x.shape[0]
+    assert torch.equal(share.train_x, digits.train_x[torch.as_tensor(train)])
+    assert torch.equal(share.train_y, digits.train_y[torch.as_tensor(train)])
+    assert torch.equal(share.test_x, digits.test_x[torch.as_tensor(test)])
+    assert torch.equal(share.test_y, digits.test_y[torch.as_tensor(test)])
 
 
 def test_certificates_and_keys(tmp_path: Path) -> None:
@@ -227,19 +384,60 @@ def test_flower_sim_refuses_bad_cpus_in_one_line(tmp_path: Path) -> None:
         "error: --cpus-per-client: expected an integer >= 1 (Flower reserves whole cores), got 0"]
 
 
+def test_stop_kills_a_descendant_in_its_own_session_that_ignores_sigterm(tmp_path: Path) -> None:
+    """Like the SuperExec a SuperLink starts: a group signal misses it, so ``stop`` finds it by parent PID."""
+    script = ("import signal, subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(120)'], "
+              "start_new_session=True, stdout=subprocess.PIPE)\n"
+              "child.stdout.readline()\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert os.getsid(child) == child != os.getsid(parent.pid)
+        started = time.monotonic()
+        stop(parent, grace=1, group=True)
+        assert parent.returncode == -signal.SIGTERM
+        stat = Path(f"/proc/{child}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        assert time.monotonic() - started < 5
+    finally:
+        parent.stdout.close()
+        for pid in (parent.pid, child):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait()
+
+
 # --- Flower's simulation engine (Ray) -----------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_ray_simulation_fedbabu_four_virtual_clients(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["fedbabu", "fedper"])
+def test_ray_simulation_four_virtual_clients_equals_the_simulator(algorithm: str, tmp_path: Path) -> None:
+    """Two rounds on Ray equal ``fedbabu run`` bit for bit. FedPer's heads live only in each virtual
+    client's ``context.state``: the round-2 body (trained on top of them) and the personalization
+    curves (starting from them) can only match if that state survived between rounds."""
     out = tmp_path / "run"
-    overrides = ["num_clients=4", "partition=shards", "shards_per_client=5", "rounds=2", "client_fraction=1.0",
-                 "finetune.epochs=2", "eval_every=1"]
+    overrides = [f"algorithm={algorithm}", "num_clients=4", "partition=shards", "shards_per_client=5", "rounds=2",
+                 "client_fraction=1.0", "finetune.epochs=2", "eval_every=1"]
     command = [sys.executable, "-m", "fedbabu", "flower", "sim", "--quiet", "--out", str(out)]
     for override in overrides:
         command += ["--set", override]
-    done = subprocess.run(command, capture_output=True, text=True, env=flower_env(tmp_path / "home"), timeout=400)
-    assert done.returncode == 0, done.stdout + done.stderr + (out / "flower.log").read_text()
+    with (tmp_path / "sim.log").open("w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                   env=flower_env(tmp_path / "home"), start_new_session=True)
+        try:
+            returncode = process.wait(400)
+        finally:
+            stop(process, grace=10, group=True)
+        log.seek(0)
+        output = log.read()
+    flower_log = out / "flower.log"
+    assert returncode == 0, output + (flower_log.read_text() if flower_log.exists() else "")
     summary = json.loads((out / "summary.json").read_text())
     config = load_config(None, overrides)
     state = load_tensors(out / "model.pt")
@@ -247,10 +445,12 @@ def test_ray_simulation_fedbabu_four_virtual_clients(tmp_path: Path) -> None:
         assert torch.equal(state[name], tensor), f"{name} moved"
     assert summary["initial_accuracy"]["mean"] > 0.5  # 5 of 10 classes per client: chance is 0.2
     assert summary["personalized_accuracy"]["mean"] > 0.5
-    assert len(read_clients(out)) == 4
+    assert summary["flower"]["failures"] == [] and summary["flower"]["rejected"] == []
     reference = simulator_run(config)
     for name, tensor in reference.final_state.items():
         assert torch.equal(state[name], tensor), name
+    curves = [[float(v) for v in list(row.values())[4:]] for row in read_clients(out)]
+    assert curves == [pytest.approx(c["accuracies"], abs=1e-6) for c in reference.clients]
 
 
 # --- real processes: SuperLink + SuperNodes with TLS and node authentication ---------------------
@@ -332,15 +532,9 @@ class Deployment:
         return (self.root / name).read_text(errors="replace")
 
     def close(self) -> None:
+        """SIGTERM each process group, SIGKILL after 10 s; descendants in other sessions (the SuperExec) too."""
         for process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-            stop(process)
+            stop(process, grace=10, group=True)
 
 
 @pytest.fixture(scope="module")

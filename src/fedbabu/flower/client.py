@@ -6,8 +6,13 @@ Every handler rebuilds the same objects as a simulator worker (model from the sh
 via :func:`~fedbabu.engine.simulation.client_generator`) and then calls
 :meth:`~fedbabu.algorithms.base.Algorithm.client_update`, ``evaluate_client`` or ``personalize``.
 Personal parts (a FedPer head, a Ditto model) stay on the node in ``context.state``; they never
-travel. The node is told which client it is by ``--node-config "partition-id=I num-partitions=N"``
-(the simulation engine sets both by itself).
+travel. As in the simulator, a round's personal parts are kept only if the server aggregated that
+round's update: they wait in ``context.state`` until the next message says so. The node is told
+which client it is by ``--node-config "partition-id=I num-partitions=N"`` (the simulation engine
+sets both by itself).
+
+A node reads the dataset files once to cut the seeded partition (every node must cut the same one),
+then keeps in memory only its own client's training and test samples.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedbabu.algorithms import ALGORITHMS, Algorithm
@@ -36,12 +41,15 @@ from fedbabu.engine.simulation import (
 )
 from fedbabu.errors import UserError
 from fedbabu.flower.wire import (
+    ACCEPTED_ROUND,
     ARRAYS,
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
     NUM_PARTITIONS,
     PARTITION_ID,
+    PENDING,
+    PENDING_ROUND,
     PERSONAL,
     experiment_from,
     to_arrays,
@@ -51,8 +59,11 @@ from fedbabu.models import BodyHead
 
 app = ClientApp()
 
-_LOADED: dict[str, tuple[Dataset, Partition]] = {}
-"""The last (dataset, partition) this process built: the simulation engine reuses processes."""
+_SHARES: dict[tuple[str, int], Dataset] = {}
+"""(experiment, client) -> that client's samples, for the experiment this process last served.
+
+A SuperNode serves one client, so it holds one share; a simulation-engine process serves several
+virtual clients in turn and keeps each one's share (together at most the whole dataset)."""
 
 
 def partition_id(context: Context, config: Config) -> int:
@@ -71,15 +82,21 @@ def partition_id(context: Context, config: Config) -> int:
     return client
 
 
-def _dataset_and_partition(config: Config) -> tuple[Dataset, Partition]:
+def node_share(config: Config, client: int) -> Dataset:
+    """This client's samples; the full dataset is read only to cut the seeded partition, then dropped."""
+    experiment = json.dumps(config.to_plain(), sort_keys=True)
+    if (experiment, client) not in _SHARES:
+        if any(key[0] != experiment for key in _SHARES):
+            _SHARES.clear()
+        _SHARES[experiment, client] = _read_share(config, client)
+    return _SHARES[experiment, client]
+
+
+def _read_share(config: Config, client: int) -> Dataset:
     from fedbabu.runner import partition_for, prepare_data
 
-    key = json.dumps(config.to_plain(), sort_keys=True)
-    if key not in _LOADED:
-        _LOADED.clear()
-        dataset = prepare_data(config)
-        _LOADED[key] = (dataset, partition_for(config, dataset))
-    return _LOADED[key]
+    dataset = prepare_data(config)
+    return own_share(dataset, partition_for(config, dataset), client)
 
 
 def own_share(dataset: Dataset, partition: Partition, client: int) -> Dataset:
@@ -87,6 +104,7 @@ def own_share(dataset: Dataset, partition: Partition, client: int) -> Dataset:
 
     Gathering a batch by position from this copy reads exactly the samples the simulator reads by
     index from the full dataset, so training is bit-identical while the node keeps only its share.
+    The tensors are copies (indexing by a tensor copies), so nothing refers to the full arrays.
     """
     train = torch.as_tensor(partition.train[client], dtype=torch.int64)
     test = torch.as_tensor(partition.test[client], dtype=torch.int64)
@@ -111,15 +129,31 @@ def client_for(message: Message, context: Context) -> Client:
     if "data-dir" in context.node_config:
         config = config.model_copy(update={"data_dir": Path(str(context.node_config["data-dir"]))})
     client = partition_id(context, config)
+    settle_personal(context, message.content[CONFIG])
     tune_process(int(context.node_config.get("threads", 1)))
-    dataset, partition = _dataset_and_partition(config)
-    share = own_share(dataset, partition, client)
+    share = node_share(config, client)
     runtime = runtime_for(config)
     data = ClientData(share, np.arange(share.train_y.shape[0]), np.arange(share.test_y.shape[0]), runtime)
     model = client_model(config, share, runtime)
     if ARRAYS in message.content.array_records:
         load_state(model, to_state(message.content.array_records[ARRAYS]))
     return Client(config, client, data, ALGORITHMS[config.algorithm](config), model)
+
+
+def settle_personal(context: Context, settings: ConfigRecord) -> None:
+    """Keep the last round's personal parts if the server aggregated that round's update, else drop them.
+
+    The simulator keeps a client's personal state only from accepted updates (a rejected or lost
+    update changes nothing); the server says which round it last accepted from this client.
+    """
+    pending = context.state.array_records.get(PENDING)
+    if pending is None:
+        return
+    round_index = int(context.state.config_records[PENDING_ROUND]["round-index"])
+    if int(settings.get(ACCEPTED_ROUND, -1)) == round_index:
+        context.state[PERSONAL] = pending
+    del context.state[PENDING]
+    del context.state[PENDING_ROUND]
 
 
 def personal_state(context: Context) -> dict[str, torch.Tensor]:
@@ -145,13 +179,15 @@ def query(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """One round of the algorithm's local update; only the shared parts go back."""
+    """One round of the algorithm's local update; only the shared parts go back, personal parts wait."""
     c = client_for(message, context)
     settings = message.content[CONFIG]
-    generator = client_generator(c.config.seed, int(settings["round-index"]), c.client, TRAIN_STREAM)
+    round_index = int(settings["round-index"])
+    generator = client_generator(c.config.seed, round_index, c.client, TRAIN_STREAM)
     update = c.algorithm.client_update(c.model, c.data, personal_state(context), float(settings["lr"]), generator)
     if update.personal:
-        context.state[PERSONAL] = to_arrays(update.personal)
+        context.state[PENDING] = to_arrays(update.personal)
+        context.state[PENDING_ROUND] = ConfigRecord({"round-index": round_index})
     return _reply(message, c, {NUM_EXAMPLES: c.data.num_train, "train-loss": update.loss},
                   state_of(c.model, c.algorithm.shared_parts))
 

@@ -8,6 +8,7 @@ naming the fedbabu components; all of it is stopped and removed when the run end
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,15 +94,78 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: floa
     raise RuntimeError(f"{what} did not open 127.0.0.1:{port} within {timeout:.0f} s")
 
 
-def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process (by PID), then SIGKILL if it does not exit within ``grace`` seconds."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+def _start_time(pid: int) -> int | None:
+    """The kernel's start time of a process (``/proc/PID/stat`` field 22), or None once it is gone (or a zombie).
+
+    With the PID it identifies a process for good: a PID reused by a newer process has another start time.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """(PID, start time) of every living descendant of ``pid``, found by parent PID in ``/proc``.
+
+    Flower starts some children in sessions of their own (the SuperExec of a SuperLink, and its
+    apps), so killing a process group does not reach them; they have to be found this way, and
+    before their parent dies (then they are re-parented and can no longer be traced to it).
+    """
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        started = _start_time(child)
+        if started is not None:
+            found.append((child, started))
+            todo.extend(children.get(child, []))
+    return found
+
+
+def stop(process: subprocess.Popen, grace: float = 10.0, group: bool = False) -> None:
+    """SIGTERM the process (by PID), then SIGKILL if it does not exit within ``grace`` seconds.
+
+    With ``group`` (a process started in a session of its own) the signals go to its whole process
+    group. Its descendants, recorded before the signal, get ``grace`` seconds to exit with it
+    (Flower's children watch their parent and stop by themselves); the ones still alive then are
+    SIGKILLed, since Flower starts some of them in sessions of their own that no group signal reaches.
+    """
+    if process.poll() is not None:
+        return
+    family = descendants(process.pid)
+
+    def send(sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(process.pid, sig)
+            else:
+                process.send_signal(sig)
+
+    send(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        process.wait()
+    deadline = time.monotonic() + grace
+    while (alive := [(pid, t) for pid, t in family if _start_time(pid) == t]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid, _ in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace
+    while any(_start_time(pid) == t for pid, t in alive) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @contextmanager
@@ -132,6 +196,14 @@ def run_status(app: Path, connection: str, env: dict[str, str]) -> str:
     except (json.JSONDecodeError, KeyError):
         return f"unknown ({listing.stdout.strip() or listing.stderr.strip()})"
     return str(runs[-1]["status"]) if runs else "no run"
+
+
+def stop_reason(folder: Path) -> str | None:
+    """Why the ServerApp stopped the run (a divergence, no node), from the last error in ``events.log``."""
+    events = folder / "events.log"
+    errors = [line.split(" ERROR ", 1)[1] for line in events.read_text().splitlines()
+              if " ERROR " in line] if events.exists() else []
+    return errors[-1] if errors else None
 
 
 def _tee(stream: TextIO, log: TextIO, echo: bool) -> None:
@@ -177,7 +249,8 @@ def simulate_on_flower(config: Config, out: Path, cpus_per_client: int = 1, over
             status = run_status(app, connection, env)
         summary_path = folder / "summary.json"
         if status != "finished:completed" or not summary_path.exists():
-            raise FlowerRunError(f"flower run ended with status {status}; see {folder / 'flower.log'}")
+            raise FlowerRunError(f"{stop_reason(folder) or f'flower run ended with status {status}'}; see "
+                                 f"{folder / 'flower.log'}")
         return json.loads(summary_path.read_text())
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -12,8 +12,13 @@ what the simulator does differently from plain FedAvg:
 * after the last round every client personalizes (``evaluate.personalize``) and the server
   writes the simulator's run folder (``summary.json``, ``clients.csv``, ...).
 
-A node that fails or disappears is recorded in ``metrics.jsonl`` (``failed``) and in
-``summary.json`` (``flower.failures``); the run goes on with the others.
+The simulator's fault handling applies unchanged (:mod:`fedbabu.engine.faults`): every returned
+update is screened (NaN/inf, shape, dtype, ``max_update_norm``) and a rejected one is logged,
+counted in ``metrics.jsonl`` (``rejected``) and listed in ``summary.json`` (``flower.rejected``);
+``client_failure_rate`` drops the same seeded clients as the simulator (``dropped``); a diverged
+round stops the run with the simulator's message. A node that really fails or disappears is
+recorded in ``metrics.jsonl`` (``failed``) and in ``summary.json`` (``flower.failures``); the run
+goes on with the others. Personal state is not screened here, since it never leaves the node.
 """
 
 from __future__ import annotations
@@ -36,10 +41,19 @@ from torch import nn
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, load_config
+from fedbabu.engine import faults
 from fedbabu.engine.params import Layout, flatten, weighted_mean
-from fedbabu.engine.simulation import RunResult, client_records, config_model, sample_clients
+from fedbabu.engine.simulation import (
+    DROPOUT_STREAM,
+    RunResult,
+    client_records,
+    config_model,
+    sample_clients,
+    stream_seed,
+)
 from fedbabu.errors import UserError
 from fedbabu.flower.wire import (
+    ACCEPTED_ROUND,
     ARRAYS,
     CONFIG,
     METRICS,
@@ -72,17 +86,23 @@ class AlgorithmStrategy(FedAvg):
         self.out = out
         self.layout = Layout(template)
         self.shared = shared_names(self.layout, self.algorithm.shared_parts)
+        self.shared_shapes = [self.layout.shapes[self.layout.names.index(name)] for name in self.shared]
         self.shared_mask = self.layout.mask(self.algorithm.shared_parts)
         self.global_vector = flatten(template)
         self.nodes: dict[int, int] = {}
         """node id -> partition id of every node that answered the query."""
         self.refused: set[int] = set()
         self.failures: list[dict[str, Any]] = []
+        self.rejected: list[dict[str, Any]] = []
+        self.accepted_round: dict[int, int] = {}
+        """client -> the last round index whose update was aggregated: the node keeps that round's personal parts."""
         self.metrics: list[dict[str, Any]] = []
         self.bytes_down = 0
         self.bytes_up = 0
         self._record: dict[str, Any] = {}
         self._outbox: list[Message] = []
+        self._targets: list[int] = []
+        """Clients this round's train messages went to (the sample less dropouts and absent nodes)."""
         self._tick = 0.0
 
     # --- the model on the wire ----------------------------------------------------------------
@@ -121,11 +141,38 @@ class AlgorithmStrategy(FedAvg):
         return client
 
     def connected_clients(self, grid: Grid) -> dict[int, int]:
-        """partition id -> node id of the connected nodes; asks new nodes who they are."""
-        while len(connected := set(grid.get_node_ids())) < self.min_available_nodes:
-            log(INFO, "fedbabu: waiting for nodes: %d connected, %d required", len(connected),
+        """partition id -> node id of the connected nodes that serve a client; asks new nodes who they are.
+
+        Waits at most the round timeout for ``min_available_nodes`` of them, so that a node that never
+        comes cannot hold the run forever. When the time is up the run goes on with the nodes it has
+        (and later waits only for that many), or stops with one line if it has none.
+        """
+        deadline = time.monotonic() + self.timeout
+        while len(online := self._identify(grid)) < self.min_available_nodes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self._short_of_nodes(online)
+            log(INFO, "fedbabu: waiting for nodes: %d serving a client, %d required", len(online),
                 self.min_available_nodes)
-            time.sleep(WAIT_POLL_S)
+            time.sleep(min(WAIT_POLL_S, left))
+        return online
+
+    def _short_of_nodes(self, online: dict[int, int]) -> dict[int, int]:
+        if not online:
+            message = (f"no SuperNode serving a client connected within {self.timeout:g} s (round-timeout); start "
+                       "the SuperNodes with --node-config \"partition-id=I num-partitions=N\" or raise round-timeout")
+            faults.log.error(message)
+            raise UserError(message)
+        reason = (f"only {len(online)} of the {self.min_available_nodes} nodes waited for (min-nodes) connected "
+                  f"within {self.timeout:g} s; going on with them")
+        log(WARNING, "fedbabu: %s", reason)
+        self.failures.append({"stage": "connect", "node": None, "client": None, "reason": reason})
+        self.min_available_nodes = len(online)
+        return online
+
+    def _identify(self, grid: Grid) -> dict[int, int]:
+        """Query the nodes not seen before; a node that fails the query (wrong experiment) is refused for good."""
+        connected = set(grid.get_node_ids())
         unknown = sorted(connected - set(self.nodes) - self.refused)
         if unknown:
             record = RecordDict({CONFIG: experiment_record(self.config)})
@@ -145,62 +192,110 @@ class AlgorithmStrategy(FedAvg):
                 self.nodes[node] = client
         return {client: node for node, client in self.nodes.items() if node in connected}
 
-    def _messages(self, nodes: Iterable[int], message_type: str, config: ConfigRecord,
-                  arrays: ArrayRecord | None) -> list[Message]:
-        content = RecordDict({CONFIG: config} if arrays is None else {ARRAYS: arrays, CONFIG: config})
-        return [Message(content, node, message_type) for node in nodes]
+    def _messages(self, online: dict[int, int], clients: Iterable[int], message_type: str,
+                  arrays: ArrayRecord | None, **entries: int | float | str) -> list[Message]:
+        """One message per client; each tells its node which of its rounds was last aggregated."""
+        messages = []
+        for client in clients:
+            config = experiment_record(self.config, **entries,
+                                       **{ACCEPTED_ROUND: self.accepted_round.get(client, -1)})
+            content = RecordDict({CONFIG: config} if arrays is None else {ARRAYS: arrays, CONFIG: config})
+            messages.append(Message(content, online[client], message_type))
+        return messages
 
     # --- training -----------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """The simulator's sample for this round, restricted to the clients whose node is connected."""
+        """The simulator's sample for this round, less its seeded dropouts, restricted to the connected clients."""
         self._tick = time.perf_counter()
         round_index = server_round - 1
         online = self.connected_clients(grid)
         sampled = sample_clients(self.config.seed, round_index, self.config.num_clients, self.config.client_fraction)
-        absent = [c for c in sampled if c not in online]
+        dropped = faults.dropped_clients(sampled, self.config.client_failure_rate,
+                                         stream_seed(self.config.seed, round_index, 0, DROPOUT_STREAM))
+        absent = [c for c in sampled if c not in online and c not in dropped]
         for client in absent:
             self.failures.append({"stage": f"round {server_round}", "node": None, "client": client,
                                   "reason": "no connected node serves this client"})
         lr = self.config.lr_at(round_index)
-        self._record = {"round": server_round, "lr": lr, "sampled": sampled, "failed": list(absent)}
-        record = experiment_record(self.config, **{"round-index": round_index, "lr": lr})
-        targets = [online[c] for c in sampled if c in online]
-        self.bytes_down += arrays.count_bytes() * len(targets)
-        self._record["bytes_down"] = arrays.count_bytes() * len(targets)
-        self._outbox = self._messages(targets, MessageType.TRAIN, record, arrays)
+        self._record = {"round": server_round, "lr": lr, "sampled": sampled, "failed": list(absent),
+                        "dropped": len(dropped)}
+        self._targets = [c for c in sampled if c in online and c not in dropped]
+        self.bytes_down += arrays.count_bytes() * len(self._targets)
+        self._record["bytes_down"] = arrays.count_bytes() * len(self._targets)
+        self._outbox = self._messages(online, self._targets, MessageType.TRAIN, arrays,
+                                      **{"round-index": round_index, "lr": lr})
         return self._outbox
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the shared parts of the replies (sorted by client) with the simulator's weighted mean."""
-        valid, errors = self._check_and_log_replies(list(replies), is_train=True)
+        """Screen the replies as the simulator does, then average the accepted ones (sorted by client).
+
+        Uses the simulator's weighted mean in client order, so the result never depends on which reply
+        arrived first; stops the run (:class:`~fedbabu.engine.faults.TrainingDiverged`) when it diverged.
+        """
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         for reply in errors:
             self._record["failed"].append(self._fail(f"round {server_round}", reply))
         valid.sort(key=lambda m: int(m.content[METRICS][PARTITION_ID]))
         clients = [int(m.content[METRICS][PARTITION_ID]) for m in valid]
-        weights = [int(m.content[METRICS][NUM_EXAMPLES]) for m in valid]
-        losses = [float(m.content[METRICS]["train-loss"]) for m in valid]
-        silent = [c for c in self._record["sampled"] if c not in clients and c not in self._record["failed"]]
+        silent = [c for c in self._targets if c not in clients and c not in self._record["failed"]]
         for client in silent:
             self._record["failed"].append(client)
             self.failures.append({"stage": f"round {server_round}", "node": None, "client": client,
                                   "reason": f"no reply within the round timeout ({self.timeout:g} s)"})
-        up = sum(m.content[ARRAYS].count_bytes() for m in valid)
+        screening, vectors = self._screen(server_round, clients, valid)
+        accepted = [valid[i] for i in screening.accepted]
+        weights = [int(m.content[METRICS][NUM_EXAMPLES]) for m in accepted]
+        losses = [float(m.content[METRICS]["train-loss"]) for m in accepted]
+        up = sum(m.content[ARRAYS].count_bytes() for m in valid if ARRAYS in m.content.array_records)
         self.bytes_up += up
         self._record.update({
             "train_loss": float(np.average(losses, weights=weights)) if losses else math.nan,
             "clients": clients,
+            "rejected": len(screening.rejected),
             "bytes_up": up,
         })
-        if not valid:
+        if self.shared and accepted:
+            self.global_vector[self.shared_mask] = weighted_mean([vectors[i] for i in screening.accepted], weights)
+        for message in accepted:
+            self.accepted_round[int(message.content[METRICS][PARTITION_ID])] = server_round - 1
+        faults.check_divergence(server_round, screening, bool(torch.isfinite(self.global_vector).all()),
+                                self._record["train_loss"])
+        if not accepted:
+            faults.log.warning("round %d: no client update arrived or was accepted; the global model of round %d "
+                               "is kept", server_round, server_round - 1)
             return None, None
-        if self.shared:
-            vectors = [to_vector(m.content[ARRAYS], self.shared) for m in valid]
-            self.global_vector[self.shared_mask] = weighted_mean(vectors, weights)
-        metrics = MetricRecord({"train-loss": self._record["train_loss"], "clients": len(valid)})
+        metrics = MetricRecord({"train-loss": self._record["train_loss"], "clients": len(accepted)})
         return self._arrays(), metrics
+
+    def _screen(self, server_round: int, clients: list[int],
+                replies: list[Message]) -> tuple[faults.Screening, list[torch.Tensor]]:
+        """The simulator's screening of the replies' shared parameters (the server never sees personal state).
+
+        A reply whose arrays do not even decode into the shared parameters is rejected with that reason;
+        the others go through :func:`~fedbabu.engine.faults.screen_round` against the current global model.
+        """
+        malformed: dict[int, str] = {}
+        decoded: list[int] = []
+        vectors: list[torch.Tensor] = []
+        for position, (client, reply) in enumerate(zip(clients, replies, strict=True)):
+            try:
+                vectors.append(to_vector(reply.content.array_records[ARRAYS], self.shared, self.shared_shapes))
+                decoded.append(position)
+            except (KeyError, ValueError) as err:
+                malformed[client] = f"malformed reply: {err}"
+                faults.log.warning("round %d: rejected the update of client %d: %s", server_round, client,
+                                   malformed[client])
+        reference = self.global_vector[self.shared_mask].numpy()
+        screening = faults.screen_round(server_round, [clients[i] for i in decoded], [v.numpy() for v in vectors],
+                                        [{} for _ in decoded], reference, {}, self.config.max_update_norm)
+        result = faults.Screening([decoded[i] for i in screening.accepted], {**malformed, **screening.rejected})
+        for client, reason in sorted(result.rejected.items()):
+            self.rejected.append({"round": server_round, "client": client, "reason": reason})
+        by_position = dict(zip(decoded, vectors, strict=True))
+        return result, [by_position.get(i, torch.zeros(0)) for i in range(len(replies))]
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -214,8 +309,7 @@ class AlgorithmStrategy(FedAvg):
         if not self._evaluates(server_round):
             return []
         online = self.connected_clients(grid)
-        self._outbox = self._messages([online[c] for c in sorted(online)], MessageType.EVALUATE,
-                                      experiment_record(self.config), arrays)
+        self._outbox = self._messages(online, sorted(online), MessageType.EVALUATE, arrays)
         return self._outbox
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -246,8 +340,7 @@ class AlgorithmStrategy(FedAvg):
     def personalize(self, grid: Grid) -> list[list[float]]:
         """Every connected client fine-tunes the final model; absent clients get NaN curves."""
         online = self.connected_clients(grid)
-        config = experiment_record(self.config)
-        messages = self._messages([online[c] for c in sorted(online)], PERSONALIZE, config, self._arrays())
+        messages = self._messages(online, sorted(online), PERSONALIZE, self._arrays())
         curves: dict[int, list[float]] = {}
         for reply in self._exchange(grid, messages):
             if reply.has_error():
@@ -270,11 +363,23 @@ class AlgorithmStrategy(FedAvg):
 
 
 def run_on_grid(grid: Grid, config: Config, out: Path, min_nodes: int, timeout: float) -> dict[str, Any]:
-    """A whole experiment on a Flower grid; writes the simulator's run folder to ``out``; returns the summary."""
+    """A whole experiment on a Flower grid; writes the simulator's run folder to ``out``; returns the summary.
+
+    As with ``fedbabu run``, rejected updates, empty rounds and a divergence also go to ``events.log``
+    in the folder (that is where ``fedbabu flower sim`` finds why a run stopped).
+    """
+    from fedbabu.runner import run_folder
+
+    folder = prepare_output_dir(out, overwrite=True)
+    (folder / "events.log").unlink(missing_ok=True)
+    with run_folder(folder):
+        return _run_in(folder, grid, config, min_nodes, timeout)
+
+
+def _run_in(folder: Path, grid: Grid, config: Config, min_nodes: int, timeout: float) -> dict[str, Any]:
     from fedbabu.runner import partition_for, prepare_data
 
     started = time.perf_counter()
-    folder = prepare_output_dir(out, overwrite=True)
     dataset = prepare_data(config)
     partition = partition_for(config, dataset)
     template = config_model(config, dataset)
@@ -293,6 +398,7 @@ def run_on_grid(grid: Grid, config: Config, out: Path, min_nodes: int, timeout: 
         "bytes_up": strategy.bytes_up,
         "clients_personalized": int(sum(not math.isnan(curve[-1]) for curve in curves)),
         "failures": strategy.failures,
+        "rejected": strategy.rejected,
         "min_nodes": min_nodes,
     }
     write_json(folder / "summary.json", summary)

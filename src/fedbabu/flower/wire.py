@@ -32,6 +32,11 @@ PERSONAL = "personal"
 PERSONALIZE = "evaluate.personalize"
 """Message type of the final task: fine-tune and test on every client."""
 QUERY = "query"
+ACCEPTED_ROUND = "accepted-round"
+"""ConfigRecord entry: the last round index whose update from the receiving client the server aggregated."""
+PENDING = "personal-pending"
+"""Keys in ``context.state`` of the personal parts of a client's last round, kept until the server accepts it."""
+PENDING_ROUND = "personal-pending-round"
 
 
 def experiment_record(config: Config, **entries: int | float | str) -> ConfigRecord:
@@ -58,10 +63,17 @@ def to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-def to_vector(record: ArrayRecord, names: Sequence[str]) -> torch.Tensor:
-    """The named arrays concatenated in ``names`` order: positions match ``Layout.mask`` selections."""
+def to_vector(record: ArrayRecord, names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    """The named arrays concatenated in ``names`` order: positions match ``Layout.mask`` selections.
+
+    Raises ``ValueError`` naming what does not match (names or a shape), so that a malformed reply is
+    rejected with its reason. The dtype is kept as sent: the server's screening refuses a wrong one
+    instead of silently converting it.
+    """
     state = record.to_torch_state_dict()
-    missing = [n for n in names if n not in state]
-    if missing or len(state) != len(names):
+    if sorted(state) != sorted(names):
         raise ValueError(f"expected arrays {list(names)}, got {list(state)}")
-    return torch.cat([state[n].reshape(-1).to(torch.float32) for n in names]) if names else torch.zeros(0)
+    for name, shape in zip(names, shapes, strict=True):
+        if tuple(state[name].shape) != tuple(shape):
+            raise ValueError(f"array {name!r} has shape {tuple(state[name].shape)}, expected {tuple(shape)}")
+    return torch.cat([state[n].reshape(-1) for n in names]) if names else torch.zeros(0)
