@@ -183,6 +183,8 @@ def test_fedprox_with_mu_zero_equals_fedavg_bit_for_bit(digits):
     assert np.array_equal(fedavg.accuracy_curve(), prox0.accuracy_curve())
     prox = run(tiny(algorithm="fedprox", fedprox_mu=1.0), digits)
     assert not same(fedavg.final_state, prox.final_state)
+    with pytest.raises(UserError, match="fedprox_mu"):  # beyond 2 (1 + momentum) / lr SGD on the term diverges
+        ALGORITHMS["fedprox"](tiny(algorithm="fedprox", fedprox_mu=100.0, lr=0.05))
     init = state_of(initial_model(tiny(), digits), ("body", "head"))
 
     def drift(state):
