@@ -70,8 +70,9 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
     for offset, key, label in ((-0.2, "initial", "initial"), (0.2, "personalized", "personalized")):
         ax.bar(x + offset, [100 * r[f"{key}_mean"] for r in rows], width=0.4,
                yerr=[100 * r[f"{key}_std"] for r in rows], capsize=3, label=label)
-    ax.set_xticks(x, [r["algorithm"] for r in rows], rotation=30 if len(rows) > 4 else 0, ha="right"
-                  if len(rows) > 4 else "center")
+    labels = [r["algorithm"] for r in rows]
+    crowded = len(rows) > 4 or max((len(label) for label in labels), default=0) > 12
+    ax.set_xticks(x, labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.set(ylabel="accuracy (%)", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3, axis="y")
