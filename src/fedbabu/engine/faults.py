@@ -115,3 +115,9 @@ def check_divergence(round_number: int, screening: Screening, global_finite: boo
     else:
         return
     raise TrainingDiverged(f"round {round_number}: training diverged ({why}); lower lr or check the data")
+
+
+def report_empty_round(round_number: int) -> None:
+    """Say that a round changed nothing: every engine keeps the previous global model then."""
+    log.warning("round %d: no client update arrived or was accepted; the global model of round %d is kept",
+                round_number, round_number - 1)

@@ -308,8 +308,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
                 faults.check_divergence(round_index + 1, screening, bool(torch.isfinite(global_vector).all()),
                                         record["train_loss"])
                 if not accepted:
-                    faults.log.warning("round %d: no client update arrived or was accepted; the global model "
-                                       "of round %d is kept", round_index + 1, round_index)
+                    faults.report_empty_round(round_index + 1)
                 last = round_index + 1 == config.rounds
                 if config.eval_every and ((round_index + 1) % config.eval_every == 0 or last):
                     accuracies = pool.map([EvalTask(c, personal.get(c)) for c in all_clients])

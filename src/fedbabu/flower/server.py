@@ -264,8 +264,7 @@ class AlgorithmStrategy(FedAvg):
         faults.check_divergence(server_round, screening, bool(torch.isfinite(self.global_vector).all()),
                                 self._record["train_loss"])
         if not accepted:
-            faults.log.warning("round %d: no client update arrived or was accepted; the global model of round %d "
-                               "is kept", server_round, server_round - 1)
+            faults.report_empty_round(server_round)
             return None, None
         metrics = MetricRecord({"train-loss": self._record["train_loss"], "clients": len(accepted)})
         return self._arrays(), metrics
