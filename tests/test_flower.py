@@ -90,7 +90,8 @@ class LoopbackGrid(Grid):
     It exercises the real strategy and ClientApp code (records, message types, ``context.state``)
     without processes, so exact equality with the simulator is cheap to check. As Flower does, an
     exception in the ClientApp becomes an error reply. The train replies of the nodes in
-    ``poisoned`` have every shared value replaced by NaN (a broken device).
+    ``poisoned`` have every shared value replaced by NaN (a broken device); those of the nodes in
+    ``truncated`` lack one of the shared tensors (a client built for another model).
     """
 
     def __init__(self, num_clients: int) -> None:
@@ -102,6 +103,7 @@ class LoopbackGrid(Grid):
         }
         self.sent: list[Message] = []
         self.poisoned: set[int] = set()
+        self.truncated: set[int] = set()
 
     def set_run(self, run: object) -> None:
         self._run = run
@@ -137,6 +139,9 @@ class LoopbackGrid(Grid):
             if node in self.poisoned and message.metadata.message_type == "train":
                 arrays = reply.content["arrays"].to_torch_state_dict()
                 reply.content["arrays"] = ArrayRecord({k: torch.full_like(v, math.nan) for k, v in arrays.items()})
+            if node in self.truncated and message.metadata.message_type == "train":
+                arrays = reply.content["arrays"].to_torch_state_dict()
+                reply.content["arrays"] = ArrayRecord(dict(list(arrays.items())[1:]))
             replies.append(reply)
         return replies
 
@@ -255,6 +260,22 @@ def test_nan_update_is_rejected_counted_and_the_model_stays_finite(tmp_path: Pat
     assert any(not torch.equal(state[n], initial_model(config)[n]) for n in body)
     kept = {i: "personal" in ctx.state.array_records for i, ctx in enumerate(grid.contexts.values())}
     assert kept == {0: True, 1: False, 2: True}
+
+
+def test_malformed_reply_is_rejected_with_its_reason_and_the_others_aggregated(tmp_path: Path) -> None:
+    """A reply that lacks a shared tensor cannot be decoded: it is refused like a NaN update, not a crash."""
+    config = small_config("eval_every=1", "rounds=1", "finetune.epochs=0")
+    grid = LoopbackGrid(3)
+    grid.truncated = {7002}
+    summary = run_on_grid(grid, config, tmp_path, min_nodes=3, timeout=60)
+    (record,) = read_records(tmp_path)
+    assert record["rejected"] == 1 and math.isfinite(record["train_loss"])
+    (rejection,) = summary["flower"]["rejected"]
+    assert (rejection["round"], rejection["client"]) == (1, 2)
+    assert rejection["reason"].startswith("malformed reply")
+    assert "round 1: rejected the update of client 2: malformed reply" in (tmp_path / "events.log").read_text()
+    state = load_tensors(tmp_path / "model.pt")
+    assert any(not torch.equal(state[n], t) for n, t in initial_model(config).items())
 
 
 def test_every_update_nan_stops_the_run_with_the_simulator_message(tmp_path: Path) -> None:

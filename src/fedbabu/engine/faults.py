@@ -96,8 +96,13 @@ def screen_round(round_number: int, clients: Sequence[int], vectors: Sequence[np
             result.accepted.append(position)
         else:
             result.rejected[int(client)] = reason
-            log.warning("round %d: rejected the update of client %d: %s", round_number, client, reason)
+            report_rejection(round_number, int(client), reason)
     return result
+
+
+def report_rejection(round_number: int, client: int, reason: str) -> None:
+    """Say which client's update was left out and why, in the one format every engine logs."""
+    log.warning("round %d: rejected the update of client %d: %s", round_number, client, reason)
 
 
 def check_divergence(round_number: int, screening: Screening, global_finite: bool, train_loss: float) -> None:

@@ -157,15 +157,21 @@ def stop(process: subprocess.Popen, grace: float = 10.0, group: bool = False) ->
     except subprocess.TimeoutExpired:
         send(signal.SIGKILL)
         process.wait()
-    deadline = time.monotonic() + grace
-    while (alive := [(pid, t) for pid, t in family if _start_time(pid) == t]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid, _ in alive:
+    for pid, _ in _still_running(family, grace):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while any(_start_time(pid) == t for pid, t in alive) and time.monotonic() < deadline:
+    _still_running(family, grace)
+
+
+def _still_running(family: list[tuple[int, int]], seconds: float) -> list[tuple[int, int]]:
+    """Wait up to ``seconds`` for the recorded processes to exit; the ones still running then.
+
+    A process is matched by PID *and* start time, so a PID reused by an unrelated process counts as exited.
+    """
+    deadline = time.monotonic() + seconds
+    while (alive := [(pid, t) for pid, t in family if _start_time(pid) == t]) and time.monotonic() < deadline:
         time.sleep(0.05)
+    return alive
 
 
 @contextmanager

@@ -285,8 +285,7 @@ class AlgorithmStrategy(FedAvg):
                 decoded.append(position)
             except (KeyError, ValueError) as err:
                 malformed[client] = f"malformed reply: {err}"
-                faults.log.warning("round %d: rejected the update of client %d: %s", server_round, client,
-                                   malformed[client])
+                faults.report_rejection(server_round, client, malformed[client])
         reference = self.global_vector[self.shared_mask].numpy()
         screening = faults.screen_round(server_round, [clients[i] for i in decoded], [v.numpy() for v in vectors],
                                         [{} for _ in decoded], reference, {}, self.config.max_update_norm)
