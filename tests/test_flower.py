@@ -136,12 +136,13 @@ class LoopbackGrid(Grid):
                 error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(err)}:<'{err}'>")
                 replies.append(Message(error, reply_to=message))
                 continue
-            if node in self.poisoned and message.metadata.message_type == "train":
+            if message.metadata.message_type == "train" and node in self.poisoned | self.truncated:
                 arrays = reply.content["arrays"].to_torch_state_dict()
-                reply.content["arrays"] = ArrayRecord({k: torch.full_like(v, math.nan) for k, v in arrays.items()})
-            if node in self.truncated and message.metadata.message_type == "train":
-                arrays = reply.content["arrays"].to_torch_state_dict()
-                reply.content["arrays"] = ArrayRecord(dict(list(arrays.items())[1:]))
+                if node in self.poisoned:
+                    arrays = {k: torch.full_like(v, math.nan) for k, v in arrays.items()}
+                if node in self.truncated:
+                    arrays = dict(list(arrays.items())[1:])
+                reply.content["arrays"] = ArrayRecord(arrays)
             replies.append(reply)
         return replies
 
