@@ -167,7 +167,14 @@ CASES = [
     ("missing config file", ["run", "--config", "nope.yaml"], ["nope.yaml", "config file not found"]),
     ("override without =", ["run", "--set", "rounds"], ["--set 'rounds'", "expected key=value"]),
     ("bad --workers", ["run", "--workers", "many"], ["--workers", "expected 'auto' or an integer"]),
-    ("unknown option", ["run", "--round", "3"], ["unrecognized arguments: --round 3"]),
+    ("unknown option", ["run", "--round", "3"], ["unrecognized arguments: --round 3", "(see fedbabu run --help)"]),
+    ("unknown option of a subcommand", ["flower", "sim", "--zz"], ["--zz", "(see fedbabu flower sim --help)"]),
+    ("reproduce a cell outside the grid", ["reproduce", "cifar10-4convnet-offline", "--only", "tau=1"],
+     ["--only 'tau=1'", "not a grid key", "(grid keys: shards_per_client, local_epochs)"]),
+    ("reproduce a value outside the grid", ["reproduce", "cifar10-4convnet-offline", "--only", "local_epochs=4"],
+     ["--only 'local_epochs=4'", "local_epochs takes one of 1, 10"]),
+    ("reproduce with a bad value", ["reproduce", "cifar10-4convnet-offline", "--set", "rounds=x", "--out", "grid"],
+     ["preset cifar10-4convnet-offline [shards_per_client=2,local_epochs=1]: rounds"]),
 ]
 
 

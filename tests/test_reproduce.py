@@ -11,7 +11,7 @@ import pytest
 
 from fedbabu.config import build_config, merge_dicts
 from fedbabu.errors import UserError
-from fedbabu.reproduce import PRESET_DIR, cells, list_presets, load_preset, run_preset
+from fedbabu.reproduce import PRESET_DIR, cells, list_presets, load_preset, parse_selection, run_preset
 
 
 def test_cifar100_grid_is_the_papers():
@@ -54,7 +54,7 @@ def test_unknown_preset_lists_the_known_ones():
 @pytest.mark.slow
 def test_quick_preset_runs_on_real_cifar10_and_skips_finished_runs(cifar10_dir, tmp_path):
     command = [sys.executable, "-m", "fedbabu", "reproduce", "cifar10-4convnet-offline", "--scale", "quick",
-               "--quiet", "--out", str(tmp_path), "--set", f"data_dir={cifar10_dir.parent}", "--set", "rounds=2",
+               "--quiet", "--out", str(tmp_path), "--data-dir", str(cifar10_dir.parent), "--set", "rounds=2",
                "--set", "num_clients=10", "--set", "samples_per_client=100", "--set", "finetune.epochs=1",
                "--set", "eval_every=1"]
     first = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -97,6 +97,9 @@ def test_a_diverging_run_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch)
     again = run_preset("tiny", tmp_path / "out", log=lines.append)
     assert [o.diverged for o in again] == [0, 1]
     assert "already complete, skipped" in lines[0] and "diverged in an earlier attempt" in lines[1]
+    unselected = run_preset("tiny", tmp_path / "out", only=["weight_decay=0.0"], log=lambda line: None)
+    assert [o.diverged for o in unselected] == [0, 1]
+    assert "| weight_decay=1e+30 | – | diverged | diverged |" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypatch):
@@ -115,6 +118,37 @@ def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypa
     fedavg = np.array(personalized["fedavg"])
     assert cells[3] == f"{100 * fedavg.mean():.2f} ± {100 * fedavg.std(ddof=1):.2f}"
     assert cells[6] == f"{100 * diffs.mean():+.2f} ± {100 * diffs.std(ddof=1):.2f}"
+
+
+def test_only_runs_the_selected_cells_and_the_table_keeps_the_others(tmp_path, monkeypatch):
+    _digits_preset(tmp_path, monkeypatch, "split", "fedavg", 2, "grid: {shards_per_client: [2, 3], lr: [0.05]}\n")
+    out = tmp_path / "out"
+    lines: list[str] = []
+    first = run_preset("split", out, only=["shards_per_client=3"], log=lines.append)
+    assert [o.seeds for o in first] == [[], [0]]
+    assert len(lines) == 1 and "shards_per_client=3,lr=0.05 fedavg seed 0: running" in lines[0]
+    assert not (out / "shards_per_client-2_lr-0.05").exists()
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| shards")]
+    assert rows[0] == "| shards_per_client=2,lr=0.05 | – | not run | not run |"
+    assert rows[1].startswith("| shards_per_client=3,lr=0.05 | 0 | ")
+    lines.clear()
+    second = run_preset("split", out, only=["shards_per_client=2,3", "lr=0.05"], log=lines.append)
+    assert [o.seeds for o in second] == [[0], [0]]
+    assert "running" in lines[0] and "already complete, skipped" in lines[1]
+    assert second[1].summaries == first[1].summaries
+
+
+def test_a_bad_selection_or_setting_stops_before_any_run(tmp_path, monkeypatch):
+    _digits_preset(tmp_path, monkeypatch, "bad", "fedavg", 2, "grid: {shards_per_client: [2, 3]}\n")
+    preset = load_preset("bad")
+    assert parse_selection(preset, ["shards_per_client=3, 2"]) == {"shards_per_client": [3, 2]}
+    with pytest.raises(UserError, match="'lr' is not a grid key of this preset \\(grid keys: shards_per_client\\)"):
+        parse_selection(preset, ["lr=0.1"])
+    with pytest.raises(UserError, match="shards_per_client takes one of 2, 3"):
+        parse_selection(preset, ["shards_per_client=4"])
+    with pytest.raises(UserError, match=r"\[shards_per_client=3\]: finetune.epochs"):
+        run_preset("bad", tmp_path / "out", settings={"finetune": {"epochs": -1}}, only=["shards_per_client=3"])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

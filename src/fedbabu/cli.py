@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports mistakes in one line with exit code 2, like every other user error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see fedbabu {self.prog.split()[-1]} --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _experiment_options(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +37,13 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, dotted keys allowed (finetune.epochs=3); repeatable")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<time>-<name>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out folder")
-    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help="compute device (config key device)")
     parser.add_argument("--seed", type=int, help="seed for the model, partition and sampling (config key seed)")
+    _machine_options(parser)
+
+
+def _machine_options(parser: argparse.ArgumentParser) -> None:
+    """Where a run's data and compute are, rather than what it computes: shared by every command that trains."""
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help="compute device (config key device)")
     parser.add_argument("--workers", help="worker processes: auto (one per core) or a number")
     parser.add_argument("--data-dir", type=Path, help="folder holding the dataset (then $FEDBABU_DATA, then cache)")
     parser.add_argument("--download", action="store_true", help="download the dataset if absent (md5-verified)")
@@ -73,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     reproduce.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a config value in every cell (e.g. data_dir=/data)")
+    reproduce.add_argument("--only", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
+                           help="run only the cells with these grid values (e.g. local_epochs=1,10); repeatable")
     reproduce.add_argument("--out", type=Path, help="output folder (default: runs/reproduce/<name>-<scale>)")
-    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    _machine_options(reproduce)
     resume = commands.add_parser("resume", help="continue an interrupted run from its latest checkpoint")
     resume.add_argument("folder", type=Path, metavar="DIR", help="the run folder")
     resume.add_argument("--workers", help="worker processes: auto (one per core) or a number")
@@ -98,9 +105,10 @@ def _workers_option(raw: str | None) -> int | str | None:
 
 
 def _extra_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values given as options (``--seed``, ``--device`` ...) rather than with ``--set``."""
     extra: dict[str, Any] = {}
-    for key, value in (("device", args.device), ("seed", args.seed), ("data_dir", args.data_dir),
-                       ("workers", _workers_option(args.workers))):
+    for key, value in (("device", args.device), ("seed", getattr(args, "seed", None)),
+                       ("data_dir", args.data_dir), ("workers", _workers_option(args.workers))):
         if value is not None:
             extra[key] = str(value) if isinstance(value, Path) else value
     if args.download:
@@ -252,6 +260,7 @@ def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
+    from fedbabu.config import parse_overrides
     from fedbabu.reproduce import cells, list_presets, run_preset
 
     if args.name.lower() == "list":
@@ -265,8 +274,8 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
         return
     seeds = _parse_list(args.seeds, "--seeds", int) if args.seeds else None
     out = args.out or Path("runs") / "reproduce" / f"{args.name}-{args.scale}"
-    out.mkdir(parents=True, exist_ok=True)
-    run_preset(args.name, out, args.scale, seeds, args.overrides,
+    settings = merge_dicts(parse_overrides(args.overrides), _extra_from(args))
+    run_preset(args.name, out, args.scale, seeds, settings, args.only,
                observer_for=lambda label: _progress(label, args.quiet),
                log=lambda line: console.print(line, soft_wrap=True, highlight=False))
     console.print(f"results: {out / 'results.md'}")
@@ -319,7 +328,11 @@ def _terminate(signum: int, frame: Any) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = " ".join(filter(None, ("fedbabu", args.command, getattr(args, "flower_command", None))))
+        print(f"error: unrecognized arguments: {' '.join(unknown)} (see {command} --help)", file=sys.stderr)
+        return 2
     console = Console()
     _log_to_stderr()
     previous = signal.signal(signal.SIGTERM, _terminate)

@@ -214,7 +214,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {key}: {message}{shown}"
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
     """Interpret an override the way YAML would, so ``--set lr=0.1`` and the file agree."""
     try:
         return yaml.safe_load(raw) if raw != "" else ""
@@ -244,7 +244,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise UserError(f"--set {pair!r}: the key before '=' is empty")
-        _set_dotted(result, key, _parse_value(raw))
+        _set_dotted(result, key, parse_value(raw))
     return result
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedbabu.config import Config, build_config, merge_dicts, read_yaml
+from fedbabu.config import Config, build_config, merge_dicts, parse_value, read_yaml
 from fedbabu.engine.checkpoint import CHECKPOINT
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
@@ -52,10 +52,12 @@ class Preset(BaseModel):
 
 @dataclass(frozen=True)
 class Cell:
-    """One point of a grid: a name like ``local_epochs=1,shards_per_client=10`` and its config values."""
+    """One point of a grid: a name like ``local_epochs=1,shards_per_client=10``, its grid coordinates
+    and its full config values."""
 
     name: str
     values: dict[str, Any]
+    point: dict[str, Any]
 
 
 def list_presets(folder: Path | None = None) -> dict[str, Preset]:
@@ -90,9 +92,34 @@ def cells(preset: Preset, scale: str = "full") -> list[Cell]:
         if scale == "quick":
             values = merge_dicts(values, preset.quick.set)
             values["rounds"] = max(2, values["rounds"] // preset.quick.rounds_divisor)
-        name = ",".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) or "default"
-        result.append(Cell(name, values))
+        point = dict(zip(keys, combo, strict=True))
+        name = ",".join(f"{k}={v}" for k, v in point.items()) or "default"
+        result.append(Cell(name, values, point))
     return result
+
+
+def parse_selection(preset: Preset, pairs: list[str]) -> dict[str, list[Any]]:
+    """``["local_epochs=1,10"]`` as ``{"local_epochs": [1, 10]}``, checked against the grid: a typo
+    must stop the command rather than quietly select no cell at all."""
+    selection: dict[str, list[Any]] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--only {pair!r}: expected key=value[,value...], e.g. --only local_epochs=10")
+        if key not in preset.grid:
+            keys = ", ".join(preset.grid) or "none, the preset is a single cell"
+            raise UserError(f"--only {pair!r}: {key!r} is not a grid key of this preset (grid keys: {keys})")
+        values = [parse_value(part.strip()) for part in raw.split(",")]
+        if any(value not in preset.grid[key] for value in values):
+            choices = ", ".join(map(str, preset.grid[key]))
+            raise UserError(f"--only {pair!r}: {key} takes one of {choices} in this preset")
+        selection.setdefault(key, []).extend(values)
+    return selection
+
+
+def _selected(cell: Cell, selection: dict[str, list[Any]]) -> bool:
+    return all(cell.point[key] in values for key, values in selection.items())
 
 
 def _state(folder: Path, config: Config) -> str:
@@ -139,23 +166,37 @@ def run_preset(
     out: Path,
     scale: str = "full",
     seeds: list[int] | None = None,
-    overrides: list[str] | None = None,
+    settings: dict[str, Any] | None = None,
+    only: list[str] | None = None,
     observer_for: Callable[[str], Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[CellResult]:
-    """Run (or continue) every cell of a preset and write ``results.md`` beside the run folders."""
-    from fedbabu.config import parse_overrides
+    """Run (or continue) the cells of a preset and write ``results.md`` beside the run folders.
+
+    ``settings`` change every cell (a data folder, a device); ``only`` (``key=value[,value]``) runs a
+    subset of the grid, so a grid can be split across machines or continued one cell at a time. The
+    table still covers every cell: those not selected show what their folders already hold. Every
+    config is checked before the first run, so a bad value in the last cell stops the command at
+    once rather than hours into the grid.
+    """
     from fedbabu.runner import resume_experiment, run_experiment
 
     preset = load_preset(name)
     seeds = seeds or preset.seeds
-    extra = parse_overrides(overrides or [])
-    outcomes: list[CellResult] = []
+    selection = parse_selection(preset, only or [])
+    extra = settings or {}
     grid = cells(preset, scale)
+    for cell in grid:
+        for algorithm in preset.algorithms:
+            for seed in seeds if _selected(cell, selection) else []:
+                _run_config(name, cell, extra, algorithm, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes: list[CellResult] = []
     for index, cell in enumerate(grid, 1):
+        to_run = seeds if _selected(cell, selection) else []
         for algorithm in preset.algorithms:
             outcome = CellResult(cell, algorithm, [], [])
-            for seed in seeds:
+            for seed in to_run:
                 config = _run_config(name, cell, extra, algorithm, seed)
                 folder = out / _slug(cell.name) / algorithm / f"seed-{seed}"
                 label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
@@ -177,9 +218,12 @@ def run_preset(
                     outcome.diverged += 1
                     continue
                 outcome.add(folder)
-            for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, seeds):
-                if _state(folder, _run_config(name, cell, extra, algorithm, seed)) == "done":
+            for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, to_run):
+                state = _state(folder, _run_config(name, cell, extra, algorithm, seed))
+                if state == "done":
                     outcome.add(folder)
+                elif state == "diverged":
+                    outcome.diverged += 1
             outcomes.append(outcome)
     write_results(preset, name, scale, outcomes, out)
     return outcomes
@@ -191,8 +235,9 @@ def _run_config(preset: str, cell: Cell, extra: dict[str, Any], algorithm: str, 
 
 
 def _other_seeds(folder: Path, requested: list[int]) -> list[tuple[int, Path]]:
-    """Seeds finished by earlier invocations (``--seeds 0`` yesterday, ``--seeds 1`` today), so that
-    the results table grows with the grid instead of showing only the seeds of the last call."""
+    """Seeds run by earlier invocations (``--seeds 0`` yesterday, ``--seeds 1`` today, another cell
+    with ``--only``), so that the results table grows with the grid instead of showing only the
+    seeds of the last call."""
     found = []
     for path in folder.glob("seed-*"):
         suffix = path.name.removeprefix("seed-")
@@ -251,7 +296,7 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
                 if outcome.diverged else ""
             for key in ("initial_accuracy", "personalized_accuracy"):
                 if not outcome.summaries:
-                    row.append("diverged")
+                    row.append("diverged" if outcome.diverged else "not run")
                     continue
                 row.append(_over_seeds(list(_means(outcome, key).values())) + note)
         if paired:
