@@ -42,7 +42,8 @@ def _experiment_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _machine_options(parser: argparse.ArgumentParser) -> None:
-    """Where a run's data and compute are, rather than what it computes: shared by every command that trains."""
+    """Where a run's data and compute are and how it reports, rather than what it computes: shared by
+    every command that trains."""
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help="compute device (config key device)")
     parser.add_argument("--workers", help="worker processes: auto (one per core) or a number")
     parser.add_argument("--data-dir", type=Path, help="folder holding the dataset (then $FEDBABU_DATA, then cache)")

@@ -175,9 +175,9 @@ def run_preset(
 
     ``settings`` change every cell (a data folder, a device); ``only`` (``key=value[,value]``) runs a
     subset of the grid, so a grid can be split across machines or continued one cell at a time. The
-    table still covers every cell: those not selected show what their folders already hold. Every
-    config is checked before the first run, so a bad value in the last cell stops the command at
-    once rather than hours into the grid.
+    table still covers every cell: those not selected show what their folders already hold. The
+    config of every run to do is built before the first one starts, so a bad value in the last cell
+    stops the command at once rather than hours into the grid.
     """
     from fedbabu.runner import resume_experiment, run_experiment
 
@@ -186,18 +186,16 @@ def run_preset(
     selection = parse_selection(preset, only or [])
     extra = settings or {}
     grid = cells(preset, scale)
-    for cell in grid:
-        for algorithm in preset.algorithms:
-            for seed in seeds if _selected(cell, selection) else []:
-                _run_config(name, cell, extra, algorithm, seed)
+    to_run = {cell.name: seeds if _selected(cell, selection) else [] for cell in grid}
+    configs = {(cell.name, algorithm, seed): _run_config(name, cell, extra, algorithm, seed)
+               for cell in grid for algorithm in preset.algorithms for seed in to_run[cell.name]}
     out.mkdir(parents=True, exist_ok=True)
     outcomes: list[CellResult] = []
     for index, cell in enumerate(grid, 1):
-        to_run = seeds if _selected(cell, selection) else []
         for algorithm in preset.algorithms:
             outcome = CellResult(cell, algorithm, [], [])
-            for seed in to_run:
-                config = _run_config(name, cell, extra, algorithm, seed)
+            for seed in to_run[cell.name]:
+                config = configs[cell.name, algorithm, seed]
                 folder = out / _slug(cell.name) / algorithm / f"seed-{seed}"
                 label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
                 state = _state(folder, config)
@@ -218,7 +216,7 @@ def run_preset(
                     outcome.diverged += 1
                     continue
                 outcome.add(folder)
-            for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, to_run):
+            for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, to_run[cell.name]):
                 state = _state(folder, _run_config(name, cell, extra, algorithm, seed))
                 if state == "done":
                     outcome.add(folder)
