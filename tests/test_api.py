@@ -213,6 +213,15 @@ def test_split_keeps_batch_statistics_like_the_builtin_models():
     assert len(list(kept.buffers())) == 3
 
 
+def test_running_statistics_are_refused_before_anything_is_written(tmp_path, digit_data):
+    """A worker reloads only parameters between clients: kept running statistics would flow from client
+    to client, so a network that keeps them is refused with one line naming the buffer."""
+    kept = fedbabu.split_body_head(_initial(), head="decision.scores", drop_running_stats=False)
+    with pytest.raises(fedbabu.UserError, match=r"^model: buffer 'body.trunk.1.running_mean' changes during"):
+        fedbabu.run(tiny(rounds=1), data=digit_data, model=kept, out=tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_body_and_head_modules_with_the_default_progress_display(tmp_path, digit_data, capsys):
     body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
     net = fedbabu.split_body_head(body=body, head=nn.Linear(32, 10))

@@ -175,6 +175,18 @@ CASES = [
      ["--only 'local_epochs=4'", "local_epochs takes one of 1, 10"]),
     ("reproduce with a bad value", ["reproduce", "cifar10-4convnet-offline", "--set", "rounds=x", "--out", "grid"],
      ["preset cifar10-4convnet-offline [shards_per_client=2,local_epochs=1]: rounds"]),
+    ("Per-FedAvg's Hessian-free variant in bf16",
+     ["run", "--set", "algorithm=perfedavg", "--set", "perfedavg_variant=hf", "--set", "precision=bf16"],
+     ["perfedavg_variant: hf cannot run with precision bf16"]),
+    ("LG-FedAvg from a missing run", ["run", "--set", "algorithm=lg_fedavg", "--set", "lg_warm_start=gone"],
+     ["lg_warm_start: gone is not a run folder"]),
+    ("LG-FedAvg from an unfinished run", ["run", "--set", "algorithm=lg_fedavg", "--set", "lg_warm_start=run"],
+     ["lg_warm_start: run is not a finished run (no summary.json)"]),
+    ("compare with LG-FedAvg from an unfinished run",
+     ["compare", "--algorithms", "fedavg,lg_fedavg:lg_warm_start=run", "--out", "new-comparison"],
+     ["lg_warm_start: run is not a finished run"]),
+    ("a warm start for another algorithm", ["run", "--set", "lg_warm_start=run"],
+     ["lg_warm_start is read by lg_fedavg only"]),
 ]
 
 

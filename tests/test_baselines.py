@@ -6,23 +6,26 @@ import csv
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.perfedavg import gradients, hessian_vector_product
-from fedbabu.config import DIGITS_DEFAULT, build_config
+from fedbabu.config import DIGITS_DEFAULT, Config, build_config
 from fedbabu.engine.local import ClientData, evaluate, load_state, set_trainable, state_of
 from fedbabu.engine.params import Layout
-from fedbabu.engine.simulation import TRAIN_STREAM, client_generator, runtime_for, simulate
+from fedbabu.engine.simulation import TRAIN_STREAM, client_generator, preflight, runtime_for, simulate
 from fedbabu.errors import UserError
 from fedbabu.models import build_model, count_parameters
+from fedbabu.results.files import load_tensors
 from fedbabu.results.report import comparison_markdown, comparison_rows, write_comparison
-from fedbabu.runner import partition_for, run_comparison
+from fedbabu.runner import partition_for, run_comparison, run_experiment
 
 ALL = ["fedavg", "fedbabu", "fedper", "lg_fedavg", "fedrep", "perfedavg", "ditto", "fedprox", "local"]
 
@@ -250,12 +253,17 @@ def test_local_communicates_nothing_and_trains_every_client_alone(digits):
     for a, b in itertools.combinations(range(5), 2):
         assert not torch.equal(torch.from_numpy(result.personal[a]["body.0.0.weight"]),
                                torch.from_numpy(result.personal[b]["body.0.0.weight"]))
+    assert same(_trained_alone(config, digits, 2), result.personal[2]), "exactly training alone"
+
+
+def _trained_alone(config, digits, client):
+    """A client's model after every round of local training, by hand: its own data, its own batches."""
     model = initial_model(config, digits)
     algorithm = ALGORITHMS["local"](config)
     for r in range(config.rounds):
-        algorithm.client_update(model, client_data(config, digits, 2), {}, config.lr_at(r),
-                                client_generator(config.seed, r, 2, TRAIN_STREAM))
-    assert same(state_of(model, ("body", "head")), result.personal[2]), "exactly training alone"
+        algorithm.client_update(model, client_data(config, digits, client), {}, config.lr_at(r),
+                                client_generator(config.seed, r, client, TRAIN_STREAM))
+    return state_of(model, ("body", "head"))
 
 
 @pytest.mark.parametrize("part", ["body", "head", "full"])
@@ -375,3 +383,201 @@ def test_comparison_spread_over_seeds_is_the_sample_std_and_absent_for_one_seed(
     write_comparison(one, {"fedbabu": [curve]}, tmp_path, "t")
     row = next(csv.DictReader((tmp_path / "comparison.csv").open()))
     assert row["personalized_seed_std"] == "" and row["personalized_mean"] == "0.900000"
+
+
+# --- the baselines as the FedBABU authors' scripts run them ----------------------------------------------------
+
+
+def test_baseline_defaults_are_the_authors_and_pass_the_proximal_check():
+    defaults = Config()
+    assert (defaults.fedrep_head_epochs, defaults.fedrep_body_epochs) == (None, 1)
+    assert (defaults.perfedavg_alpha, defaults.perfedavg_beta) == (None, 0.1)
+    assert (defaults.ditto_lambda, defaults.fedprox_mu) == (0.75, 1.0)
+    assert defaults.lg_warm_start is None
+    for name in ("ditto", "fedprox"):  # lr 0.1 and momentum 0.9: the limit is 38
+        ALGORITHMS[name](Config(algorithm=name))
+
+
+def test_fedrep_round_is_local_epochs_of_head_then_one_body_epoch(digits, monkeypatch):
+    import fedbabu.algorithms.fedrep as fedrep
+
+    config = tiny(algorithm="fedrep", local_epochs=3, fedrep_head_epochs=None)
+    assert config.fedrep_body_epochs == 1
+    phases = []
+    original = fedrep.sgd_epochs
+
+    def spy(model, data, parts, settings, generator, regularizer=None):
+        phases.append((tuple(parts), settings.epochs))
+        return original(model, data, parts, settings, generator, regularizer)
+
+    monkeypatch.setattr(fedrep, "sgd_epochs", spy)
+    data = client_data(config, digits, 0)
+    model = initial_model(config, digits)
+    ALGORITHMS["fedrep"](config).client_update(model, data, {}, 0.05, torch.Generator().manual_seed(3))
+    assert phases == [(("head",), 3), (("body",), 1)]
+    expected = initial_model(config, digits)
+    generator = torch.Generator().manual_seed(3)
+    for part, epochs in (("head", 3), ("body", 1)):  # by hand: a fresh SGD per phase, the other part frozen
+        params = [p for n, p in expected.named_parameters() if n.startswith(f"{part}.")]
+        for name, param in expected.named_parameters():
+            param.requires_grad_(name.startswith(f"{part}."))
+        optimizer = torch.optim.SGD(params, lr=0.05, momentum=config.momentum)
+        expected.train()
+        for _ in range(epochs):
+            for x, y in data.train_batches(config.batch_size, generator):
+                loss = torch.nn.functional.cross_entropy(expected(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    assert same(state_of(model, ("body", "head")), state_of(expected, ("body", "head"))), "head x3, then body x1"
+
+
+def test_local_trains_every_client_every_round_whatever_the_sampling(digits):
+    config = tiny(algorithm="local", client_fraction=0.2, rounds=2)
+    result = run(config, digits)
+    assert [m["clients"] for m in result.metrics] == [[0, 1, 2, 3, 4]] * 2
+    assert sorted(result.personal) == [0, 1, 2, 3, 4]
+    assert same(_trained_alone(config, digits, 4), result.personal[4]), "every round, not only when sampled"
+
+
+def test_perfedavg_inner_step_follows_the_rounds_lr_and_outer_step_is_beta(digits, monkeypatch):
+    import fedbabu.algorithms.perfedavg as perfedavg
+
+    config = tiny(algorithm="perfedavg", rounds=4, lr=0.05)
+    scales, optimizers = [], []
+    original_shift, original_sgd = perfedavg.shift, torch.optim.SGD
+
+    def spy_shift(params, direction, scale):
+        scales.append(scale)
+        return original_shift(params, direction, scale)
+
+    def spy_sgd(params, **settings):
+        optimizers.append(settings["lr"])
+        return original_sgd(params, **settings)
+
+    monkeypatch.setattr(perfedavg, "shift", spy_shift)
+    monkeypatch.setattr(torch.optim, "SGD", spy_sgd)
+    algorithm = ALGORITHMS["perfedavg"](config)
+    data = client_data(config, digits, 0)
+    algorithm.client_update(initial_model(config, digits), data, {}, 0.005, torch.Generator().manual_seed(0))
+    assert optimizers == [0.1] and set(scales) == {-0.005}, "alpha = the round's lr, beta = 0.1"
+    scales.clear()
+    algorithm.personalize(initial_model(config, digits), data, {}, torch.Generator().manual_seed(0))
+    assert scales == [pytest.approx(-config.lr_at(3))] and config.lr_at(3) == pytest.approx(0.0005)
+    assert algorithm.personalization_note().endswith("lr 0.0005")
+    fixed = ALGORITHMS["perfedavg"](tiny(algorithm="perfedavg", perfedavg_alpha=0.02))
+    scales.clear()
+    fixed.client_update(initial_model(config, digits), data, {}, 0.005, torch.Generator().manual_seed(0))
+    assert set(scales) == {-0.02} and fixed.adaptation_alpha() == 0.02
+
+
+def test_perfedavg_hf_is_refused_in_bf16():
+    with pytest.raises(UserError, match="perfedavg_variant: hf cannot run with precision bf16"):
+        ALGORITHMS["perfedavg"](tiny(algorithm="perfedavg", perfedavg_variant="hf", precision="bf16"))
+    ALGORITHMS["perfedavg"](tiny(algorithm="perfedavg", perfedavg_variant="fo", precision="bf16"))
+
+
+@pytest.fixture(scope="module")
+def fedavg_run(tmp_path_factory, digits):
+    """A finished FedAvg run of the tiny federation: what LG-FedAvg starts from."""
+    folder = tmp_path_factory.mktemp("warm") / "fedavg"
+    run_experiment(tiny(algorithm="fedavg", rounds=2), folder, dataset=digits)
+    return folder
+
+
+def test_lg_fedavg_starts_from_the_fedavg_runs_final_model(digits, fedavg_run):
+    config = tiny(algorithm="lg_fedavg", lg_warm_start=fedavg_run)
+    fedavg_model = load_tensors(fedavg_run / "model.pt")
+    _, _, template, _ = preflight(config, digits)
+    assert same(dict(template.named_parameters()), fedavg_model)
+    untrained = run(config.model_copy(update={"rounds": 0}), digits)
+    assert same(untrained.final_state, fedavg_model)
+    fedavg = json.loads((fedavg_run / "summary.json").read_text())
+    assert untrained.accuracy_curve()[:, 0].mean() == pytest.approx(fedavg["initial_accuracy"]["mean"])
+    trained = run(config.model_copy(update={"rounds": 1}), digits)
+    plain = run(tiny(algorithm="lg_fedavg", rounds=1), digits)
+    assert not same(trained.personal[0], plain.personal[0]), "the bodies start from FedAvg's, not the seed"
+
+
+def _edited_copy(source, target, **changes):
+    import shutil
+
+    shutil.copytree(source, target)
+    values = yaml.safe_load((target / "config.yaml").read_text())
+    (target / "config.yaml").write_text(yaml.safe_dump({**values, **changes}))
+    return target
+
+
+@pytest.mark.parametrize(("case", "overrides", "message"), [
+    ("missing", {}, "is not a run folder"),
+    ("unfinished", {}, "is not a finished run (no summary.json)"),
+    ("fedbabu", {}, "is a fedbabu run; expected a fedavg run"),
+    ("update_part", {}, "is a fedavg (update_part=body) run"),
+    ("model", {}, "trained model '4convnet', this run builds 'digitcnn'"),
+    ("seed", {"seed": 1}, "ran with seed=0, this run has 1"),
+    ("clients", {"num_clients": 10}, "ran with num_clients=5, this run has 10"),
+    ("shards", {"shards_per_client": 4}, "ran with shards_per_client=2, this run has 4"),
+])
+def test_lg_fedavg_refuses_a_warm_start_that_cannot_serve(tmp_path, digits, fedavg_run, case, overrides, message):
+    source = tmp_path / case
+    if case == "unfinished":
+        _edited_copy(fedavg_run, source)
+        (source / "summary.json").unlink()
+    elif case in ("fedbabu", "model", "update_part"):
+        changes = {"fedbabu": {"algorithm": "fedbabu"}, "model": {"model": "4convnet"},
+                   "update_part": {"update_part": "body"}}[case]
+        _edited_copy(fedavg_run, source, **changes)
+    elif case != "missing":
+        source = fedavg_run
+    config = tiny(algorithm="lg_fedavg", lg_warm_start=source, **overrides)
+    with pytest.raises(UserError, match=re.escape(message)) as refused:
+        run_experiment(config, tmp_path / "lg", dataset=digits)
+    assert str(refused.value).startswith("lg_warm_start: ") and "\n" not in str(refused.value)
+    assert not (tmp_path / "lg").exists(), "refused before the run folder is made"
+
+
+def test_lg_warm_start_is_a_key_of_lg_fedavg_only(fedavg_run):
+    with pytest.raises(UserError, match="lg_warm_start is read by lg_fedavg only"):
+        tiny(algorithm="fedavg", lg_warm_start=fedavg_run)
+
+
+def test_compare_starts_lg_fedavg_from_its_own_fedavg_run_or_a_fedavg_phase(tmp_path, digits):
+    config = tiny(rounds=2)
+    both = run_comparison(config, ["lg_fedavg", "fedavg"], tmp_path / "both", dataset=digits)
+    saved = yaml.safe_load((tmp_path / "both" / "lg_fedavg" / "config.yaml").read_text())
+    assert saved["lg_warm_start"] == str(tmp_path / "both" / "fedavg")
+    assert not (tmp_path / "both" / "fedavg-phase").exists(), "the comparison's FedAvg run is reused"
+    assert [r["algorithm"] for r in both.rows] == ["lg_fedavg", "fedavg"]
+    alone = run_comparison(config, ["fedbabu", "lg_fedavg:lr=0.01:rounds=1"], tmp_path / "alone", seeds=[0, 1],
+                           dataset=digits)
+    for seed in (0, 1):
+        phase = tmp_path / "alone" / "fedavg-phase" / f"seed-{seed}"
+        phase_config = yaml.safe_load((phase / "config.yaml").read_text())
+        assert (phase_config["algorithm"], phase_config["rounds"], phase_config["lr"], phase_config["seed"]) == \
+            ("fedavg", 2, config.lr, seed), "FedAvg's own budget"
+        lg = yaml.safe_load((tmp_path / "alone" / "lg_fedavg_lr-0.01_rounds-1" / f"seed-{seed}" / "config.yaml")
+                            .read_text())
+        assert (lg["lg_warm_start"], lg["rounds"], lg["lr"]) == (str(phase), 1, 0.01)
+    assert [r["algorithm"] for r in alone.rows] == ["fedbabu", "lg_fedavg:lr=0.01:rounds=1"]
+
+
+def test_compare_refuses_a_named_warm_start_of_another_seed_before_any_run(tmp_path, digits, fedavg_run):
+    with pytest.raises(UserError, match=r"lg_warm_start: .* ran with seed=0, this run has 1"):
+        run_comparison(tiny(), ["fedavg", f"lg_fedavg:lg_warm_start={fedavg_run}"], tmp_path / "cmp", seeds=[0, 1],
+                       dataset=digits)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_never_sampled_clients_are_counted_in_the_summary_and_the_report(tmp_path, digits):
+    experiment = run_experiment(tiny(algorithm="fedper", client_fraction=0.2, rounds=2), tmp_path / "fedper",
+                                dataset=digits)
+    taking_part = {c for m in experiment.result.metrics for c in m["clients"]}
+    summary = json.loads((tmp_path / "fedper" / "summary.json").read_text())
+    assert summary["never_sampled_clients"] == 5 - len(taking_part) >= 3
+    assert sorted(experiment.result.personal) == sorted(taking_part), "only sampled clients have own heads"
+    report = (tmp_path / "fedper" / "report.md").read_text()
+    assert f"{5 - len(taking_part)} of 5 clients were never sampled for a training round: each keeps the head" \
+        in report
+    local = run_experiment(tiny(algorithm="local", client_fraction=0.2, rounds=1), tmp_path / "local", dataset=digits)
+    assert local.summary["never_sampled_clients"] == 0
+    assert "never sampled" not in (tmp_path / "local" / "report.md").read_text()

@@ -222,6 +222,29 @@ def test_every_algorithm_equals_the_simulator_with_personal_state_on_the_node(al
     assert {name.split(".", 1)[0] for name in sent} <= shared
 
 
+@pytest.mark.parametrize("algorithm", ["local", "lg_fedavg"])
+def test_who_trains_and_the_initial_model_follow_the_algorithm_as_in_the_simulator(algorithm: str,
+                                                                                  tmp_path: Path) -> None:
+    """Local training trains every node in every round whatever the sampling; LG-FedAvg starts from its
+    warm start on the server and on every node (the bodies, which never travel, too)."""
+    overrides = [f"algorithm={algorithm}", "client_fraction=0.34", "finetune.epochs=1"]
+    if algorithm == "lg_fedavg":
+        run_experiment(small_config("algorithm=fedavg", "rounds=1", "workers=1"), tmp_path / "fedavg")
+        overrides.append(f"lg_warm_start={tmp_path / 'fedavg'}")
+    config = small_config(*overrides)
+    grid = LoopbackGrid(3)
+    run_on_grid(grid, config, tmp_path / "flower", min_nodes=3, timeout=60)
+    reference = simulator_run(config)
+    taking_part = [r["clients"] for r in read_records(tmp_path / "flower")]
+    assert taking_part == [m["clients"] for m in reference.metrics]
+    assert [len(clients) for clients in taking_part] == ([3, 3] if algorithm == "local" else [1, 1])
+    state = load_tensors(tmp_path / "flower" / "model.pt")
+    for name, tensor in reference.final_state.items():
+        assert torch.equal(state[name], tensor), name
+    curves = [[float(v) for v in list(row.values())[4:]] for row in read_clients(tmp_path / "flower")]
+    assert curves == [pytest.approx(c["accuracies"], abs=1e-6) for c in reference.clients]
+
+
 def test_node_with_wrong_partition_count_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:
     """The node's ClientApp refuses the query (an error reply, as on Flower); the server records the refusal,
     never sends the node work, and the run equals the simulator's without it."""

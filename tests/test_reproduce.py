@@ -1,6 +1,7 @@
 """The paper's presets expand to its settings, and a quick preset runs on real CIFAR-10."""
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from fedbabu.config import build_config, merge_dicts
 from fedbabu.errors import UserError
@@ -42,7 +44,7 @@ def test_every_cell_of_every_preset_is_a_valid_config(name, scale):
     preset = load_preset(name)
     for cell in cells(preset, scale):
         for algorithm in preset.algorithms:
-            config = build_config(merge_dicts(cell.values, {"algorithm": algorithm}))
+            config = build_config(merge_dicts(cell.values_for(algorithm), {"algorithm": algorithm}))
             assert config.rounds >= 2
 
 
@@ -162,3 +164,82 @@ def test_the_presets_ship_inside_the_wheel(tmp_path):
     assert shipped == {path.name for path in PRESET_DIR.glob("*.yaml")} and len(shipped) >= 8
     assert (root / "configs" / "paper" / "cifar10-4convnet-offline.yaml").read_bytes() == \
         (PRESET_DIR / "cifar10-4convnet-offline.yaml").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["baselines", "baselines-cifar10-offline"])
+def test_the_baselines_presets_run_each_baseline_as_the_authors_scripts(name):
+    preset = load_preset(name)
+    (cell,) = cells(preset)
+    configs = {a: build_config(merge_dicts(cell.values_for(a), {"algorithm": a})) for a in preset.algorithms}
+    fedavg, lg, local = configs["fedavg"], configs["lg_fedavg"], configs["local"]
+    assert (fedavg.rounds, fedavg.local_epochs, fedavg.lr, fedavg.client_fraction, fedavg.num_clients) == \
+        (32, 10, 0.1, 0.1, 100)
+    assert (lg.rounds, lg.local_epochs, lg.lr, lg.resolved_milestones()) == (8, 10, 0.001, [])
+    assert (local.rounds, local.local_epochs, local.lr, local.resolved_milestones()) == (160, 1, 0.1, [80, 120])
+    assert (configs["fedrep"].fedrep_head_epochs, configs["fedrep"].fedrep_body_epochs) == (None, 1)
+    assert (configs["perfedavg"].perfedavg_alpha, configs["perfedavg"].perfedavg_beta) == (None, 0.1)
+    assert (configs["ditto"].ditto_lambda, configs["fedprox"].fedprox_mu) == (0.75, 1.0)
+    assert {(c.shards_per_client, c.dataset) for c in configs.values()} == \
+        {(10, "cifar100" if name == "baselines" else "cifar10")}
+    quick = {a: cells(preset, "quick")[0].values_for(a)["rounds"] for a in ("fedavg", "lg_fedavg", "local")}
+    assert quick == {"fedavg": 2, "lg_fedavg": 2, "local": 10}
+    assert preset.seeds == ([0, 1, 2] if name == "baselines" else [0])
+
+
+def test_an_algorithms_rounds_follow_the_cells_local_epochs(tmp_path, monkeypatch):
+    _digits_preset(tmp_path, monkeypatch, "taus", "fedavg, lg_fedavg", 8,
+                   "grid: {local_epochs: [1, 4]}\nalgorithm_settings: {lg_fedavg: {set: {lr: 0.001}, "
+                   "rounds_per_local_epochs: {1: 80, 4: 20}}}\n")
+    grid = cells(load_preset("taus"))
+    assert [(c.values_for("fedavg")["rounds"], c.values_for("lg_fedavg")["rounds"]) for c in grid] == \
+        [(8, 80), (8, 20)]
+    assert [c.values_for("lg_fedavg")["lr"] for c in grid] == [0.001, 0.001] and "lr" not in grid[0].values
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ("{fedbabu: {set: {lr: 0.01}}}", "'fedbabu' is not one of the preset's algorithms"),
+    ("{fedavg: {set: {seed: 3}}}", "algorithm_settings.fedavg.set: seed is shared by every algorithm"),
+    ("{fedavg: {set: {num_clients: 3}}}", "num_clients is shared by every algorithm"),
+    ("{fedavg: {set: {rounds: 3}, rounds_per_local_epochs: {1: 3}}}", "not both"),
+    ("{fedavg: {sett: {lr: 0.1}}}", "algorithm_settings.fedavg.sett"),
+])
+def test_algorithm_settings_are_validated(tmp_path, monkeypatch, settings, message):
+    _digits_preset(tmp_path, monkeypatch, "bad", "fedavg", 2, f"algorithm_settings: {settings}\n")
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_preset("bad")
+
+
+def test_an_algorithm_without_rounds_for_the_cells_local_epochs_is_refused(tmp_path, monkeypatch):
+    _digits_preset(tmp_path, monkeypatch, "gap", "fedavg", 2,
+                   "algorithm_settings: {fedavg: {rounds_per_local_epochs: {4: 20}}}\n")
+    with pytest.raises(UserError, match=re.escape("algorithm_settings.fedavg: no rounds given for local_epochs=1")):
+        cells(load_preset("gap"))
+
+
+def test_lg_fedavg_starts_from_the_cells_fedavg_run_or_from_a_fedavg_phase(tmp_path, monkeypatch):
+    lg_settings = "algorithm_settings: {lg_fedavg: {set: {lr: 0.01, rounds: 1}}}\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _digits_preset(tmp_path / "a", monkeypatch, "lg", "lg_fedavg, fedavg", 2, lg_settings)
+    out = tmp_path / "with"
+    lines: list[str] = []
+    run_preset("lg", out, log=lines.append)
+    assert "default fedavg seed 0: running" in lines[0] and "default lg_fedavg seed 0: running" in lines[1]
+    saved = yaml.safe_load((out / "default" / "lg_fedavg" / "seed-0" / "config.yaml").read_text())
+    assert (saved["lg_warm_start"], saved["lr"], saved["rounds"]) == \
+        (str((out / "default" / "fedavg" / "seed-0").resolve()), 0.01, 1)
+    lines.clear()
+    run_preset("lg", out, log=lines.append)
+    assert len(lines) == 2 and all("already complete, skipped" in line for line in lines)
+
+    _digits_preset(tmp_path / "b", monkeypatch, "alone", "lg_fedavg, fedbabu", 2, lg_settings)
+    out = tmp_path / "alone"
+    lines.clear()
+    outcomes = run_preset("alone", out, log=lines.append)
+    assert "lg_fedavg seed 0: its fedavg phase: running" in lines[0] and "lg_fedavg seed 0: running" in lines[1]
+    phase = out / "default" / "lg_fedavg" / "fedavg-phase" / "seed-0"
+    phase_config = yaml.safe_load((phase / "config.yaml").read_text())
+    assert (phase_config["algorithm"], phase_config["lr"], phase_config["rounds"]) == ("fedavg", 0.1, 2)
+    saved = yaml.safe_load((out / "default" / "lg_fedavg" / "seed-0" / "config.yaml").read_text())
+    assert saved["lg_warm_start"] == str(phase.resolve())
+    assert [o.seeds for o in outcomes] == [[0], [0]], "the phase is not a seed of the table"

@@ -66,7 +66,8 @@ def test_the_run_folder_of_a_plain_cli_run(cli_runs):
     summary = json.loads((folder / "summary.json").read_text())
     assert {k: summary[k] for k in ("algorithm", "dataset", "model", "rounds", "num_clients", "seed")} == {
         "algorithm": "fedbabu", "dataset": "digits", "model": "digitcnn", "rounds": 3, "num_clients": 20, "seed": 3}
-    assert summary["finetune"] == {"part": "full", "epochs": 2, "lr": 0.01}
+    assert summary["finetune"] == {"part": "full", "epochs": 2, "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
+                                   "batch_size": 10}
     for key, column in (("initial_accuracy", 0), ("personalized_accuracy", -1)):
         assert summary[key] == pytest.approx({"mean": accuracies[:, column].mean(), "std": accuracies[:, column].std()},
                                              abs=1e-6)

@@ -97,6 +97,48 @@ def test_finetuning_one_part_leaves_the_other_untouched(digits, part, frozen):
     load_state(model, before)
 
 
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedbabu"])
+def test_finetuning_keeps_one_optimizer_across_epochs(digits, algorithm):
+    """The authors build one SGD and run every fine-tuning epoch through it: the momentum buffer is
+    never reset. The personalized weights must equal a plain loop's, bit for bit, on the same batches."""
+    config = small_config(algorithm=algorithm, finetune={"part": "full", "epochs": 3, "lr": 0.05, "momentum": 0.9})
+    partition = partition_for(config, digits)
+    data = ClientData(digits, partition.train[0], partition.test[0], runtime_for(config))
+    model = _initial_model(config, digits)
+    accuracies = ALGORITHMS[algorithm](config).personalize(model, data, {}, torch.Generator().manual_seed(3))
+    assert len(accuracies) == 4
+
+    reference = _initial_model(config, digits)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        reference.train()
+        for x, y in data.train_batches(config.finetune.batch_size, generator):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(reference(x), y).backward()
+            optimizer.step()
+    got, expected = dict(model.named_parameters()), dict(reference.named_parameters())
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_a_client_test_set_is_one_batch_by_default(digits):
+    """Batch norm uses batch statistics at test time: a large client test set is one batch (as the authors
+    evaluate 100 images), not full batches plus a small remainder whose statistics change the result."""
+    from fedbabu.engine.local import evaluate
+
+    config = small_config()
+    model = _initial_model(config, digits).eval()
+    test_idx = np.arange(1001) % len(digits.test_y)
+    data = ClientData(digits, np.arange(10), test_idx, runtime_for(config))
+    assert [len(y) for _, y in data.test_batches()] == [1001]
+    with torch.no_grad():
+        x, y = next(data.test_batches())
+        one_batch = int((model(x).argmax(1) == y).sum()) / 1001
+    assert evaluate(model, data) == one_batch
+    bounded = ClientData(digits, np.arange(10), test_idx[:250], runtime_for(small_config(eval_batch_size=100)))
+    assert [len(y) for _, y in bounded.test_batches()] == [84, 83, 83]
+
+
 def test_sampling_is_seeded_and_fraction_sized():
     a = sample_clients(0, 5, 100, 0.1)
     assert a == sample_clients(0, 5, 100, 0.1) and len(a) == 10

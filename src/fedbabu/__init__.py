@@ -2,7 +2,8 @@
 
 The public Python API, imported on first use (``import fedbabu`` stays cheap)::
 
-    run, compare, Results, ComparisonResults        # experiments (fedbabu.api)
+    run, compare, personalize, Results,             # experiments (fedbabu.api)
+    ComparisonResults
     Config, load_config                              # configuration (fedbabu.config)
     from_arrays, from_torch, read_image_folder,      # your data (fedbabu.data.custom)
     FederatedData, ImageFolder
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "run": "fedbabu.api",
     "compare": "fedbabu.api",
+    "personalize": "fedbabu.api",
     "Results": "fedbabu.api",
     "ComparisonResults": "fedbabu.api",
     "Config": "fedbabu.config",

@@ -307,3 +307,29 @@ def compare(config: ConfigLike = None, algorithms: Sequence[str] = ("fedavg", "f
     runs = {a: [_results(e, setup.dataset, setup.factory) for e in experiments]
             for a, experiments in comparison.experiments.items()}
     return ComparisonResults(comparison.rows, runs, comparison.folder)
+
+
+def personalize(run_dir: str | Path, *, finetune: dict[str, Any] | None = None, out: str | Path | None = None,
+                overwrite: bool = False, workers: int | str | None = None, device: str | None = None,
+                data_dir: str | Path | None = None, progress: bool | Observer = True) -> Results:
+    """Personalize every client of a finished run again, like ``fedbabu personalize RUN_DIR``.
+
+    ``finetune`` changes fine-tuning settings (``{"part": "head", "epochs": 20}``); nothing that
+    shaped the training may change. Results go to ``out`` (default ``<run_dir>/personalize/<settings>``);
+    the run's own files are never written. With the run's own settings the result equals the run's.
+    """
+    from fedbabu.personalization import personalize_run
+
+    if finetune is not None and not isinstance(finetune, dict):
+        raise UserError(f"finetune: expected a dict of fine-tuning settings such as {{'epochs': 10}}, got "
+                        f"{type(finetune).__name__}")
+    _check_progress(progress)
+    if out is not None:
+        check_output_dir(Path(out), overwrite, "out", "overwrite=True")
+    overrides: dict[str, Any] = {"finetune": dict(finetune)} if finetune else {}
+    for key, value in (("workers", workers), ("device", device), ("data_dir", data_dir)):
+        if value is not None:
+            overrides[key] = str(value) if isinstance(value, Path) else value
+    experiment, dataset = personalize_run(Path(run_dir), overrides, Path(out) if out is not None else None,
+                                          overwrite, _observer(progress, f"personalize {run_dir}"), source="finetune")
+    return _results(experiment, dataset, config_model)

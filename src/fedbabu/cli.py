@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--only", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
                            help="run only the cells with these grid values (e.g. local_epochs=1,10); repeatable")
     reproduce.add_argument("--out", type=Path, help="output folder (default: runs/reproduce/<name>-<scale>)")
+    reproduce.add_argument("--personalize-only", action="store_true",
+                           help="train nothing: personalize every finished run in the folder again (the cells' "
+                                "fine-tuning settings, changed by --set finetune.*) and rebuild results.md")
     _machine_options(reproduce)
     resume = commands.add_parser("resume", help="continue an interrupted run from its latest checkpoint")
     resume.add_argument("folder", type=Path, metavar="DIR", help="the run folder")
@@ -89,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--data-dir", type=Path, help="folder holding the dataset, if it moved")
     resume.add_argument("--quiet", action="store_true", help="no progress bars")
     _reliability_options(resume, resume_option=False)
+    personalize = commands.add_parser("personalize", help="personalize a finished run again with other fine-tuning "
+                                                          "settings, without training it again")
+    personalize.add_argument("folder", type=Path, metavar="RUN_DIR", help="a finished run folder")
+    personalize.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="a fine-tuning setting (finetune.part=head, finetune.epochs=20); repeatable")
+    personalize.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/personalize/<settings>)")
+    personalize.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    personalize.add_argument("--device", choices=["cpu", "cuda", "auto"], help="compute device")
+    personalize.add_argument("--workers", help="worker processes: auto (one per core) or a number")
+    personalize.add_argument("--data-dir", type=Path, help="folder holding the dataset, if it moved")
+    personalize.add_argument("--quiet", action="store_true", help="no progress bars")
     report = commands.add_parser("report", help="rebuild report.md and plots of runs; compare several in one table")
     report.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="run folders (finished or interrupted)")
     report.add_argument("--out", type=Path, help="also write the comparison table as Markdown to this file")
@@ -112,7 +126,7 @@ def _extra_from(args: argparse.Namespace) -> dict[str, Any]:
                        ("data_dir", args.data_dir), ("workers", _workers_option(args.workers))):
         if value is not None:
             extra[key] = str(value) if isinstance(value, Path) else value
-    if args.download:
+    if getattr(args, "download", False):
         extra["download"] = True
     return extra
 
@@ -226,6 +240,16 @@ def _cmd_resume(args: argparse.Namespace, console: Console) -> None:
     _resume(args, None, console)
 
 
+def _cmd_personalize(args: argparse.Namespace, console: Console) -> None:
+    from fedbabu.config import parse_overrides
+    from fedbabu.personalization import personalize_run
+
+    overrides = merge_dicts(parse_overrides(args.overrides), _extra_from(args))
+    experiment, _ = personalize_run(args.folder, overrides, args.out, args.overwrite,
+                                    _progress(f"personalize {args.folder}", args.quiet))
+    _show_run(experiment, experiment.result.config, console)
+
+
 def _cmd_report(args: argparse.Namespace, console: Console) -> None:
     from fedbabu.results.rebuild import report_runs
 
@@ -262,7 +286,7 @@ def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
 
 def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     from fedbabu.config import parse_overrides
-    from fedbabu.reproduce import cells, list_presets, run_preset
+    from fedbabu.reproduce import cells, list_presets, personalize_preset, run_preset
 
     if args.name.lower() == "list":
         table = Table(title="the paper's experiments (fedbabu reproduce NAME)")
@@ -276,9 +300,10 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     seeds = _parse_list(args.seeds, "--seeds", int) if args.seeds else None
     out = args.out or Path("runs") / "reproduce" / f"{args.name}-{args.scale}"
     settings = merge_dicts(parse_overrides(args.overrides), _extra_from(args))
-    run_preset(args.name, out, args.scale, seeds, settings, args.only,
-               observer_for=lambda label: _progress(label, args.quiet),
-               log=lambda line: console.print(line, soft_wrap=True, highlight=False))
+    run = personalize_preset if args.personalize_only else run_preset
+    run(args.name, out, args.scale, seeds, settings, args.only,
+        observer_for=lambda label: _progress(label, args.quiet),
+        log=lambda line: console.print(line, soft_wrap=True, highlight=False))
     console.print(f"results: {out / 'results.md'}")
 
 
@@ -287,6 +312,7 @@ def _cmd_flower(args: argparse.Namespace, console: Console) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "resume": _cmd_resume, "report": _cmd_report,
+            "personalize": _cmd_personalize,
             "reproduce": _cmd_reproduce, "flower": _cmd_flower}
 
 

@@ -67,19 +67,20 @@ class Config(_Strict):
     lr_decay: float = Field(0.1, gt=0, le=1)
     augment: Literal["auto", "on", "off"] = "auto"
     eval_every: int = Field(10, ge=0)
-    eval_batch_size: int = Field(1000, ge=1)
+    eval_batch_size: int = Field(2000, ge=1)  # a memory bound: a client's test set is one batch up to it
 
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     # --- baselines and ablations (issue 5); each key is read by one algorithm only ---
     update_part: Literal["body", "head", "full"] | None = None  # fedavg ablation; None = full
-    fedprox_mu: float = Field(0.01, ge=0)
-    ditto_lambda: float = Field(0.1, ge=0)
-    fedrep_head_epochs: int = Field(10, ge=0)
-    fedrep_body_epochs: int | None = Field(None, ge=1)  # None = local_epochs
+    fedprox_mu: float = Field(1.0, ge=0)
+    ditto_lambda: float = Field(0.75, ge=0)
+    fedrep_head_epochs: int | None = Field(None, ge=0)  # None = local_epochs
+    fedrep_body_epochs: int | None = Field(1, ge=1)  # None = local_epochs
+    lg_warm_start: Path | None = None  # a finished fedavg run folder whose model.pt starts lg_fedavg
     perfedavg_variant: Literal["fo", "hf"] = "fo"
-    perfedavg_alpha: float = Field(0.01, gt=0)
-    perfedavg_beta: float | None = Field(None, gt=0)  # None = the round's lr (follows the schedule)
+    perfedavg_alpha: float | None = Field(None, gt=0)  # None = the round's lr (follows the schedule)
+    perfedavg_beta: float | None = Field(0.1, gt=0)  # None = the round's lr (follows the schedule)
     perfedavg_delta: float = Field(0.001, gt=0)
     perfedavg_adapt_steps: int = Field(1, ge=0)
 
@@ -124,6 +125,13 @@ class Config(_Strict):
         if self.update_part is not None and self.algorithm != "fedavg":
             raise ValueError(f"update_part is an ablation of fedavg only; {self.algorithm} fixes its own trained "
                              "parts (fedbabu is update_part=body): remove the key or use algorithm fedavg")
+        return self
+
+    @model_validator(mode="after")
+    def _warm_start_only_for_lg_fedavg(self) -> Config:
+        if self.lg_warm_start is not None and self.algorithm != "lg_fedavg":
+            raise ValueError(f"lg_warm_start is read by lg_fedavg only; {self.algorithm} starts from its seeded "
+                             "initialization: remove the key or use algorithm lg_fedavg")
         return self
 
     def resolved_model(self) -> str:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedbabu.algorithms import ALGORITHMS
+from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
 from fedbabu.config import Config, build_config, merge_dicts, parse_value, read_yaml
 from fedbabu.engine.checkpoint import CHECKPOINT
 from fedbabu.engine.faults import TrainingDiverged
@@ -37,6 +39,22 @@ class QuickScale(BaseModel):
     set: dict[str, Any] = Field(default_factory=dict)
 
 
+class AlgorithmSettings(BaseModel):
+    """How one algorithm of a preset departs from its cell: the authors run some baselines with their
+    own lr or budget (LG-FedAvg after FedAvg at lr 0.001 for a quarter of the rounds, local training
+    for 160 epochs)."""
+
+    model_config = ConfigDict(extra="forbid")
+    set: dict[str, Any] = Field(default_factory=dict)
+    rounds_per_local_epochs: dict[int, int] = Field(default_factory=dict)
+    """Its rounds by the cell's ``local_epochs``, in place of the preset's table."""
+
+
+CELL_KEYS = ("algorithm", "seed", "dataset", "num_clients", "partition", "shards_per_client", "dirichlet_alpha",
+             "samples_per_client")
+"""Keys an algorithm's settings cannot change: the algorithms of a cell share its data, partition and seeds."""
+
+
 class Preset(BaseModel):
     """One experiment of the paper: which algorithms, seeds and config cells it runs."""
 
@@ -47,17 +65,36 @@ class Preset(BaseModel):
     base: dict[str, Any]
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     rounds_per_local_epochs: dict[int, int] = Field(default_factory=dict)
+    algorithm_settings: dict[str, AlgorithmSettings] = Field(default_factory=dict)
     quick: QuickScale = Field(default_factory=QuickScale)
+
+    @model_validator(mode="after")
+    def _settings_of_own_algorithms(self) -> Preset:
+        for algorithm, settings in self.algorithm_settings.items():
+            if algorithm not in self.algorithms:
+                raise ValueError(f"algorithm_settings: {algorithm!r} is not one of the preset's algorithms")
+            fixed = [key for key in CELL_KEYS if key in settings.set]
+            if fixed:
+                raise ValueError(f"algorithm_settings.{algorithm}.set: {fixed[0]} is shared by every algorithm of "
+                                 "a cell (set it in base or grid)")
+            if "rounds" in settings.set and settings.rounds_per_local_epochs:
+                raise ValueError(f"algorithm_settings.{algorithm}: give rounds in set or rounds_per_local_epochs, "
+                                 "not both")
+        return self
 
 
 @dataclass(frozen=True)
 class Cell:
     """One point of a grid: a name like ``local_epochs=1,shards_per_client=10``, its grid coordinates
-    and its full config values."""
+    and its full config values (``own``: those of the algorithms with settings of their own)."""
 
     name: str
     values: dict[str, Any]
     point: dict[str, Any]
+    own: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def values_for(self, algorithm: str) -> dict[str, Any]:
+        return self.own.get(algorithm, self.values)
 
 
 def list_presets(folder: Path | None = None) -> dict[str, Preset]:
@@ -75,7 +112,8 @@ def load_preset(name: str, folder: Path | None = None) -> Preset:
         return Preset.model_validate(read_yaml(path))
     except ValidationError as err:
         first = err.errors()[0]
-        raise UserError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        where = "".join(f"{part}: " for part in [".".join(map(str, first["loc"]))] if part)
+        raise UserError(f"{path}: {where}{first['msg'].removeprefix('Value error, ')}") from None
 
 
 def cells(preset: Preset, scale: str = "full") -> list[Cell]:
@@ -89,13 +127,31 @@ def cells(preset: Preset, scale: str = "full") -> list[Cell]:
             if tau not in preset.rounds_per_local_epochs:
                 raise UserError(f"preset: no rounds given for local_epochs={tau} (rounds_per_local_epochs)")
             values["rounds"] = preset.rounds_per_local_epochs[tau]
+        own = {a: _own_values(a, settings, values, tau) for a, settings in preset.algorithm_settings.items()}
         if scale == "quick":
-            values = merge_dicts(values, preset.quick.set)
-            values["rounds"] = max(2, values["rounds"] // preset.quick.rounds_divisor)
+            values = _quick(preset, values)
+            own = {a: _quick(preset, v) for a, v in own.items()}
         point = dict(zip(keys, combo, strict=True))
         name = ",".join(f"{k}={v}" for k, v in point.items()) or "default"
-        result.append(Cell(name, values, point))
+        result.append(Cell(name, values, point, own))
     return result
+
+
+def _own_values(algorithm: str, settings: AlgorithmSettings, values: dict[str, Any], tau: int) -> dict[str, Any]:
+    """A cell's values for an algorithm with settings of its own; its rounds follow the cell's tau."""
+    own = merge_dicts(values, settings.set)
+    if settings.rounds_per_local_epochs:
+        if tau not in settings.rounds_per_local_epochs:
+            raise UserError(f"preset: algorithm_settings.{algorithm}: no rounds given for local_epochs={tau} "
+                            "(rounds_per_local_epochs)")
+        own["rounds"] = settings.rounds_per_local_epochs[tau]
+    return own
+
+
+def _quick(preset: Preset, values: dict[str, Any]) -> dict[str, Any]:
+    values = merge_dicts(values, preset.quick.set)
+    values["rounds"] = max(2, values["rounds"] // preset.quick.rounds_divisor)
+    return values
 
 
 def parse_selection(preset: Preset, pairs: list[str]) -> dict[str, list[Any]]:
@@ -122,20 +178,34 @@ def _selected(cell: Cell, selection: dict[str, list[Any]]) -> bool:
     return all(cell.point[key] in values for key, values in selection.items())
 
 
+EVALUATION_KEYS = ("finetune", "eval_batch_size", "workers", "device", "data_dir", "download")
+"""Keys that cannot change what a run trained: a finished run is reused when only these differ."""
+
+
+def training_values(config: Config) -> dict[str, Any]:
+    """What shaped a run's training: its config less the evaluation-only keys and the settings that
+    only other algorithms read (a default changed for Ditto does not make a FedAvg run stale)."""
+    own = set(ALGORITHMS[config.algorithm].config_keys)
+    others = {key for algorithm in ALGORITHMS.values() for key in algorithm.config_keys} - own
+    return {k: v for k, v in config.to_plain().items() if k not in EVALUATION_KEYS and k not in others}
+
+
 def _state(folder: Path, config: Config) -> str:
-    """``done`` (finished with exactly this config), ``diverged`` (stopped by divergence, same config),
-    ``resumable`` (checkpointed, same config) or ``new``."""
+    """``done`` (finished, trained as this config trains), ``diverged`` (stopped by divergence, same
+    config), ``resumable`` (checkpointed, same config) or ``new``."""
     saved = folder / "config.yaml"
     if not saved.exists():
         return "new"
     try:
-        same = build_config(yaml.safe_load(saved.read_text()), str(saved)) == config
+        saved_config = build_config(yaml.safe_load(saved.read_text()), str(saved))
     except (UserError, yaml.YAMLError):
         return "new"
-    if not same:
+    if training_values(saved_config) != training_values(config):
         return "new"
     if (folder / "summary.json").exists():
         return "done"
+    if saved_config != config:
+        return "new"
     events = folder / "events.log"
     if events.exists() and "training diverged" in events.read_text():
         return "diverged"
@@ -177,49 +247,51 @@ def run_preset(
     subset of the grid, so a grid can be split across machines or continued one cell at a time. The
     table still covers every cell: those not selected show what their folders already hold. The
     config of every run to do is built before the first one starts, so a bad value in the last cell
-    stops the command at once rather than hours into the grid.
+    stops the command at once rather than hours into the grid. An algorithm that starts from another
+    one's run (LG-FedAvg from FedAvg's) starts from the cell's run of it, which goes first, or from
+    one made for it (see :func:`_phase`).
     """
-    from fedbabu.runner import resume_experiment, run_experiment
-
     preset = load_preset(name)
     seeds = seeds or preset.seeds
     selection = parse_selection(preset, only or [])
     extra = settings or {}
     grid = cells(preset, scale)
     to_run = {cell.name: seeds if _selected(cell, selection) else [] for cell in grid}
-    configs = {(cell.name, algorithm, seed): _run_config(name, cell, extra, algorithm, seed)
+    configs = {(cell.name, algorithm, seed): _planned_config(preset, name, out, cell, extra, algorithm, seed)
                for cell in grid for algorithm in preset.algorithms for seed in to_run[cell.name]}
+    by_name = {cell.name: cell for cell in grid}
+    phases = {key: phase for key in configs
+              if (phase := _phase(preset, name, out, by_name[key[0]], extra, key[1], key[2])) is not None}
+    starts = {phase[1].algorithm for phase in phases.values()}
+    order = sorted(preset.algorithms, key=lambda a: a not in starts)  # a run others start from goes first
     out.mkdir(parents=True, exist_ok=True)
     outcomes: list[CellResult] = []
     for index, cell in enumerate(grid, 1):
-        for algorithm in preset.algorithms:
+        for algorithm in order:
             outcome = CellResult(cell, algorithm, [], [])
             for seed in to_run[cell.name]:
                 config = configs[cell.name, algorithm, seed]
                 folder = out / _slug(cell.name) / algorithm / f"seed-{seed}"
                 label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
-                state = _state(folder, config)
                 observer = observer_for(f"{algorithm} s{seed}") if observer_for else None
                 try:
-                    if state == "diverged":
-                        raise TrainingDiverged(f"diverged in an earlier attempt (see {folder / 'events.log'})")
-                    if state == "done":
-                        log(f"{label}: already complete, skipped")
-                    elif state == "resumable":
-                        log(f"{label}: resuming from its checkpoint")
-                        resume_experiment(folder, config, observer)
-                    else:
-                        log(f"{label}: running")
-                        run_experiment(config, folder, observer, overwrite=True)
+                    phase = phases.get((cell.name, algorithm, seed))
+                    if phase is not None and _state(folder, config) != "done" and _state(*phase) != "done":
+                        start = phase[1].algorithm
+                        _complete(*phase, observer_for(f"{start} phase s{seed}") if observer_for else None,
+                                  f"{label}: its {start} phase", log)
+                    _complete(folder, config, observer, label, log)
                 except TrainingDiverged as err:
                     log(f"{label}: {err}; recorded as diverged")
                     outcome.diverged += 1
                     continue
-                outcome.add(folder)
+                outcome.add(results_folder(folder, config, label, log, observer))
             for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, to_run[cell.name]):
-                state = _state(folder, _run_config(name, cell, extra, algorithm, seed))
+                other = _planned_config(preset, name, out, cell, extra, algorithm, seed)
+                state = _state(folder, other)
                 if state == "done":
-                    outcome.add(folder)
+                    label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
+                    outcome.add(results_folder(folder, other, label, log))
                 elif state == "diverged":
                     outcome.diverged += 1
             outcomes.append(outcome)
@@ -227,9 +299,131 @@ def run_preset(
     return outcomes
 
 
+def results_folder(run: Path, config: Config, label: str, log: Callable[[str], None], observer: Any = None,
+                   always: bool = False) -> Path:
+    """Where a finished run's results under the current protocol and the cell's fine-tuning are.
+
+    That is the run itself when it was personalized so; otherwise (a run made under an older
+    personalization protocol, or other fine-tuning settings) its personalization folder for these
+    settings, made now if it is not there yet: minutes, no training. ``always`` makes that folder
+    even for a current run (``--personalize-only``).
+    """
+    from fedbabu.personalization import default_out, personalization_config, personalize_run, saved_config
+
+    saved = build_config(read_yaml(run / "config.yaml"), str(run / "config.yaml"))
+    protocol = json.loads((run / "summary.json").read_text()).get("personalization_protocol")
+    if not always and protocol == PERSONALIZATION_PROTOCOL and saved.finetune == config.finetune:
+        return run
+    overrides = {"finetune": config.finetune.model_dump(),
+                 **{key: value for key, value in config.to_plain().items() if key in ("workers", "device", "data_dir")}}
+    wanted = personalization_config(saved, overrides, f"--set (for {run})")
+    target = default_out(run, wanted)
+    made = saved_config(target)
+    if made is not None and _without_free_keys(made) == _without_free_keys(wanted):
+        if always:
+            log(f"{label}: already personalized with these settings, skipped")
+        return target
+    reason = "" if always else " (made under an older personalization protocol or other fine-tuning settings)"
+    log(f"{label}: personalizing again{reason}")
+    personalize_run(run, overrides, target, overwrite=True, observer=observer)
+    return target
+
+
+def _without_free_keys(config: Config) -> dict[str, Any]:
+    return {k: v for k, v in config.to_plain().items() if k not in ("workers", "device", "data_dir", "download")}
+
+
+def personalize_preset(
+    name: str,
+    out: Path,
+    scale: str = "full",
+    seeds: list[int] | None = None,
+    settings: dict[str, Any] | None = None,
+    only: list[str] | None = None,
+    observer_for: Callable[[str], Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[CellResult]:
+    """Personalize every finished run of a preset folder again, then rebuild its ``results.md``.
+
+    Each run keeps its training; its clients are fine-tuned again with the cell's fine-tuning
+    settings (changed by ``settings``, which may hold only fine-tuning, worker, device and data
+    keys), into ``<run>/personalize/<settings>``. A run that has not finished is skipped and named;
+    one already personalized with the same settings is not redone.
+    """
+    from fedbabu.personalization import personalization_config
+
+    preset = load_preset(name)
+    selection = parse_selection(preset, only or [])
+    if not Path(out).is_dir():
+        raise UserError(f"{out}: no folder of runs to personalize; run fedbabu reproduce {name} first (or give --out)")
+    extra = settings or {}
+    grid = cells(preset, scale)
+    outcomes: list[CellResult] = []
+    for index, cell in enumerate(grid, 1):
+        for algorithm in preset.algorithms:
+            outcome = CellResult(cell, algorithm, [], [])
+            for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, []):
+                if not _selected(cell, selection) or (seeds and seed not in seeds):
+                    continue
+                label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
+                if not (folder / "summary.json").is_file():
+                    log(f"{label}: not finished, skipped ({folder})")
+                    continue
+                values = merge_dicts({"finetune": cell.values_for(algorithm).get("finetune", {})}, extra)
+                run = build_config(read_yaml(folder / "config.yaml"), str(folder / "config.yaml"))
+                config = personalization_config(run, values, f"preset {name} [{cell.name}]")
+                observer = observer_for(f"{algorithm} s{seed}") if observer_for else None
+                outcome.add(results_folder(folder, config, label, log, observer, always=True))
+            outcomes.append(outcome)
+    write_results(preset, name, scale, outcomes, out)
+    return outcomes
+
+
 def _run_config(preset: str, cell: Cell, extra: dict[str, Any], algorithm: str, seed: int) -> Config:
-    values = merge_dicts(merge_dicts(cell.values, extra), {"algorithm": algorithm, "seed": seed})
+    values = merge_dicts(merge_dicts(cell.values_for(algorithm), extra), {"algorithm": algorithm, "seed": seed})
     return build_config(values, f"preset {preset} [{cell.name}]")
+
+
+def _phase(preset: Preset, name: str, out: Path, cell: Cell, extra: dict[str, Any], algorithm: str,
+           seed: int) -> tuple[Path, Config] | None:
+    """Folder and config of the run ``algorithm`` starts from when its settings name none (LG-FedAvg:
+    FedAvg's): the cell's own run of that algorithm, or, in a preset without one, a run made for it
+    beside its seeds. None for an algorithm without a warm start or with one named."""
+    warm = ALGORITHMS[algorithm].warm_start
+    if warm is None or getattr(_run_config(name, cell, extra, algorithm, seed), warm.key) is not None:
+        return None
+    cell_folder = out.resolve() / _slug(cell.name)
+    folder = cell_folder / warm.algorithm if warm.algorithm in preset.algorithms else \
+        cell_folder / algorithm / f"{warm.algorithm}-phase"
+    return folder / f"seed-{seed}", _run_config(name, cell, extra, warm.algorithm, seed)
+
+
+def _planned_config(preset: Preset, name: str, out: Path, cell: Cell, extra: dict[str, Any], algorithm: str,
+                    seed: int) -> Config:
+    """A run's config, starting from its phase's folder (see :func:`_phase`) when it has one."""
+    config = _run_config(name, cell, extra, algorithm, seed)
+    phase = _phase(preset, name, out, cell, extra, algorithm, seed)
+    return config if phase is None else config.model_copy(update={ALGORITHMS[algorithm].warm_start.key: phase[0]})
+
+
+def _complete(folder: Path, config: Config, observer: Any, label: str, log: Callable[[str], None]) -> None:
+    """Leave ``folder`` holding a finished run of ``config``: skip it, resume it or run it.
+
+    Raises :class:`TrainingDiverged` for a run that diverged, now or in an earlier attempt.
+    """
+    from fedbabu.runner import resume_experiment, run_experiment
+
+    state = _state(folder, config)
+    if state == "diverged":
+        raise TrainingDiverged(f"diverged in an earlier attempt (see {folder / 'events.log'})")
+    if state == "done":
+        log(f"{label}: already complete, skipped")
+    elif state == "resumable":
+        log(f"{label}: resuming from its checkpoint")
+        resume_experiment(folder, config, observer)
+    else:
+        log(f"{label}: running")
+        run_experiment(config, folder, observer, overwrite=True)
 
 
 def _other_seeds(folder: Path, requested: list[int]) -> list[tuple[int, Path]]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, build_config, merge_dicts, parse_overrides
 from fedbabu.data.datasets import Dataset, load_dataset
 from fedbabu.data.partition import Partition, make_partition
@@ -251,30 +252,45 @@ def run_comparison(config: Config, algorithms: list[str], out: Path, seeds: list
     """Run several algorithms on identical partitions and seeds; write one folder each plus a comparison.
 
     A given ``partition`` (a natural one, from the Python API) is used for every seed; otherwise each
-    seed draws the config's partition.
+    seed draws the config's partition. An entry that starts from another algorithm's run (LG-FedAvg
+    from FedAvg's) and names none starts from the comparison's own entry of that algorithm with the
+    base settings, run first, or else from such a run made for it in ``<out>/<algorithm>-phase``.
     """
     seeds = seeds if seeds else [config.seed]
     names = [folder_name(a) for a in algorithms]
     if len(set(names)) != len(names):
         raise UserError(f"--algorithms: each entry must appear once, got {','.join(algorithms)}")
     configs = {a: variant_config(config, a) for a in algorithms}
+    warm_starts = {a: warm for a, c in configs.items() if (warm := ALGORITHMS[c.algorithm].warm_start) is not None}
+    phases = {a: variant_config(config, warm.algorithm) for a, warm in warm_starts.items()
+              if getattr(configs[a], warm.key) is None}
+    starts = {a: next((e for e in algorithms if configs[e] == phase), f"{phase.algorithm}-phase")
+              for a, phase in phases.items()}
+    extra = {starts[a]: phases[a] for a in phases if starts[a] not in configs}
     check_output_dir(out, overwrite)
     dataset = dataset if dataset is not None else prepare_data(config)
-    for run_config in configs.values():
+    for run_config in [*configs.values(), *extra.values()]:
         preflight(run_config, dataset, model_factory)
+    for a in warm_starts.keys() - phases.keys():  # a warm start the user named must suit every seed
+        for seed in seeds:
+            preflight(configs[a].model_copy(update={"seed": seed}), dataset, model_factory)
     partitions = {seed: partition if partition is not None else partition_for(
         config.model_copy(update={"seed": seed}), dataset) for seed in seeds}
     folder = prepare_output_dir(out, overwrite)
     experiments: dict[str, list[Experiment]] = {a: [] for a in algorithms}
+    order = [*extra, *sorted(algorithms, key=lambda a: a not in starts.values())]  # what others start from first
     for seed, seed_partition in partitions.items():
-        for algorithm in algorithms:
-            run_config = configs[algorithm].model_copy(update={"seed": seed})
-            sub = folder / folder_name(algorithm)
-            sub = sub if len(seeds) == 1 else sub / f"seed-{seed}"
-            observer = observer_for(algorithm, seed) if observer_for else None
-            experiments[algorithm].append(
-                run_experiment(run_config, sub, observer, overwrite, dataset=dataset, partition=seed_partition,
-                               model_factory=model_factory))
+        subs = {name: folder / folder_name(name) if len(seeds) == 1 else folder / folder_name(name) / f"seed-{seed}"
+                for name in order}
+        for name in order:
+            run_config = {**configs, **extra}[name].model_copy(update={"seed": seed})
+            if name in phases:
+                run_config = run_config.model_copy(update={warm_starts[name].key: subs[starts[name]]})
+            observer = observer_for(name, seed) if observer_for else None
+            experiment = run_experiment(run_config, subs[name], observer, overwrite, dataset=dataset,
+                                        partition=seed_partition, model_factory=model_factory)
+            if name in experiments:
+                experiments[name].append(experiment)
     curves = {a: [e.result.accuracy_curve() for e in runs] for a, runs in experiments.items()}
     rows = comparison_rows({a: [e.summary for e in runs] for a, runs in experiments.items()}, curves)
     title = f"{config.dataset} {config.resolved_model()}, {config.num_clients} clients, {config.rounds} rounds"

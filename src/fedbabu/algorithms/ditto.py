@@ -17,6 +17,7 @@ from fedbabu.engine.local import ClientData, load_state, sgd_epochs, state_of
 
 class Ditto(Algorithm):
     name = "ditto"
+    config_keys = ("ditto_lambda",)
     shared_parts = ("body", "head")
     trained_parts = ("body", "head")
     personal_parts = ("body", "head")

@@ -13,6 +13,7 @@ UPDATE_PARTS = {"full": ("body", "head"), "body": ("body",), "head": ("head",)}
 
 class FedAvg(Algorithm):
     name = "fedavg"
+    config_keys = ("update_part",)
     shared_parts = ("body", "head")
     trained_parts = ("body", "head")
 

@@ -14,6 +14,7 @@ from fedbabu.engine.local import ClientData, sgd_epochs, state_of
 
 class FedProx(Algorithm):
     name = "fedprox"
+    config_keys = ("fedprox_mu",)
 
     def check_config(self, config: Config) -> None:
         check_proximal_step("fedprox_mu", config.fedprox_mu, config)

@@ -3,12 +3,15 @@
 Each outer step takes one batch for the inner step ``w' = w - alpha * g(w)`` and one for the outer
 gradient ``g(w')``. The first-order variant (``fo``) applies ``g(w')`` directly; the Hessian-free
 variant (``hf``) applies ``(I - alpha * H(w)) g(w')``, the Hessian-vector product taken by central
-finite differences of the gradient on a third batch (step ``perfedavg_delta``). Outer steps use
-``perfedavg_beta`` (default: the round's lr) with the run's momentum and weight decay. A round
-consumes ``local_epochs`` passes over the client's data, two (fo) or three (hf) batches per step.
+finite differences of the gradient on a third batch (step ``perfedavg_delta``). As in the FedBABU
+authors' ``main_per_fedavg.py``, alpha is the round's lr (it follows the schedule) unless
+``perfedavg_alpha`` fixes it, and outer steps use ``perfedavg_beta`` (default 0.1) with the run's
+momentum and weight decay. A round consumes ``local_epochs`` passes over the client's data, two (fo)
+or three (hf) batches per step.
 
-Personalization is Per-FedAvg's own: ``perfedavg_adapt_steps`` plain gradient steps of size alpha,
-one training batch each, so its accuracy curve is indexed by adaptation steps, not epochs.
+Personalization is Per-FedAvg's own: ``perfedavg_adapt_steps`` plain gradient steps of size alpha
+(the final round's lr, as the authors adapt after training), one *training* batch each (the
+authors adapt on test data; we do not), so its accuracy curve is indexed by adaptation steps.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState
+from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState, refuse
+from fedbabu.config import Config
 from fedbabu.engine.local import ClientData, autocast_for, evaluate, load_state, set_trainable
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -69,7 +73,19 @@ def hessian_vector_product(model: nn.Module, params: Sequence[nn.Parameter], bat
 
 class PerFedAvg(Algorithm):
     name = "perfedavg"
+    config_keys = ("perfedavg_variant", "perfedavg_alpha", "perfedavg_beta", "perfedavg_delta",
+                   "perfedavg_adapt_steps")
     personalization_unit = "step"
+
+    def check_config(self, config: Config) -> None:
+        if config.precision == "bf16" and config.perfedavg_variant == "hf":
+            raise refuse("perfedavg_variant", "hf cannot run with precision bf16: the finite-difference Hessian "
+                                              "product divides bf16 rounding noise by a tiny step; use fo or fp32")
+
+    def adaptation_alpha(self) -> float:
+        """The step size of evaluation-time adaptation: ``perfedavg_alpha``, else the final round's lr."""
+        c = self.config
+        return c.perfedavg_alpha if c.perfedavg_alpha is not None else c.lr_at(max(c.rounds - 1, 0))
 
     def client_update(self, model: nn.Module, data: ClientData, personal: PersonalState, lr: float,
                       generator: torch.Generator) -> ClientUpdate:
@@ -79,10 +95,11 @@ class PerFedAvg(Algorithm):
         hessian_free = c.perfedavg_variant == "hf"
         per_step = 3 if hessian_free else 2
         steps = max(1, c.local_epochs * math.ceil(data.num_train / c.batch_size) // per_step)
-        alpha, delta = c.perfedavg_alpha, c.perfedavg_delta
+        alpha = lr if c.perfedavg_alpha is None else c.perfedavg_alpha
+        beta = lr if c.perfedavg_beta is None else c.perfedavg_beta
+        delta = c.perfedavg_delta
         params = set_trainable(model, self.trained_parts)
-        optimizer = torch.optim.SGD(params, lr=c.perfedavg_beta or lr, momentum=c.momentum,
-                                    weight_decay=c.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=beta, momentum=c.momentum, weight_decay=c.weight_decay)
         batches = endless_batches(data, c.batch_size, generator)
         model.train()
         total = 0.0
@@ -111,10 +128,11 @@ class PerFedAvg(Algorithm):
             return accuracies * (c.perfedavg_adapt_steps + 1)
         params = set_trainable(model, self.trained_parts)
         batches = endless_batches(data, c.batch_size, generator)
+        alpha = self.adaptation_alpha()
         for _ in range(c.perfedavg_adapt_steps):
             model.train()
             _, grads = gradients(model, params, next(batches), data)
-            shift(params, grads, -c.perfedavg_alpha)
+            shift(params, grads, -alpha)
             accuracies.append(evaluate(model, data))
         set_trainable(model, ())
         return accuracies
@@ -122,4 +140,4 @@ class PerFedAvg(Algorithm):
     def personalization_note(self) -> str:
         c = self.config
         return (f"Per-FedAvg adaptation ({c.perfedavg_variant}), {c.perfedavg_adapt_steps} step(s) of lr "
-                f"{c.perfedavg_alpha}")
+                f"{self.adaptation_alpha():g}")

@@ -39,7 +39,7 @@ class Runtime:
     augment: bool = False
     precision: str = "fp32"
     channels_last: bool = True
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 2000
 
 
 class ClientData:
@@ -76,9 +76,14 @@ class ClientData:
             yield self.normalize(images, self.runtime.device), self.dataset.train_y[idx].to(self.runtime.device)
 
     def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        size = self.runtime.eval_batch_size
-        for start in range(0, self.num_test, size):
-            idx = self.test_idx[start:start + size]
+        """The test set in one batch, as the authors evaluate a client's 100 test images.
+
+        Batch norm uses batch statistics at test time, so the batching is part of the result: a set
+        larger than ``eval_batch_size`` (a bound that only protects memory) is cut into the fewest
+        batches of nearly equal size, never into full batches and a small remainder.
+        """
+        batches = max(1, -(-self.num_test // self.runtime.eval_batch_size))
+        for idx in torch.tensor_split(self.test_idx, batches):
             yield self.normalize(self.dataset.test_x[idx], self.runtime.device), self.dataset.test_y[idx].to(
                 self.runtime.device)
 
@@ -110,11 +115,14 @@ def sgd_epochs(
     settings: LocalTraining,
     generator: torch.Generator,
     regularizer: Regularizer | None = None,
+    after_epoch: Callable[[], None] | None = None,
 ) -> float:
     """Train the named parts for some epochs with a fresh SGD optimizer; return the mean batch loss.
 
     Parts outside ``parts`` get no gradient and are outside the optimizer, so neither momentum nor
-    weight decay can move them: a frozen head stays bit-identical.
+    weight decay can move them: a frozen head stays bit-identical. One optimizer serves every epoch,
+    so its momentum carries from one epoch to the next; ``after_epoch`` (an evaluation, say) runs at
+    the end of each epoch without touching the optimizer, and training resumes in train mode.
     """
     params = set_trainable(model, parts)
     if not params or settings.epochs == 0:
@@ -122,10 +130,10 @@ def sgd_epochs(
         return float("nan")
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
-    model.train()
     total, batches = 0.0, 0
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(settings.epochs):
+        model.train()
         for x, y in data.train_batches(settings.batch_size, generator):
             with autocast_for(data.runtime):
                 loss = loss_fn(model(x), y)
@@ -135,6 +143,8 @@ def sgd_epochs(
             optimizer.step()
             total += loss.item()
             batches += 1
+        if after_epoch is not None:
+            after_epoch()
     set_trainable(model, ())
     return total / max(batches, 1)
 

@@ -1,8 +1,9 @@
 """The federated loop of the simulator: sample, train clients, aggregate, evaluate, personalize.
 
 The loop is algorithm-agnostic: it asks the algorithm which parts are shared and which are
-personal, runs :meth:`~fedbabu.algorithms.base.Algorithm.client_update` for the sampled clients on
-the :class:`~fedbabu.engine.pool.ClientPool`, and averages only the shared parts.
+personal, runs :meth:`~fedbabu.algorithms.base.Algorithm.client_update` for the clients it trains in a
+round (``training_clients``: by default the sampled ones) on the :class:`~fedbabu.engine.pool.ClientPool`,
+and averages only the shared parts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fedbabu.engine.local import ClientData, Runtime
 from fedbabu.engine.params import Layout, flatten, flatten_tensors, load_flat, weighted_mean
 from fedbabu.engine.pool import ClientPool
 from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
+from fedbabu.errors import UserError
 from fedbabu.models import BodyHead, build_model, part_of
 
 Personal = dict[str, np.ndarray]
@@ -232,17 +234,21 @@ class Observer:
         """``done`` of ``total`` clients are personalized (called per chunk, so progress can be shown)."""
 
 
-def preflight(config: Config, dataset: Dataset,
-              model_factory: ModelFactory = config_model) -> tuple[Algorithm, Runtime, BodyHead, bool]:
-    """Everything that can refuse a run (algorithm settings, device, network, executor), checked cheaply.
+def preflight(config: Config, dataset: Dataset, model_factory: ModelFactory = config_model,
+              initial: bool = True) -> tuple[Algorithm, Runtime, BodyHead, bool]:
+    """Everything that can refuse a run (algorithm settings, warm start, device, network, executor), checked cheaply.
 
     The runner calls it before it touches a run folder, so that ``--overwrite`` with a setting the
     algorithm refuses leaves the previous run intact; :func:`simulate` calls it to set up. Returns
     the algorithm, the runtime, the network at its initial weights and whether clients run vectorized.
+    ``initial=False`` skips the algorithm's initial model (a warm start), which a trained federation
+    personalized again does not need.
     """
     algorithm = ALGORITHMS[config.algorithm](config)
     runtime = runtime_for(config)
     template = model_factory(config, dataset)
+    if initial:
+        algorithm.initialize(template)
     vectorized = choose_executor(config.executor, runtime.device, algorithm, template) == "vectorized"
     return algorithm, runtime, template, vectorized
 
@@ -276,7 +282,9 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
         with ClientPool(_run_task, config.resolved_workers()) as pool:
             for round_index in range(start_round, config.rounds):
                 tick = time.perf_counter()
-                sampled = sample_clients(config.seed, round_index, partition.num_clients, config.client_fraction)
+                sampled = algorithm.training_clients(
+                    sample_clients(config.seed, round_index, partition.num_clients, config.client_fraction),
+                    partition.num_clients)
                 dropped = faults.dropped_clients(sampled, config.client_failure_rate,
                                                  stream_seed(config.seed, round_index, 0, DROPOUT_STREAM))
                 returned = [c for c in sampled if c not in dropped]
@@ -349,6 +357,35 @@ def client_records(partition: Partition, curves: list[list[float]]) -> list[dict
         }
         for c in range(partition.num_clients)
     ]
+
+
+def personalize_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
+                           personal: dict[int, Personal], observer: Observer | None = None,
+                           model_factory: ModelFactory = config_model) -> list[list[float]]:
+    """Personalize every client of a trained federation again: what a run does after its last round.
+
+    The federation is set up exactly as :func:`simulate` sets it up (same runtime, same worker
+    models, the same per-client generators derived from the seed and the configured rounds), so
+    with the run's own settings the accuracy curves are bit-identical to the run's, whatever the
+    number of workers; with other fine-tuning settings only the fine-tuning differs.
+    """
+    global _FEDERATION, _MODEL
+    observer = observer or Observer()
+    algorithm, runtime, template, _ = preflight(config, dataset, model_factory, initial=False)
+    layout = Layout(template)
+    expected = flatten(template)
+    if global_vector.shape != expected.shape or global_vector.dtype != expected.dtype:
+        raise UserError(f"model: holds {tuple(global_vector.shape)} parameters, the network of this config has "
+                        f"{tuple(expected.shape)}")
+    shared = global_vector.detach().clone().share_memory_()
+    _FEDERATION, _MODEL = Federation(config, dataset, partition, algorithm, runtime, layout, shared,
+                                     model_factory), None
+    try:
+        with ClientPool(_run_task, config.resolved_workers()) as pool:
+            observer.on_personalize_start(partition.num_clients)
+            return _personalize_all(pool, personal, partition.num_clients, observer)
+    finally:
+        _FEDERATION, _MODEL = None, None
 
 
 def _personalize_all(pool: ClientPool, personal: dict[int, Personal], num_clients: int,

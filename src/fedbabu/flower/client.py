@@ -135,9 +135,11 @@ def client_for(message: Message, context: Context) -> Client:
     runtime = runtime_for(config)
     data = ClientData(share, np.arange(share.train_y.shape[0]), np.arange(share.test_y.shape[0]), runtime)
     model = client_model(config, share, runtime)
+    algorithm = ALGORITHMS[config.algorithm](config)
+    algorithm.initialize(model)  # the server's initial model: the parts that never travel start from it too
     if ARRAYS in message.content.array_records:
         load_state(model, to_state(message.content.array_records[ARRAYS]))
-    return Client(config, client, data, ALGORITHMS[config.algorithm](config), model)
+    return Client(config, client, data, algorithm, model)
 
 
 def settle_personal(context: Context, settings: ConfigRecord) -> None:

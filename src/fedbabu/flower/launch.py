@@ -229,6 +229,8 @@ def simulate_on_flower(config: Config, out: Path, cpus_per_client: int = 1, over
     folder = prepare_output_dir(out, overwrite).resolve()
     if config.data_dir is not None:
         config = config.model_copy(update={"data_dir": config.data_dir.resolve()})
+    if config.lg_warm_start is not None:
+        config = config.model_copy(update={"lg_warm_start": config.lg_warm_start.resolve()})
     home = Path(tempfile.mkdtemp(prefix="fedbabu-flower-"))
     try:
         app = home / "app"

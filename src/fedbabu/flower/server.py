@@ -3,9 +3,10 @@
 :class:`AlgorithmStrategy` extends Flower's :class:`flwr.serverapp.strategy.FedAvg` and changes
 what the simulator does differently from plain FedAvg:
 
-* clients are sampled with :func:`~fedbabu.engine.simulation.sample_clients`, as partition ids,
-  so a Flower run trains the same clients in the same rounds as ``fedbabu run``; nodes tell the
-  server their partition id once (a ``query`` message);
+* clients are sampled with :func:`~fedbabu.engine.simulation.sample_clients`, as partition ids, and
+  the algorithm says which of them train (``training_clients``), so a Flower run trains the same
+  clients in the same rounds as ``fedbabu run``; nodes tell the server their partition id once (a
+  ``query`` message);
 * only the algorithm's ``shared_parts`` travel and are averaged, with
   :func:`~fedbabu.engine.params.weighted_mean` in partition order (so the result never depends on
   which reply arrived first);
@@ -88,6 +89,7 @@ class AlgorithmStrategy(FedAvg):
         self.shared = shared_names(self.layout, self.algorithm.shared_parts)
         self.shared_shapes = [self.layout.shapes[self.layout.names.index(name)] for name in self.shared]
         self.shared_mask = self.layout.mask(self.algorithm.shared_parts)
+        self.algorithm.initialize(template)
         self.global_vector = flatten(template)
         self.nodes: dict[int, int] = {}
         """node id -> partition id of every node that answered the query."""
@@ -211,7 +213,9 @@ class AlgorithmStrategy(FedAvg):
         self._tick = time.perf_counter()
         round_index = server_round - 1
         online = self.connected_clients(grid)
-        sampled = sample_clients(self.config.seed, round_index, self.config.num_clients, self.config.client_fraction)
+        sampled = self.algorithm.training_clients(
+            sample_clients(self.config.seed, round_index, self.config.num_clients, self.config.client_fraction),
+            self.config.num_clients)
         dropped = faults.dropped_clients(sampled, self.config.client_failure_rate,
                                          stream_seed(self.config.seed, round_index, 0, DROPOUT_STREAM))
         absent = [c for c in sampled if c not in online and c not in dropped]

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fedbabu.algorithms import ALGORITHMS
+from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
 from fedbabu.config import Config, dump_config
 from fedbabu.engine.checkpoint import METRICS, TIMING, metrics_line, timing_line
 from fedbabu.engine.simulation import RunResult
@@ -40,10 +41,12 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "initial_accuracy": mean_std(curves[:, 0]),
         "personalized_accuracy": mean_std(curves[:, -1]),
         "finetune_curve": [float(v) for v in np.nanmean(curves, axis=0)],
-        "finetune": {"part": c.finetune.part, "epochs": c.finetune.epochs, "lr": c.finetune.lr},
+        "finetune": c.finetune.model_dump(),
         "personalization": algorithm.personalization_note(),
         "personalization_unit": algorithm.personalization_unit,
+        "personalization_protocol": PERSONALIZATION_PROTOCOL,
         "final_global_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+        "never_sampled_clients": never_sampled(result.metrics, c.num_clients),
         "bytes_per_round_per_client": result.bytes_per_round_per_client,
         "wall_time_s": round(result.wall_time_s, 3),
         "environment": {
@@ -56,6 +59,15 @@ def summarize(result: RunResult) -> dict[str, Any]:
             "precision": c.precision,
         },
     }
+
+
+def never_sampled(metrics: list[dict[str, Any]], num_clients: int) -> int:
+    """Clients that took part in no training round: with personal parts, theirs are still the initial ones.
+
+    Sampling is random, so with f = 0.1 over 32 rounds about 3% of the clients are never drawn.
+    """
+    taking_part = {client for record in metrics for client in record.get("clients", [])}
+    return num_clients - len(taking_part)
 
 
 def client_rows(result: RunResult) -> tuple[list[str], list[list[Any]]]:
@@ -91,6 +103,25 @@ def write_run(result: RunResult, folder: Path) -> dict[str, Any]:
     return summary
 
 
+def write_personalization(result: RunResult, folder: Path, source: Path, seconds: float) -> dict[str, Any]:
+    """The folder of a run personalized again: its fine-tuning results, never a copy of the trained model.
+
+    ``summary.json`` keeps the training run's wall time and communication (the same federation) and
+    adds where it came from and how long the new personalization took.
+    """
+    folder = Path(folder)
+    summary = {**summarize(result), "personalized_from": str(source), "personalization_wall_time_s": round(seconds, 3)}
+    atomic_write_text(folder / "config.yaml", dump_config(result.config))
+    header, rows = client_rows(result)
+    write_csv(folder / "clients.csv", header, rows)
+    write_json(folder / "summary.json", summary)
+    write_plots(folder, result.config, [], result.accuracy_curve())
+    note = (f"Personalized again from the trained run `{source}` (its final global model and personal state; "
+            f"no training) in {seconds:.1f} s.")
+    atomic_write_text(folder / "report.md", run_report(summary, has_rounds=False, note=note))
+    return summary
+
+
 def write_plots(folder: Path, config: Config, metrics: list[dict[str, Any]], curves: np.ndarray | None) -> None:
     """The run's plots; without ``curves`` (an interrupted run) only the per-round one."""
     label = f"{config.algorithm} on {config.dataset}"
@@ -107,7 +138,7 @@ def _pct(stats: dict[str, float]) -> str:
     return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
 
 
-def run_report(summary: dict[str, Any], has_rounds: bool = True) -> str:
+def run_report(summary: dict[str, Any], has_rounds: bool = True, note: str = "") -> str:
     unit = summary["personalization_unit"]
     curve = " → ".join(f"{100 * v:.1f}" for v in summary["finetune_curve"])
     lines = [
@@ -127,10 +158,24 @@ def run_report(summary: dict[str, Any], has_rounds: bool = True) -> str:
         f"(down + up). Wall time: {summary['wall_time_s']:.1f} s.",
         "",
     ]
+    lines += _never_sampled_note(summary)
+    if note:
+        lines += [note, ""]
     if has_rounds:
         lines += ["![rounds](rounds.png)", ""]
     lines += ["![clients](clients.png)", "", "![fine-tuning](finetune.png)", ""]
     return "\n".join(lines)
+
+
+def _never_sampled_note(summary: dict[str, Any]) -> list[str]:
+    """Say how many clients never trained, and what that means for their personal parts."""
+    count = summary.get("never_sampled_clients")
+    if not count:
+        return []
+    parts = ALGORITHMS[summary["algorithm"]].personal_parts
+    kept = (f": each keeps the {'+'.join(parts)} the run started from, and its accuracies are measured "
+            "with it" if parts else "")
+    return [f"{count} of {summary['num_clients']} clients were never sampled for a training round{kept}.", ""]
 
 
 def seed_spread(means: list[float]) -> float:

@@ -1,0 +1,65 @@
+"""Starting an algorithm from the final global model of another finished run (LG-FedAvg after FedAvg).
+
+The run folder is named by a config key and checked before anything trains: it must be a finished
+run of the expected algorithm on the same data, partition, seed and network, otherwise the warm
+start would silently mix two experiments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from fedbabu.config import Config, build_config, read_yaml
+from fedbabu.errors import UserError
+from fedbabu.results.files import load_tensors
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """``key`` names a finished run of ``algorithm`` whose ``model.pt`` is this run's initial global model."""
+
+    key: str
+    algorithm: str
+    same: ClassVar[tuple[str, ...]] = ("dataset", "num_clients", "partition", "shards_per_client", "dirichlet_alpha",
+                                       "samples_per_client", "seed")
+    """Settings the two runs must share: they define the clients' data and the seeded initial model."""
+
+    def load(self, model: nn.Module, config: Config) -> None:
+        """Load the named run's final model into ``model``, or refuse a run that cannot start this one."""
+        folder = getattr(config, self.key)
+        if folder is None:
+            return
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise self._refuse(f"{folder} is not a run folder")
+        for name in ("config.yaml", "summary.json", "model.pt"):
+            if not (folder / name).is_file():
+                raise self._refuse(f"{folder} is not a finished run (no {name}); start from a {self.algorithm} "
+                                   "run that has completed")
+        saved = build_config(read_yaml(folder / "config.yaml"), str(folder / "config.yaml"))
+        if saved.algorithm != self.algorithm or saved.update_part not in (None, "full"):
+            kind = saved.algorithm + (f" (update_part={saved.update_part})" if saved.update_part else "")
+            raise self._refuse(f"{folder} is a {kind} run; expected a {self.algorithm} run")
+        for name in self.same:
+            if getattr(saved, name) != getattr(config, name):
+                raise self._refuse(f"{folder} ran with {name}={getattr(saved, name)!r}, this run has "
+                                   f"{getattr(config, name)!r}; both must use the same data, partition and seed")
+        if saved.resolved_model() != config.resolved_model():
+            raise self._refuse(f"{folder} trained model {saved.resolved_model()!r}, this run builds "
+                               f"{config.resolved_model()!r}")
+        state = load_tensors(folder / "model.pt")
+        params = dict(model.named_parameters())
+        if state.keys() != params.keys() or any(state[n].shape != p.shape for n, p in params.items()):
+            raise self._refuse(f"{folder / 'model.pt'} does not fit this run's network (other parameter names "
+                               "or shapes)")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
+
+    def _refuse(self, message: str) -> UserError:
+        return UserError(f"{self.key}: {message}")

@@ -1,0 +1,192 @@
+"""Personalize a finished run again without training it again (``fedbabu personalize RUN``).
+
+Fine-tuning is the cheap end of an experiment: the paper's studies of which part to fine-tune and
+how fast personalization is all vary it on one trained federation. This module loads what a
+run's folder keeps of its end state (the final global model, every client's personal state and the
+partition), changes only the fine-tuning settings, and personalizes every client again on the
+worker pool. Only settings that cannot change what was trained may differ from the run; the run's
+own files are never written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from fedbabu.algorithms import ALGORITHMS
+from fedbabu.config import Config, build_config, merge_dicts, read_yaml
+from fedbabu.data.datasets import Dataset
+from fedbabu.data.partition import Partition
+from fedbabu.engine.checkpoint import CHECKPOINT, CONFIG, METRICS, load_checkpoint
+from fedbabu.engine.params import Layout, flatten_tensors
+from fedbabu.engine.simulation import (
+    Observer,
+    Personal,
+    RunResult,
+    client_records,
+    config_model,
+    personalize_federation,
+)
+from fedbabu.errors import UserError
+from fedbabu.results.files import check_output_dir, load_tensors, prepare_output_dir
+from fedbabu.results.rebuild import read_metrics
+from fedbabu.results.report import write_personalization
+from fedbabu.runner import Experiment, partition_for, prepare_data
+
+FREE_KEYS = ("workers", "device", "data_dir", "download")
+"""Besides ``finetune.*``: where the data are and what computes; none can change what was trained."""
+
+PERSONALIZE_FOLDER = "personalize"
+
+
+@dataclass
+class TrainedRun:
+    """The end state of a finished run, as its folder keeps it."""
+
+    folder: Path
+    config: Config
+    model_state: dict[str, torch.Tensor]
+    personal: dict[int, Personal]
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def load_trained_run(folder: Path) -> TrainedRun:
+    """Read a finished run folder, or say in one line why it cannot be personalized again.
+
+    The final global model comes from ``model.pt`` and the clients' personal state from the final
+    checkpoint; a run whose algorithm keeps no personal state needs no checkpoint, and the partition
+    (``partition.json``) can be drawn again from the config. So a folder reduced to config, summary
+    and model (as the repository keeps the results page's runs) is enough.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such run folder")
+    if not (folder / CONFIG).is_file():
+        raise UserError(f"{folder}: not a run folder (no {CONFIG}); expected a folder written by fedbabu run")
+    config = build_config(read_yaml(folder / CONFIG), str(folder / CONFIG))
+    for name in ("summary.json", "model.pt"):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder}: the run has not finished (no {name}); finish it with fedbabu resume "
+                            f"{folder} first")
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{folder / 'summary.json'}: not valid JSON") from None
+    personal: dict[int, Personal] = {}
+    if ALGORITHMS[config.algorithm].personal_parts:
+        if not (folder / CHECKPOINT).is_file():
+            raise UserError(f"{folder}: no {CHECKPOINT}; {config.algorithm} keeps per-client parts that only the "
+                            "final checkpoint holds")
+        checkpoint = load_checkpoint(folder / CHECKPOINT)
+        if checkpoint.rounds_done != config.rounds:
+            raise UserError(f"{folder / CHECKPOINT}: holds round {checkpoint.rounds_done} of {config.rounds}, not "
+                            "the end of the run")
+        personal = checkpoint.personal
+    return TrainedRun(folder, config, load_tensors(folder / "model.pt"), personal, read_metrics(folder / METRICS),
+                      summary)
+
+
+def personalization_config(run: Config, overrides: dict[str, Any], source: str = "--set") -> Config:
+    """The run's config with new fine-tuning settings; any key that shaped the training is refused."""
+    for key, value in overrides.items():
+        if (key == "finetune" and isinstance(value, dict)) or key in FREE_KEYS:
+            continue
+        shown = key if not isinstance(value, dict) else f"{key}.{next(iter(value), '')}"
+        raise UserError(f"{source} {shown}: only finetune.*, workers and device may differ from the trained run "
+                        "(this key changes what was trained); start a new run for it")
+    return build_config(merge_dicts(run.to_plain(), overrides), f"{source} (personalize)")
+
+
+def settings_name(config: Config) -> str:
+    """A folder name that says which fine-tuning produced the results in it."""
+    ft = config.finetune
+    return (f"{ft.part}-{ft.epochs}ep-lr{ft.lr:g}-mom{ft.momentum:g}-wd{ft.weight_decay:g}-bs{ft.batch_size}")
+
+
+def default_out(run_folder: Path, config: Config) -> Path:
+    return Path(run_folder) / PERSONALIZE_FOLDER / settings_name(config)
+
+
+def _partition(run: TrainedRun, config: Config, dataset: Dataset) -> Partition:
+    """The run's own partition, checked against the data: a changed dataset must not pass silently.
+
+    Without ``partition.json`` the seeded partition is drawn again and must give the run's own
+    one-line partition summary.
+    """
+    path = run.folder / "partition.json"
+    if not path.is_file():
+        partition = partition_for(config, dataset)
+        if partition.summary() != run.summary.get("partition"):
+            raise UserError(f"{run.folder}: no partition.json, and the partition drawn again from the config differs "
+                            "from the run's (summary.json); point --data-dir at the data the run was trained on")
+        return partition
+    try:
+        partition = Partition.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a readable partition ({exc.__class__.__name__})") from None
+    labels = dataset.train_y.numpy()
+    for client, indices in enumerate(partition.train):
+        if indices.size and (indices.max() >= len(labels) or not np.array_equal(
+                np.bincount(labels[indices], minlength=dataset.num_classes), partition.train_counts[client])):
+            raise UserError(f"{path}: client {client}'s samples do not match the {dataset.name} data found now; "
+                            "point --data-dir at the data the run was trained on")
+    return partition
+
+
+def personalize_run(folder: Path, overrides: dict[str, Any] | None = None, out: Path | None = None,
+                    overwrite: bool = False, observer: Observer | None = None,
+                    source: str = "--set") -> tuple[Experiment, Dataset]:
+    """Personalize every client of a finished run again; write the results to their own folder.
+
+    ``overrides`` is a nested dict of ``finetune`` settings (plus workers, device, data folder).
+    ``out`` defaults to ``<run>/personalize/<settings>``. With the run's own settings the clients'
+    accuracies are bit-identical to the run's ``clients.csv``. Returns the experiment (its result
+    and summary) and the dataset, which the Python API needs to rebuild the model.
+    """
+    run = load_trained_run(folder)
+    config = personalization_config(run.config, overrides or {}, source)
+    if config.dataset == "custom" or config.model == "custom":
+        raise UserError(f"{folder}: the run trained on data or a network given in Python, which its folder does "
+                        "not hold; personalize it from the Results object of fedbabu.run instead")
+    out = Path(out) if out is not None else default_out(run.folder, config)
+    if out.resolve() == run.folder.resolve():
+        raise UserError(f"--out {out}: is the run folder itself; its files are never overwritten, choose another")
+    check_output_dir(out, overwrite)
+    config.resolved_device()
+    dataset = prepare_data(config)
+    partition = _partition(run, config, dataset)
+    template = config_model(config, dataset)
+    layout = Layout(template)
+    missing = [name for name in layout.names if name not in run.model_state]
+    if missing:
+        raise UserError(f"{run.folder / 'model.pt'}: lacks {missing[0]}; it does not belong to this run's network")
+    global_vector = flatten_tensors(run.model_state[name] for name in layout.names)
+    started = time.perf_counter()
+    curves = personalize_federation(config, dataset, partition, global_vector, run.personal, observer)
+    result = RunResult(config=config, partition=partition, metrics=run.metrics,
+                       clients=client_records(partition, curves), final_state=layout.to_state(global_vector),
+                       personal=run.personal, wall_time_s=float(run.summary.get("wall_time_s", 0.0)),
+                       bytes_per_round_per_client=int(run.summary.get("bytes_per_round_per_client", 0)))
+    seconds = time.perf_counter() - started
+    target = prepare_output_dir(out, overwrite)
+    summary = write_personalization(result, target, run.folder, seconds)
+    return Experiment(result, summary, target), dataset
+
+
+def saved_config(folder: Path) -> Config | None:
+    """The config a personalization folder was made with, or None where there is none to read."""
+    path = Path(folder) / CONFIG
+    if not path.is_file() or not (Path(folder) / "summary.json").is_file():
+        return None
+    try:
+        return build_config(yaml.safe_load(path.read_text()), str(path))
+    except (UserError, yaml.YAMLError):
+        return None

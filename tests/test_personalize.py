@@ -1,0 +1,183 @@
+"""`fedbabu personalize`: a finished run personalized again, without training, on real digits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import small_config
+
+import fedbabu
+from fedbabu.cli import main
+from fedbabu.errors import UserError
+from fedbabu.reproduce import personalize_preset, run_preset
+from fedbabu.runner import run_experiment
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """Two finished runs: FedBABU (no personal state) on two workers, FedPer (personal heads)."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for algorithm, workers in (("fedbabu", 2), ("fedper", 1)):
+        runs[algorithm] = root / algorithm
+        run_experiment(small_config(algorithm=algorithm, workers=workers, rounds=4), runs[algorithm])
+    return runs
+
+
+@pytest.mark.parametrize("algorithm", ["fedbabu", "fedper"])
+def test_with_the_runs_own_settings_the_result_is_the_runs_bit_for_bit(trained, tmp_path, algorithm):
+    run = tmp_path / "run"
+    shutil.copytree(trained[algorithm], run)
+    before = _fingerprint(run)
+    assert main(["personalize", str(run), "--quiet", "--workers", "1" if algorithm == "fedbabu" else "2"]) == 0
+    again = run / "personalize" / "full-2ep-lr0.01-mom0.9-wd0-bs10"
+    assert (again / "clients.csv").read_bytes() == (run / "clients.csv").read_bytes()
+    assert sorted(p.name for p in again.iterdir()) == ["clients.csv", "clients.png", "config.yaml", "finetune.png",
+                                                       "report.md", "summary.json"]
+    summary = json.loads((again / "summary.json").read_text())
+    original = json.loads((run / "summary.json").read_text())
+    assert summary["personalized_accuracy"] == original["personalized_accuracy"]
+    assert summary["personalized_from"] == str(run)
+    assert "Personalized again from the trained run" in (again / "report.md").read_text()
+    after = _fingerprint(run)
+    assert {k: v for k, v in after.items() if not k.startswith("personalize/")} == before
+
+
+def test_other_fine_tuning_settings_change_only_the_fine_tuning(trained, tmp_path):
+    out = tmp_path / "head"
+    results = fedbabu.personalize(trained["fedbabu"], finetune={"part": "head", "epochs": 3, "lr": 0.05}, out=out,
+                                  progress=False)
+    curve = results.accuracy_curve()
+    original = np.loadtxt(trained["fedbabu"] / "clients.csv", delimiter=",", skiprows=1)[:, 4:]
+    assert curve.shape == (10, 4)
+    np.testing.assert_allclose(curve[:, 0], original[:, 0], atol=1e-6)  # the same trained model (csv: 6 decimals)
+    assert not np.array_equal(curve[:, 1:3], original[:, 1:3])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["finetune"] == {"part": "head", "epochs": 3, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
+                                 "batch_size": 10}
+    assert results.folder == out and results.config.rounds == 4
+
+
+def test_keys_that_shaped_the_training_are_refused_with_one_line(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained["fedbabu"], run)
+    before = _fingerprint(run)
+    for argv, message in (
+        (["--set", "lr=0.3"], "error: --set lr: only finetune.*, workers and device may differ from the trained run"),
+        (["--set", "finetune.epochs=-1"], "finetune.epochs"),
+        (["--out", str(run)], "is the run folder itself"),
+    ):
+        assert main(["personalize", str(run), "--quiet", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert _fingerprint(run) == before
+    (run / "summary.json").unlink()
+    assert main(["personalize", str(run), "--quiet"]) == 2
+    assert "the run has not finished (no summary.json); finish it with fedbabu resume" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"^finetune: expected a dict"):
+        fedbabu.personalize(trained["fedbabu"], finetune=5)
+
+
+def test_a_stateful_run_without_its_checkpoint_is_refused(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained["fedper"], run)
+    (run / "checkpoint.pt").unlink()
+    assert main(["personalize", str(run), "--quiet"]) == 2
+    assert "no checkpoint.pt; fedper keeps per-client parts that only the final checkpoint holds" in \
+        capsys.readouterr().err
+    stateless = tmp_path / "stateless"
+    shutil.copytree(trained["fedbabu"], stateless)
+    for name in ("checkpoint.pt", "partition.json", "metrics.jsonl"):  # config, summary and model are enough
+        (stateless / name).unlink()
+    assert main(["personalize", str(stateless), "--quiet"]) == 0
+    again = stateless / "personalize" / "full-2ep-lr0.01-mom0.9-wd0-bs10"
+    assert (again / "clients.csv").read_bytes() == (stateless / "clients.csv").read_bytes()
+    summary = json.loads((stateless / "summary.json").read_text())
+    (stateless / "summary.json").write_text(json.dumps({**summary, "partition": "another partition"}))
+    assert main(["personalize", str(stateless), "--quiet", "--out", str(tmp_path / "x")]) == 2
+    assert "the partition drawn again from the config differs" in capsys.readouterr().err
+
+
+def _preset(tmp_path: Path, monkeypatch) -> None:
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "pair.yaml").write_text(
+        "title: pair\nalgorithms: [fedavg, fedbabu]\nseeds: [0]\n"
+        "base: {dataset: digits, model: digitcnn, num_clients: 10, partition: shards, shards_per_client: 2,\n"
+        "       client_fraction: 0.5, rounds: 2, batch_size: 10, eval_every: 0, workers: 1,\n"
+        "       finetune: {epochs: 2}}\n")
+    monkeypatch.setattr("fedbabu.reproduce.PRESET_DIR", presets)
+
+
+def test_reproduce_personalize_only_redoes_every_finished_run_and_the_table(tmp_path, monkeypatch):
+    _preset(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    run_preset("pair", out, log=lambda line: None)
+    unfinished = out / "default" / "fedbabu" / "seed-0"
+    (unfinished / "summary.json").unlink()
+    lines: list[str] = []
+    outcomes = personalize_preset("pair", out, settings={"finetune": {"epochs": 3}}, log=lines.append)
+    assert lines == ["[1/1] default fedavg seed 0: personalizing again",
+                     f"[1/1] default fedbabu seed 0: not finished, skipped ({unfinished})"]
+    again = out / "default" / "fedavg" / "seed-0" / "personalize" / "full-3ep-lr0.001-mom0.9-wd0-bs50"
+    summary = json.loads((again / "summary.json").read_text())
+    assert outcomes[0].summaries == [summary] and len(summary["finetune_curve"]) == 4
+    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| default"))
+    assert f"{100 * summary['personalized_accuracy']['mean']:.2f}" in row and "not run" in row
+    lines.clear()
+    personalize_preset("pair", out, settings={"finetune": {"epochs": 3}}, log=lines.append)
+    assert lines[0] == "[1/1] default fedavg seed 0: already personalized with these settings, skipped"
+    with pytest.raises(UserError, match=r"only finetune\.\*, workers and device may differ"):
+        personalize_preset("pair", out, settings={"rounds": 5}, log=lambda line: None)
+
+
+def test_every_algorithm_setting_belongs_to_exactly_one_algorithm():
+    from fedbabu.algorithms import ALGORITHMS
+    from fedbabu.config import Config
+
+    declared = [key for algorithm in ALGORITHMS.values() for key in algorithm.config_keys]
+    assert len(declared) == len(set(declared))
+    prefixed = {k for k in Config.model_fields if k.split("_")[0] in ("fedprox", "ditto", "fedrep", "perfedavg", "lg")}
+    assert prefixed | {"update_part"} == set(declared)
+
+
+def test_a_run_made_under_older_defaults_and_protocol_is_personalized_not_retrained(tmp_path, monkeypatch):
+    """A finished run whose config differs only in evaluation keys or other algorithms' defaults, and whose
+    summary predates the current personalization protocol, is reused: its clients are personalized again,
+    nothing is trained again."""
+    _preset(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    run_preset("pair", out, log=lambda line: None)
+    run = out / "default" / "fedavg" / "seed-0"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "eval_batch_size": 1000, "ditto_lambda": 0.1}))
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["personalization_protocol"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    model = (run / "model.pt").read_bytes()
+    lines: list[str] = []
+    outcomes = run_preset("pair", out, log=lines.append)
+    assert lines[0] == "[1/1] default fedavg seed 0: already complete, skipped"
+    assert lines[1].startswith("[1/1] default fedavg seed 0: personalizing again (made under an older")
+    assert (run / "model.pt").read_bytes() == model
+    again = run / "personalize" / "full-2ep-lr0.001-mom0.9-wd0-bs50"
+    assert outcomes[0].summaries == [json.loads((again / "summary.json").read_text())]
+    lines.clear()
+    run_preset("pair", out, log=lines.append)
+    assert lines == ["[1/1] default fedavg seed 0: already complete, skipped",
+                     "[1/1] default fedbabu seed 0: already complete, skipped"]
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "lr": 0.2}))  # trained otherwise: run again
+    lines.clear()
+    run_preset("pair", out, log=lines.append)
+    assert lines[0] == "[1/1] default fedavg seed 0: running"
