@@ -120,12 +120,12 @@ def test_fedrep_freezes_the_body_in_the_head_phase_and_the_head_in_the_body_phas
     phases = []
     original = fedrep.sgd_epochs
 
-    def spy(model, data, parts, settings, generator, regularizer=None):
+    def spy(model, data, parts, settings, generator, **options):
         before = state_of(model, ("body", "head"))
-        loss = original(model, data, parts, settings, generator, regularizer)
+        loss = original(model, data, parts, settings, generator, **options)
         after = state_of(model, ("body", "head"))
         moved = {part: not same(part_state(before, part), part_state(after, part)) for part in ("body", "head")}
-        phases.append((tuple(parts), settings.epochs, moved))
+        phases.append((settings.epochs, moved))
         return loss
 
     monkeypatch.setattr(fedrep, "sgd_epochs", spy)
@@ -133,7 +133,7 @@ def test_fedrep_freezes_the_body_in_the_head_phase_and_the_head_in_the_body_phas
     own_head = {k: v + 0.01 for k, v in state_of(model, ("head",)).items()}
     update = ALGORITHMS["fedrep"](config).client_update(model, client_data(config, digits, 0), own_head, 0.05,
                                                         torch.Generator().manual_seed(0))
-    assert phases == [(("head",), 2, {"body": False, "head": True}), (("body",), 1, {"body": True, "head": False})]
+    assert phases == [(2, {"body": False, "head": True}), (1, {"body": True, "head": False})]
     assert set(update.personal) == {"head.weight", "head.bias"}
     assert not same(update.personal, own_head), "the client's own head is the one trained"
 
@@ -398,7 +398,9 @@ def test_baseline_defaults_are_the_authors_and_pass_the_proximal_check():
         ALGORITHMS[name](Config(algorithm=name))
 
 
-def test_fedrep_round_is_local_epochs_of_head_then_one_body_epoch(digits, monkeypatch):
+def test_fedrep_round_is_local_epochs_of_head_then_one_body_epoch_through_one_optimizer(digits, monkeypatch):
+    """The authors' LocalUpdateFedRep: one SGD with a group per part; the head trains local_epochs epochs
+    (body lr 0), then the lrs swap and the body trains one epoch. Momentum carries across the phases."""
     import fedbabu.algorithms.fedrep as fedrep
 
     config = tiny(algorithm="fedrep", local_epochs=3, fedrep_head_epochs=None)
@@ -406,29 +408,32 @@ def test_fedrep_round_is_local_epochs_of_head_then_one_body_epoch(digits, monkey
     phases = []
     original = fedrep.sgd_epochs
 
-    def spy(model, data, parts, settings, generator, regularizer=None):
-        phases.append((tuple(parts), settings.epochs))
-        return original(model, data, parts, settings, generator, regularizer)
+    def spy(model, data, parts, settings, generator, **options):
+        phases.append([group["lr"] for group in options["optimizer"].param_groups] + [settings.epochs])
+        return original(model, data, parts, settings, generator, **options)
 
     monkeypatch.setattr(fedrep, "sgd_epochs", spy)
     data = client_data(config, digits, 0)
     model = initial_model(config, digits)
     ALGORITHMS["fedrep"](config).client_update(model, data, {}, 0.05, torch.Generator().manual_seed(3))
-    assert phases == [(("head",), 3), (("body",), 1)]
+    assert phases == [[0.0, 0.05, 3], [0.05, 0.0, 1]]
     expected = initial_model(config, digits)
     generator = torch.Generator().manual_seed(3)
-    for part, epochs in (("head", 3), ("body", 1)):  # by hand: a fresh SGD per phase, the other part frozen
-        params = [p for n, p in expected.named_parameters() if n.startswith(f"{part}.")]
-        for name, param in expected.named_parameters():
-            param.requires_grad_(name.startswith(f"{part}."))
-        optimizer = torch.optim.SGD(params, lr=0.05, momentum=config.momentum)
-        expected.train()
+    body = [p for n, p in expected.named_parameters() if n.startswith("body.")]
+    head = [p for n, p in expected.named_parameters() if n.startswith("head.")]
+    optimizer = torch.optim.SGD([{"params": body, "lr": 0.0}, {"params": head, "lr": 0.05}], momentum=config.momentum)
+    expected.train()
+    for body_lr, head_lr, epochs in ((0.0, 0.05, 3), (0.05, 0.0, 1)):  # by hand: one SGD, lrs swapped
+        optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"] = body_lr, head_lr
+        before = [p.detach().clone() for p in (body if body_lr == 0 else head)]
         for _ in range(epochs):
             for x, y in data.train_batches(config.batch_size, generator):
                 loss = torch.nn.functional.cross_entropy(expected(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+        frozen = body if body_lr == 0 else head
+        assert all(torch.equal(a, b) for a, b in zip(before, frozen, strict=True)), "lr 0 leaves a part untouched"
     assert same(state_of(model, ("body", "head")), state_of(expected, ("body", "head"))), "head x3, then body x1"
 
 

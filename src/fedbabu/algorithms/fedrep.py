@@ -2,9 +2,10 @@
 
 Only the body is averaged; each client's head persists across rounds. As in the FedBABU authors'
 ``LocalUpdateFedRep`` (and FedRep's own code), the head trains for ``local_epochs`` epochs and then
-the body for one (``fedrep_head_epochs`` and ``fedrep_body_epochs`` change either). Each phase
-has its own fresh optimizer, and a frozen part is outside it, so the body is bit-identical through
-the head phase and the head through the body phase.
+the body for one (``fedrep_head_epochs`` and ``fedrep_body_epochs`` change either), both phases
+through one SGD optimizer with a parameter group per part: the frozen part's lr is 0, so it stays
+bit-identical, while its momentum buffer fills during the other phase and carries into its own, as
+in their code.
 """
 
 from dataclasses import replace
@@ -14,6 +15,7 @@ from torch import nn
 
 from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState
 from fedbabu.engine.local import ClientData, load_state, sgd_epochs, state_of
+from fedbabu.models import part_of
 
 
 class FedRep(Algorithm):
@@ -30,6 +32,12 @@ class FedRep(Algorithm):
         settings = self.local_training(lr)
         head_epochs = c.local_epochs if c.fedrep_head_epochs is None else c.fedrep_head_epochs
         body_epochs = c.local_epochs if c.fedrep_body_epochs is None else c.fedrep_body_epochs
-        sgd_epochs(model, data, ("head",), replace(settings, epochs=head_epochs), generator)
-        loss = sgd_epochs(model, data, ("body",), replace(settings, epochs=body_epochs), generator)
+        body, head = ([p for n, p in model.named_parameters() if part_of(n) == part] for part in ("body", "head"))
+        optimizer = torch.optim.SGD([{"params": body, "lr": 0.0}, {"params": head, "lr": lr}],
+                                    momentum=settings.momentum, weight_decay=settings.weight_decay)
+        sgd_epochs(model, data, self.trained_parts, replace(settings, epochs=head_epochs), generator,
+                   optimizer=optimizer)
+        optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"] = lr, 0.0
+        loss = sgd_epochs(model, data, self.trained_parts, replace(settings, epochs=body_epochs), generator,
+                          optimizer=optimizer)
         return ClientUpdate(loss, state_of(model, self.personal_parts))

@@ -116,20 +116,23 @@ def sgd_epochs(
     generator: torch.Generator,
     regularizer: Regularizer | None = None,
     after_epoch: Callable[[], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> float:
     """Train the named parts for some epochs with a fresh SGD optimizer; return the mean batch loss.
 
     Parts outside ``parts`` get no gradient and are outside the optimizer, so neither momentum nor
     weight decay can move them: a frozen head stays bit-identical. One optimizer serves every epoch,
     so its momentum carries from one epoch to the next; ``after_epoch`` (an evaluation, say) runs at
-    the end of each epoch without touching the optimizer, and training resumes in train mode.
+    the end of each epoch without touching the optimizer, and training resumes in train mode. An
+    algorithm whose phases share one optimizer (FedRep) passes it as ``optimizer``.
     """
     params = set_trainable(model, parts)
     if not params or settings.epochs == 0:
         set_trainable(model, ())
         return float("nan")
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
+    if optimizer is None:
+        optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                                    weight_decay=settings.weight_decay)
     total, batches = 0.0, 0
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(settings.epochs):
