@@ -52,7 +52,7 @@ def _machine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _reliability_options(parser: argparse.ArgumentParser, resume_option: bool) -> None:
-    """Options of checkpoints and monitoring (issue 6)."""
+    """Options of checkpoints and monitoring: resuming a stopped run, and per-round scalars for TensorBoard."""
     if resume_option:
         parser.add_argument("--resume", type=Path, metavar="DIR",
                             help="continue the run in DIR from its latest checkpoint (same config required)")

@@ -71,7 +71,7 @@ class Config(_Strict):
 
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
-    # --- baselines and ablations (issue 5); each key is read by one algorithm only ---
+    # Baselines and ablations: each key is read by one algorithm only (its ``config_keys``).
     update_part: Literal["body", "head", "full"] | None = None  # fedavg ablation; None = full
     fedprox_mu: float = Field(1.0, ge=0)
     ditto_lambda: float = Field(0.75, ge=0)
@@ -91,7 +91,7 @@ class Config(_Strict):
     channels_last: Literal["auto", "on", "off"] = "auto"
     executor: Literal["auto", "sequential", "vectorized"] = "auto"
 
-    # Reliability (issue 6): checkpoints, update screening and simulated client failures.
+    # Reliability: checkpoints, update screening and simulated client failures.
     checkpoint_every: int = Field(10, ge=0)
     client_failure_rate: float = Field(0.0, ge=0, lt=1)
     max_update_norm: float | None = Field(1.0e4, gt=0)
