@@ -53,9 +53,8 @@ def run_flower_command(args: argparse.Namespace, console: Console, config_from: 
     except FlowerRunError as err:
         console.print(f"error: {err}")
         raise SystemExit(1) from None
-    initial, personalized = summary["initial_accuracy"], summary["personalized_accuracy"]
-    console.print(f"{summary['algorithm']} on Flower ({config.num_clients} virtual clients): initial "
-                  f"{100 * initial['mean']:.2f} ± {100 * initial['std']:.2f} %, personalized "
-                  f"{100 * personalized['mean']:.2f} ± {100 * personalized['std']:.2f} %, "
-                  f"{summary['bytes_per_round_per_client']:,} bytes per client and round")
+    from fedbabu.tables import print_results, summary_row
+
+    print_results(console, f"{config.dataset} {config.resolved_model()} on Flower: {config.num_clients} virtual "
+                           "clients", [summary_row(summary)])
     console.print(f"run folder: {out}")

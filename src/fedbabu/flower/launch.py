@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -212,11 +213,17 @@ def stop_reason(folder: Path) -> str | None:
     return errors[-1] if errors else None
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 def _tee(stream: TextIO, log: TextIO, echo: bool) -> None:
+    """Flower's log lines into ``log`` and, with ``echo``, onto stdout; Flower colours its log levels
+    whatever the output, so a pipe or CI log gets them without the escape sequences."""
+    plain = not sys.stdout.isatty()
     for line in stream:
         log.write(line)
         if echo:
-            sys.stdout.write(line)
+            sys.stdout.write(ANSI_ESCAPE.sub("", line) if plain else line)
             sys.stdout.flush()
 
 
