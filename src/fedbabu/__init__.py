@@ -2,7 +2,7 @@
 
 The public Python API, imported on first use (``import fedbabu`` stays cheap)::
 
-    run, compare, personalize, Results,             # experiments (fedbabu.api)
+    run, compare, personalize, analyze, Results,    # experiments (fedbabu.api)
     ComparisonResults
     Config, load_config                              # configuration (fedbabu.config)
     from_arrays, from_torch, read_image_folder,      # your data (fedbabu.data.custom)
@@ -22,6 +22,7 @@ _EXPORTS = {
     "run": "fedbabu.api",
     "compare": "fedbabu.api",
     "personalize": "fedbabu.api",
+    "analyze": "fedbabu.api",
     "Results": "fedbabu.api",
     "ComparisonResults": "fedbabu.api",
     "Config": "fedbabu.config",

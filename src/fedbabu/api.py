@@ -229,10 +229,9 @@ def _observer(progress: bool | Observer, label: str) -> Observer | None:
         return None
     from rich.console import Console
 
-    from fedbabu.progress import RichProgress, TextProgress, live_display_available
+    from fedbabu.progress import progress_display
 
-    console = Console()
-    return RichProgress(label, console) if live_display_available(console) else TextProgress(label)
+    return progress_display(label, Console())
 
 
 def _results(experiment: Experiment, dataset: Dataset, factory: ModelFactory) -> Results:
@@ -333,3 +332,30 @@ def personalize(run_dir: str | Path, *, finetune: dict[str, Any] | None = None, 
     experiment, dataset = personalize_run(Path(run_dir), overrides, Path(out) if out is not None else None,
                                           overwrite, _observer(progress, f"personalize {run_dir}"), source="finetune")
     return _results(experiment, dataset, config_model)
+
+
+def analyze(run_dirs: str | Path | Sequence[str | Path], *, out: str | Path | None = None, probe_size: int = 1000,
+            pair_clients: int = 20, overwrite: bool = False, workers: int | str | None = None,
+            device: str | None = None, data_dir: str | Path | None = None,
+            progress: bool | Observer = True) -> Any:
+    """Measure the bodies and heads of finished runs, like ``fedbabu analyze RUN_DIR ...``.
+
+    Returns an :class:`~fedbabu.analysis.Analysis`: ``folder`` (where ``analysis.json``,
+    ``analysis.md`` and the plots are) and ``runs``, one dict per run with every number of its
+    ``analysis.json``. Several runs also get one comparison (``comparison.md``) and overlaid plots.
+    """
+    from fedbabu.analysis import analyze as analyze_runs
+
+    folders = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(f) for f in run_dirs]
+    _check_progress(progress)
+    for name, value in (("probe_size", probe_size), ("pair_clients", pair_clients)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name}: expected an integer, got {value!r}")
+    if out is not None:
+        check_output_dir(Path(out), overwrite, "out", "overwrite=True")
+    overrides: dict[str, Any] = {}
+    for key, value in (("workers", workers), ("device", device), ("data_dir", data_dir)):
+        if value is not None:
+            overrides[key] = str(value) if isinstance(value, Path) else value
+    return analyze_runs(folders, Path(out) if out is not None else None, probe_size, pair_clients, overrides,
+                        overwrite, lambda label: _observer(progress, f"analyze {label}"))

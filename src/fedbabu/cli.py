@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from fedbabu.config import Config, load_config, merge_dicts
 from fedbabu.engine.faults import TrainingDiverged
@@ -103,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     personalize.add_argument("--workers", help="worker processes: auto (one per core) or a number")
     personalize.add_argument("--data-dir", type=Path, help="folder holding the dataset, if it moved")
     personalize.add_argument("--quiet", action="store_true", help="no progress bars")
+    analyze = commands.add_parser("analyze", help="measure the bodies and heads of finished runs (probe, nearest "
+                                                  "class mean, CKA, head geometry, spectrum)")
+    analyze.add_argument("folders", type=Path, nargs="+", metavar="RUN_DIR", help="finished run folders")
+    analyze.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis for one run, else "
+                                                  "analysis/ in the folder that holds them all)")
+    analyze.add_argument("--probe-size", type=int, default=1000, metavar="N",
+                         help="test images every body is read on for CKA and the spectrum (default 1000)")
+    analyze.add_argument("--pair-clients", type=int, default=20, metavar="N",
+                         help="clients whose personalized bodies are compared pairwise by CKA (default 20)")
+    analyze.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    analyze.add_argument("--device", choices=["cpu", "cuda", "auto"], help="compute device")
+    analyze.add_argument("--workers", help="worker processes: auto (one per core) or a number")
+    analyze.add_argument("--data-dir", type=Path, help="folder holding the dataset, if it moved")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bars")
     report = commands.add_parser("report", help="rebuild report.md and plots of runs; compare several in one table")
     report.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="run folders (finished or interrupted)")
     report.add_argument("--out", type=Path, help="also write the comparison table as Markdown to this file")
@@ -160,32 +173,18 @@ def _parse_list(raw: str, option: str, cast: type = str) -> list:
         raise UserError(f"{option}: expected comma-separated {cast.__name__}s, got {raw!r}") from None
 
 
-def _pct(mean: float, std: float) -> str:
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
-def _print_table(console: Console, rows: list[dict[str, Any]], title: str) -> None:
-    table = Table(title=title)
-    for column in ("algorithm", "initial acc (%)", "personalized acc (%)", "gain", "bytes/round/client", "time (s)"):
-        table.add_column(column, justify="left" if column == "algorithm" else "right",
-                         overflow="fold" if column == "algorithm" else "ellipsis")
-    for r in rows:
-        table.add_row(r["algorithm"], _pct(r["initial_mean"], r["initial_std"]),
-                      _pct(r["personalized_mean"], r["personalized_std"]),
-                      f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f}",
-                      f"{r['bytes_per_round_per_client']:,}", f"{r['wall_time_s']:.1f}")
-    console.print(table)
-
-
 def _progress(label: str, quiet: bool) -> PartitionSummary:
-    """Progress bars on stderr, or with ``--quiet`` the partition summary line alone.
+    """Progress on stderr (bars in a terminal, one line per evaluation round in a pipe or log), or with
+    ``--quiet`` the partition summary line alone.
 
     A quiet run prints that line on stdout, with the results table, so its stderr holds only
     warnings and errors.
     """
-    from fedbabu.progress import PartitionSummary, RichProgress
+    from fedbabu.progress import PartitionSummary, progress_display
 
-    return PartitionSummary(label) if quiet else RichProgress(label)
+    if quiet:
+        return PartitionSummary(label)
+    return progress_display(label, Console(stderr=True), lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def _observers(args: argparse.Namespace, label: str, folder: Path) -> Any:
@@ -195,14 +194,10 @@ def _observers(args: argparse.Namespace, label: str, folder: Path) -> Any:
 
 
 def _show_run(experiment: Any, config: Config, console: Console) -> None:
-    s = experiment.summary
-    rows = [{
-        "algorithm": s["algorithm"],
-        "initial_mean": s["initial_accuracy"]["mean"], "initial_std": s["initial_accuracy"]["std"],
-        "personalized_mean": s["personalized_accuracy"]["mean"], "personalized_std": s["personalized_accuracy"]["std"],
-        "bytes_per_round_per_client": s["bytes_per_round_per_client"], "wall_time_s": s["wall_time_s"],
-    }]
-    _print_table(console, rows, f"{config.dataset} {config.resolved_model()}: {config.num_clients} clients")
+    from fedbabu.tables import print_results, summary_row
+
+    print_results(console, f"{config.dataset} {config.resolved_model()}: {config.num_clients} clients",
+                  [summary_row(experiment.summary)])
     console.print(f"run folder: {experiment.folder}")
 
 
@@ -250,24 +245,45 @@ def _cmd_personalize(args: argparse.Namespace, console: Console) -> None:
     _show_run(experiment, experiment.result.config, console)
 
 
+def _print_analysis(console: Console, runs: list[dict[str, Any]]) -> None:
+    """The analyses side by side, one measure per row, so several runs still fit 80 columns."""
+    from fedbabu.results.analysis_report import comparison_rows
+    from fedbabu.tables import Column, print_table
+
+    header, rows = comparison_rows(runs)
+    columns = [Column("measure")] + [Column(row[0], "number") for row in rows]
+    print_table(console, "inside the representation", columns,
+                [[measure, *(row[index] for row in rows)] for index, measure in enumerate(header[1:], start=1)],
+                caption="NCM: nearest class mean; head columns: the global head's")
+
+
+def _cmd_analyze(args: argparse.Namespace, console: Console) -> None:
+    from fedbabu.analysis import analyze
+
+    result = analyze(args.folders, args.out, args.probe_size, args.pair_clients, _extra_from(args), args.overwrite,
+                     lambda label: _progress(f"analyze {label}", args.quiet))
+    _print_analysis(console, result.runs)
+    console.print(f"analysis folder: {result.folder}")
+
+
 def _cmd_report(args: argparse.Namespace, console: Console) -> None:
     from fedbabu.results.rebuild import report_runs
+    from fedbabu.tables import Column, print_table
 
     rows = report_runs(args.folders, args.out)
-    table = Table(title="runs")
-    for column in ("run", "algorithm", "dataset", "rounds", "global acc (%)", "initial acc (%)",
-                   "personalized acc (%)"):
-        table.add_column(column, justify="left" if column in ("run", "algorithm", "dataset") else "right")
-    for r in rows:
-        table.add_row(r["run"], r["algorithm"], r["dataset"], r["rounds"], r["global"], r["initial"],
-                      r["personalized"])
-    console.print(table)
+    columns = [Column("run"), Column("algorithm"), Column("dataset"), Column("rounds", "number"),
+               Column("global\nacc (%)", "number"), Column("initial\nacc (%)", "number"),
+               Column("personalized\nacc (%)", "number")]
+    print_table(console, "runs", columns, [
+        [r["run"], r["algorithm"], r["dataset"], r["rounds"], r["global"], r["initial"], r["personalized"]]
+        for r in rows])
     if args.out is not None:
         console.print(f"comparison: {args.out}")
 
 
 def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
     from fedbabu.runner import default_out_dir, run_comparison
+    from fedbabu.tables import print_results
 
     config = _config_from(args)
     algorithms = _parse_list(args.algorithms, "--algorithms")
@@ -280,7 +296,7 @@ def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
     comparison = run_comparison(config, algorithms, out, seeds, observer_for, overwrite=args.overwrite)
     title = (f"{config.dataset} {config.resolved_model()}: {config.num_clients} clients, {config.rounds} rounds, "
              f"{config.finetune.part} fine-tuning x{config.finetune.epochs}")
-    _print_table(console, comparison.rows, title)
+    print_results(console, title, comparison.rows)
     console.print(f"comparison: {comparison.folder / 'comparison.md'}")
 
 
@@ -289,13 +305,13 @@ def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:
     from fedbabu.reproduce import cells, list_presets, personalize_preset, run_preset
 
     if args.name.lower() == "list":
-        table = Table(title="the paper's experiments (fedbabu reproduce NAME)")
-        for column in ("name", "experiment", "cells", "algorithms", "seeds"):
-            table.add_column(column)
-        for name, preset in list_presets().items():
-            table.add_row(name, preset.title, str(len(cells(preset))), ",".join(preset.algorithms),
-                          ",".join(map(str, preset.seeds)))
-        console.print(table)
+        from fedbabu.tables import Column, print_table
+
+        columns = [Column("name"), Column("experiment", "text"), Column("cells", "number"),
+                   Column("algorithms", "keys"), Column("seeds")]
+        print_table(console, "the paper's experiments (fedbabu reproduce NAME)", columns, [
+            [name, preset.title, str(len(cells(preset))), list(preset.algorithms), ",".join(map(str, preset.seeds))]
+            for name, preset in list_presets().items()])
         return
     seeds = _parse_list(args.seeds, "--seeds", int) if args.seeds else None
     out = args.out or Path("runs") / "reproduce" / f"{args.name}-{args.scale}"
@@ -312,7 +328,7 @@ def _cmd_flower(args: argparse.Namespace, console: Console) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "compare": _cmd_compare, "resume": _cmd_resume, "report": _cmd_report,
-            "personalize": _cmd_personalize,
+            "personalize": _cmd_personalize, "analyze": _cmd_analyze,
             "reproduce": _cmd_reproduce, "flower": _cmd_flower}
 
 

@@ -141,6 +141,25 @@ def _partition(run: TrainedRun, config: Config, dataset: Dataset) -> Partition:
     return partition
 
 
+def restore_federation(run: TrainedRun, config: Config) -> tuple[Dataset, Partition, torch.Tensor, Layout]:
+    """The data, partition and final global parameters of a trained run, each checked against the run.
+
+    Shared by everything that works on a finished federation (personalizing it again, analyzing
+    it): a run trained on data or a network given in Python is refused, since its folder holds neither.
+    """
+    if config.dataset == "custom" or config.model == "custom":
+        raise UserError(f"{run.folder}: the run trained on data or a network given in Python, which its folder "
+                        "does not hold; work from the Results object of fedbabu.run instead")
+    config.resolved_device()
+    dataset = prepare_data(config)
+    partition = _partition(run, config, dataset)
+    layout = Layout(config_model(config, dataset))
+    missing = [name for name in layout.names if name not in run.model_state]
+    if missing:
+        raise UserError(f"{run.folder / 'model.pt'}: lacks {missing[0]}; it does not belong to this run's network")
+    return dataset, partition, flatten_tensors(run.model_state[name] for name in layout.names), layout
+
+
 def personalize_run(folder: Path, overrides: dict[str, Any] | None = None, out: Path | None = None,
                     overwrite: bool = False, observer: Observer | None = None,
                     source: str = "--set") -> tuple[Experiment, Dataset]:
@@ -153,22 +172,11 @@ def personalize_run(folder: Path, overrides: dict[str, Any] | None = None, out: 
     """
     run = load_trained_run(folder)
     config = personalization_config(run.config, overrides or {}, source)
-    if config.dataset == "custom" or config.model == "custom":
-        raise UserError(f"{folder}: the run trained on data or a network given in Python, which its folder does "
-                        "not hold; personalize it from the Results object of fedbabu.run instead")
     out = Path(out) if out is not None else default_out(run.folder, config)
     if out.resolve() == run.folder.resolve():
         raise UserError(f"--out {out}: is the run folder itself; its files are never overwritten, choose another")
     check_output_dir(out, overwrite)
-    config.resolved_device()
-    dataset = prepare_data(config)
-    partition = _partition(run, config, dataset)
-    template = config_model(config, dataset)
-    layout = Layout(template)
-    missing = [name for name in layout.names if name not in run.model_state]
-    if missing:
-        raise UserError(f"{run.folder / 'model.pt'}: lacks {missing[0]}; it does not belong to this run's network")
-    global_vector = flatten_tensors(run.model_state[name] for name in layout.names)
+    dataset, partition, global_vector, layout = restore_federation(run, config)
     started = time.perf_counter()
     curves = personalize_federation(config, dataset, partition, global_vector, run.personal, observer)
     result = RunResult(config=config, partition=partition, metrics=run.metrics,

@@ -82,10 +82,19 @@ class ClientData:
         larger than ``eval_batch_size`` (a bound that only protects memory) is cut into the fewest
         batches of nearly equal size, never into full batches and a small remainder.
         """
-        batches = max(1, -(-self.num_test // self.runtime.eval_batch_size))
-        for idx in torch.tensor_split(self.test_idx, batches):
-            yield self.normalize(self.dataset.test_x[idx], self.runtime.device), self.dataset.test_y[idx].to(
-                self.runtime.device)
+        return self.inference_batches("test")
+
+    def inference_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A split in order and without augmentation, batched as :meth:`test_batches` batches the test set.
+
+        The training split batched this way is what feature analyses read: every image passes once,
+        in the same batch-statistics regime as evaluation.
+        """
+        indices, images, labels = ((self.test_idx, self.dataset.test_x, self.dataset.test_y) if split == "test"
+                                   else (self.train_idx, self.dataset.train_x, self.dataset.train_y))
+        batches = max(1, -(-len(indices) // self.runtime.eval_batch_size))
+        for idx in torch.tensor_split(indices, batches):
+            yield self.normalize(images[idx], self.runtime.device), labels[idx].to(self.runtime.device)
 
 
 def set_trainable(model: nn.Module, parts: Sequence[str]) -> list[nn.Parameter]:
@@ -163,6 +172,17 @@ def evaluate(model: nn.Module, data: ClientData) -> float:
         with autocast_for(data.runtime):
             correct += int((model(x).argmax(1) == y).sum())
     return correct / data.num_test
+
+
+@torch.no_grad()
+def body_features(model: nn.Module, data: ClientData, split: str) -> torch.Tensor:
+    """The body's feature vectors of a split (rows in the split's order), in fp32 on the CPU."""
+    model.eval()
+    chunks = []
+    for x, _ in data.inference_batches(split):
+        with autocast_for(data.runtime):
+            chunks.append(model.body(x).float().cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.head.in_features)
 
 
 def state_of(model: nn.Module, parts: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -8,9 +8,10 @@ and averages only the shared parts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from fedbabu.data.partition import Partition
 from fedbabu.data.transforms import Normalizer
 from fedbabu.engine import faults
 from fedbabu.engine.checkpoint import Checkpointer
-from fedbabu.engine.local import ClientData, Runtime
+from fedbabu.engine.local import ClientData, Runtime, body_features, load_state
 from fedbabu.engine.params import Layout, flatten, flatten_tensors, load_flat, weighted_mean
 from fedbabu.engine.pool import ClientPool
 from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
@@ -359,18 +360,15 @@ def client_records(partition: Partition, curves: list[list[float]]) -> list[dict
     ]
 
 
-def personalize_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
-                           personal: dict[int, Personal], observer: Observer | None = None,
-                           model_factory: ModelFactory = config_model) -> list[list[float]]:
-    """Personalize every client of a trained federation again: what a run does after its last round.
+@contextlib.contextmanager
+def _trained_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
+                        model_factory: ModelFactory) -> Iterator[ClientPool]:
+    """A worker pool over a trained federation, set up exactly as :func:`simulate` sets up its own.
 
-    The federation is set up exactly as :func:`simulate` sets it up (same runtime, same worker
-    models, the same per-client generators derived from the seed and the configured rounds), so
-    with the run's own settings the accuracy curves are bit-identical to the run's, whatever the
-    number of workers; with other fine-tuning settings only the fine-tuning differs.
+    Same runtime, same worker models and the same per-client generators, so that what the clients
+    do afterwards (personalize, be inspected) is bit-identical to the end of the run.
     """
     global _FEDERATION, _MODEL
-    observer = observer or Observer()
     algorithm, runtime, template, _ = preflight(config, dataset, model_factory, initial=False)
     layout = Layout(template)
     expected = flatten(template)
@@ -382,10 +380,114 @@ def personalize_federation(config: Config, dataset: Dataset, partition: Partitio
                                      model_factory), None
     try:
         with ClientPool(_run_task, config.resolved_workers()) as pool:
-            observer.on_personalize_start(partition.num_clients)
-            return _personalize_all(pool, personal, partition.num_clients, observer)
+            yield pool
     finally:
         _FEDERATION, _MODEL = None, None
+
+
+def personalize_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
+                           personal: dict[int, Personal], observer: Observer | None = None,
+                           model_factory: ModelFactory = config_model) -> list[list[float]]:
+    """Personalize every client of a trained federation again: what a run does after its last round.
+
+    With the run's own settings the accuracy curves are bit-identical to the run's, whatever the
+    number of workers; with other fine-tuning settings only the fine-tuning differs.
+    """
+    observer = observer or Observer()
+    with _trained_federation(config, dataset, partition, global_vector, model_factory) as pool:
+        observer.on_personalize_start(partition.num_clients)
+        return _personalize_all(pool, personal, partition.num_clients, observer)
+
+
+@dataclass
+class ClientInspection:
+    """What one client's bodies make of its data, before and after personalization (fp32 features)."""
+
+    client: int
+    curve: list[float]
+    global_train: np.ndarray
+    global_test: np.ndarray
+    personal_train: np.ndarray
+    personal_test: np.ndarray
+    personal_probe: np.ndarray
+    personal_head: np.ndarray
+    change: dict[str, float]
+
+
+def relative_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], part: str) -> float:
+    """||after - before|| / ||before|| over the parameters of one part (0 where the part is all zeros)."""
+    names = [n for n in before if part_of(n) == part]
+    moved = math.sqrt(sum(float((after[n].double() - before[n].double()).pow(2).sum()) for n in names))
+    size = math.sqrt(sum(float(before[n].double().pow(2).sum()) for n in names))
+    return moved / size if size > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """The global body's features of a fixed set of test images, in one inference pass."""
+
+    indices: np.ndarray
+
+    def __call__(self) -> np.ndarray:
+        fed = _FEDERATION
+        probe = ClientData(fed.dataset, np.zeros(0, dtype=np.int64), self.indices, fed.runtime, fed.normalizer)
+        return body_features(_worker_model(), probe, "test").numpy()
+
+
+@dataclass(frozen=True)
+class InspectTask:
+    """One client's features under the global body, then its personalization, then its personalized features.
+
+    The personalization is the run's own (same generator as :class:`PersonalizeTask`), so its
+    accuracy curve must equal the run's; the feature passes use no randomness and change nothing.
+    """
+
+    client: int
+    personal: Personal | None
+    probe: np.ndarray
+
+    def __call__(self) -> ClientInspection:
+        fed = _FEDERATION
+        model = _worker_model()
+        data = fed.client_data(self.client)
+        global_train, global_test = body_features(model, data, "train"), body_features(model, data, "test")
+        personal = _to_torch(self.personal)
+        load_state(model, personal)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        generator = client_generator(fed.config.seed, fed.config.rounds, self.client, PERSONALIZE_STREAM)
+        curve = fed.algorithm.personalize(model, data, personal, generator)
+        after = dict(model.named_parameters())
+        probe = ClientData(fed.dataset, np.zeros(0, dtype=np.int64), self.probe, fed.runtime, fed.normalizer)
+        return ClientInspection(
+            client=self.client, curve=curve, global_train=global_train.numpy(), global_test=global_test.numpy(),
+            personal_train=body_features(model, data, "train").numpy(),
+            personal_test=body_features(model, data, "test").numpy(),
+            personal_probe=body_features(model, probe, "test").numpy(),
+            personal_head=model.head.weight.detach().float().cpu().numpy().copy(),
+            change={part: relative_change(start, after, part) for part in ("body", "head")})
+
+
+def inspect_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
+                       personal: dict[int, Personal], probe: np.ndarray,
+                       consume: Callable[[ClientInspection, np.ndarray], None], observer: Observer | None = None,
+                       model_factory: ModelFactory = config_model) -> np.ndarray:
+    """Inspect every client of a trained federation on the worker pool; return the global probe features.
+
+    The global body reads the probe images (test images given by index) first; then each client's
+    :class:`ClientInspection` goes to ``consume``, with those global probe features, as soon as its
+    chunk is done, so the caller keeps only what it needs (a federation's features may not fit).
+    """
+    observer = observer or Observer()
+    with _trained_federation(config, dataset, partition, global_vector, model_factory) as pool:
+        global_probe = pool.map([ProbeTask(probe)])[0]
+        observer.on_personalize_start(partition.num_clients)
+        chunk = max(1, pool.workers * 4)
+        for start in range(0, partition.num_clients, chunk):
+            clients = range(start, min(partition.num_clients, start + chunk))
+            for inspection in pool.map([InspectTask(c, personal.get(c), probe) for c in clients]):
+                consume(inspection, global_probe)
+            observer.on_personalized(clients.stop, partition.num_clients)
+    return global_probe
 
 
 def _personalize_all(pool: ClientPool, personal: dict[int, Personal], num_clients: int,

@@ -77,3 +77,57 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3, axis="y")
     _save(fig, path)
+
+
+def plot_head_cosines(heads: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
+    """Heat maps of the head's class-by-class cosines: the global head, and personalized heads on average.
+
+    One row per run, so a fixed random head (near-orthogonal) and a trained one read side by side.
+    """
+    fig, axes = plt.subplots(len(heads), 2, figsize=(8, 3.6 * len(heads)), squeeze=False)
+    for row, (label, global_cosine, personal_cosine) in enumerate(heads):
+        for ax, matrix, which in ((axes[row, 0], global_cosine, "global head"),
+                                  (axes[row, 1], personal_cosine, "personalized heads (mean)")):
+            image = ax.imshow(np.asarray(matrix), vmin=-1, vmax=1, cmap="coolwarm")
+            ax.set(title=f"{label}: {which}", xlabel="class", ylabel="class")
+        fig.colorbar(image, ax=axes[row].tolist(), shrink=0.8, label="cosine")
+    _save(fig, path)
+
+
+def plot_distributions(values: Sequence[tuple[str, np.ndarray]], path: Path, xlabel: str, title: str) -> None:
+    """Overlaid histograms of one per-client quantity, one per run."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finite = [np.asarray(v, dtype=np.float64)[np.isfinite(v)] for _, v in values]
+    everything = np.concatenate(finite) if finite else np.zeros(0)
+    bins = np.linspace(everything.min(), everything.max(), 30) if everything.size and np.ptp(everything) > 0 else 10
+    for (label, _), data in zip(values, finite, strict=True):
+        ax.hist(data, bins=bins, alpha=0.5, label=label)
+    ax.set(xlabel=xlabel, ylabel="clients", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_gains(points: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
+    """Each client's personalization gain against the entropy of its labels, one colour per run."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, entropy, gain in points:
+        ax.scatter(entropy, 100 * np.asarray(gain), s=12, alpha=0.6, label=label)
+    ax.set(xlabel="label entropy of the client's training data (bits)", ylabel="gain from personalization (points)",
+           title="who gains from personalization")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_spectra(spectra: Sequence[tuple[str, np.ndarray]], path: Path) -> None:
+    """Singular values of the global body's probe features, normalized by the largest, on a log scale."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in spectra:
+        values = np.asarray(values, dtype=np.float64)
+        if values.size and values[0] > 0:
+            ax.semilogy(np.arange(1, values.size + 1), values / values[0], label=label)
+    ax.set(xlabel="index", ylabel="singular value / largest", title="feature spectrum of the global body")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
