@@ -177,6 +177,19 @@ def test_one_worker_gives_the_analysis_of_two_in_the_runs_own_folder(runs, analy
     assert err.startswith("error: --out ") and "--overwrite" in err and len(err.splitlines()) == 1
 
 
+def test_an_old_protocol_run_is_checked_against_its_personalization_again(runs, tmp_path):
+    """A run personalized under the old protocol, then again with its own settings, as docs/trained-runs keeps them."""
+    run = tmp_path / "old"
+    shutil.copytree(runs["fedbabu"], run)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "personalization_protocol": 1}))
+    (run / "clients.csv").write_text((run / "clients.csv").read_text().replace("0.", "0.9", 1))
+    fedbabu.personalize(run, progress=False, workers=1)
+    check = fedbabu.analyze(run, progress=False, workers=1, probe_size=50).runs[0]["reproduces_run"]
+    assert check == {"checked": True, "identical_clients": 10, "clients": 10,
+                     "reference": str(run / "personalize" / "full-2ep-lr0.01-mom0.9-wd0-bs10")}
+
+
 @pytest.mark.parametrize("width", [80, 60])
 def test_the_terminal_table_keeps_every_run_name_whole(analyzed, width):
     import io

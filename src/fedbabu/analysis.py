@@ -12,6 +12,7 @@ federation-wide measures need are kept in memory.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import time
@@ -23,9 +24,11 @@ import numpy as np
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
+from fedbabu.config import Config
 from fedbabu.engine.simulation import ClientInspection, Observer, inspect_federation, stream_seed
 from fedbabu.errors import UserError
 from fedbabu.personalization import FREE_KEYS, load_trained_run, personalization_config, restore_federation
+from fedbabu.personalization import default_out as default_personalization_out
 from fedbabu.results import representation as rep
 from fedbabu.results.analysis_report import write_analysis, write_analysis_comparison
 from fedbabu.results.files import check_output_dir, prepare_output_dir
@@ -64,12 +67,9 @@ def pair_clients(num_clients: int, count: int, seed: int) -> list[int]:
     return sorted(int(c) for c in rng.choice(num_clients, size=min(count, num_clients), replace=False))
 
 
-def _run_curves(folder: Path) -> dict[int, list[str]] | None:
-    """The accuracy curves of the run's ``clients.csv`` as written there (6 decimals), or None."""
-    path = folder / "clients.csv"
-    if not path.is_file():
-        return None
-    with path.open(newline="") as handle:
+def _run_curves(folder: Path) -> dict[int, list[str]]:
+    """The accuracy curves of a ``clients.csv`` as written there (6 decimals)."""
+    with (folder / "clients.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     return {int(row["client"]): [v for k, v in row.items() if k.startswith(("initial_", "accuracy_after_"))]
             for row in rows}
@@ -121,17 +121,35 @@ def _between_clients(features: dict[int, np.ndarray]) -> tuple[list[int], np.nda
     return clients, rep.cka_matrix([features[c] for c in clients])
 
 
-def _reproduction(folder: Path, summary: dict[str, Any], curves: dict[int, list[float]]) -> dict[str, Any]:
+def _reference(folder: Path, summary: dict[str, Any], config: Config) -> tuple[Path, dict[str, Any]] | None:
+    """The folder whose ``clients.csv`` holds this run's personalization under the current protocol, if any.
+
+    A run personalized under an older protocol may have been personalized again with its own
+    settings (``fedbabu personalize``); that folder is the reference then.
+    """
+    candidates = [(folder, summary)]
+    again = default_personalization_out(folder, config)
+    if (again / "summary.json").is_file():
+        candidates.append((again, json.loads((again / "summary.json").read_text())))
+    for where, facts in candidates:
+        current = int(facts.get("personalization_protocol", 1)) == PERSONALIZATION_PROTOCOL
+        if current and (where / "clients.csv").is_file():
+            return where, facts
+    return None
+
+
+def _reproduction(folder: Path, summary: dict[str, Any], config: Config,
+                  curves: dict[int, list[float]]) -> dict[str, Any]:
     """How many clients' re-derived personalization curves equal the run's own, to its 6 decimals."""
-    saved = _run_curves(folder)
-    protocol = int(summary.get("personalization_protocol", 1))
-    if saved is None:
-        return {"checked": False, "reason": "the run folder has no clients.csv"}
+    reference = _reference(folder, summary, config)
+    if reference is None:
+        return {"checked": False, "reason": f"no clients.csv of a personalization under protocol "
+                                            f"{PERSONALIZATION_PROTOCOL} in the run folder"}
+    saved = _run_curves(reference[0])
     same = sum(1 for c, curve in curves.items() if saved.get(c) == [f"{a:.6f}" for a in curve])
     result: dict[str, Any] = {"checked": True, "identical_clients": same, "clients": len(curves)}
-    if protocol != PERSONALIZATION_PROTOCOL:
-        result["reason"] = (f"the run was personalized under protocol {protocol}, this analysis under "
-                            f"{PERSONALIZATION_PROTOCOL}; its clients.csv is not expected to match")
+    if reference[0] != folder:
+        result["reference"] = str(reference[0])
     return result
 
 
@@ -175,7 +193,7 @@ def analyze_run(folder: Path, out: Path, probe_size: int = DEFAULT_PROBE_SIZE,
         "personalization": ALGORITHMS[config.algorithm](config).personalization_note(),
         "settings": {"probe_size": int(probe.size), "pair_clients": len(pair_ids), "probe_C": rep.PROBE_C,
                      "probe_max_iter": rep.PROBE_MAX_ITER, "feature_dim": int(global_probe.shape[1])},
-        "reproduces_run": _reproduction(run.folder, run.summary, collect.curves),
+        "reproduces_run": _reproduction(run.folder, run.summary, config, collect.curves),
         "initial_accuracy": mean_std(column("initial_accuracy")),
         "personalized_accuracy": mean_std(column("personalized_accuracy")),
         "nearest_mean": {body: {metric: mean_std(column(f"nearest_mean_{body}_{metric}")) for metric in rep.METRICS}

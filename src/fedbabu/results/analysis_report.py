@@ -37,9 +37,9 @@ def _num(value: float, digits: int = 3) -> str:
 def _reproduction_line(check: dict[str, Any]) -> str:
     if not check.get("checked"):
         return f"The personalization could not be checked against the run ({check.get('reason')})."
-    line = (f"Personalization re-derived with the run's own fine-tuning: {check['identical_clients']} of "
-            f"{check['clients']} clients' accuracy curves identical to the run's `clients.csv`.")
-    return line + (f" Note: {check['reason']}." if "reason" in check else "")
+    where = f"`{check['reference']}/clients.csv`" if "reference" in check else "the run's `clients.csv`"
+    return (f"Personalization re-derived with the run's own fine-tuning: {check['identical_clients']} of "
+            f"{check['clients']} clients' accuracy curves identical to {where}.")
 
 
 def analysis_markdown(a: dict[str, Any]) -> str:
