@@ -165,6 +165,29 @@ def test_loopback_run_equals_the_simulator_bit_for_bit(tmp_path: Path) -> None:
     assert summary["flower"]["failures"] == []
 
 
+@pytest.mark.parametrize("personalize_clients", ["2", "1"])
+def test_sampled_evaluation_and_personalization_equal_the_simulators(personalize_clients: str,
+                                                                     tmp_path: Path) -> None:
+    """The simulator's seeded samples: evaluated in the rounds, personalized at the end. With 2 personalized
+    the 2 evaluated clients are among them and the last test is the personalization's; with 1 it is not, and
+    the last round is evaluated like the others."""
+    config = small_config("algorithm=fedper", "rounds=3", "eval_every=2", "eval_clients=2",
+                          f"personalize_clients={personalize_clients}", "finetune.epochs=1")
+    grid = LoopbackGrid(3)
+    summary = run_on_grid(grid, config, tmp_path, min_nodes=3, timeout=60)
+    reference = simulator_run(config)
+    rows = read_clients(tmp_path)
+    assert [int(row["client"]) for row in rows] == [c["client"] for c in reference.clients]
+    assert len(rows) == int(personalize_clients) and summary["personalized_clients"] == int(personalize_clients)
+    curves = [[float(v) for v in list(row.values())[4:]] for row in rows]
+    assert curves == [pytest.approx(c["accuracies"], abs=1e-6) for c in reference.clients]
+    records = read_records(tmp_path)
+    assert [r.get("test_accuracy") for r in records] == pytest.approx(
+        [m.get("test_accuracy") for m in reference.metrics], abs=1e-6)
+    evaluated = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(evaluated) == 2 * (1 if personalize_clients == "2" else 2)
+
+
 def _head_bytes(config: Config) -> int:
     from flwr.app import ArrayRecord
 

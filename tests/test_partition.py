@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -93,3 +95,57 @@ def test_samples_per_client_caps_train_and_keeps_the_test_ratio(kind):
         assert np.array_equal(p.test_counts * 5, p.train_counts)
     # test:train is the dataset's 1:5 per client, up to rounding
     assert abs(sum(len(t) for t in p.test) * 5 - sum(len(t) for t in p.train)) <= 5 * 10
+
+
+def _fingerprint(p: Partition) -> str:
+    digest = hashlib.sha256()
+    for part in (*p.train, *p.test):
+        digest.update(np.int64(len(part)).tobytes())
+        digest.update(part.astype(np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("num_clients", "alpha", "seed", "fingerprint"),
+    [
+        (20, 0.5, 0, "40c7fc8fdf09a030"),  # the first draw is kept
+        (100, 0.1, 0, "7c70ef25c0cebacd"),  # the 45th draw is the first without a short client
+        (400, 0.3, 2, "6a85528766d0aa36"),  # the 97th
+    ],
+)
+def test_dirichlet_partitions_of_earlier_builds_are_unchanged(num_clients, alpha, seed, fingerprint):
+    p = make_partition("dirichlet", TRAIN, TEST, num_clients, 10, seed=seed, alpha=alpha)
+    assert _fingerprint(p) == fingerprint
+
+
+@pytest.mark.timeout(60)
+def test_dirichlet_tiny_alpha_over_10000_clients_gives_every_client_data():
+    labels = np.random.default_rng(1).integers(0, 10, 50_000)  # CIFAR-10's size
+    test = np.random.default_rng(2).integers(0, 10, 10_000)
+    a = make_partition("dirichlet", labels, test, 10_000, 10, seed=0, alpha=0.01)
+    sizes = np.array([len(t) for t in a.train])
+    assert sizes.min() >= 2
+    all_train = np.concatenate(a.train)
+    assert len(all_train) == len(labels) and len(np.unique(all_train)) == len(labels)
+    for cid in range(0, 10_000, 997):
+        assert np.array_equal(np.bincount(labels[a.train[cid]], minlength=10), a.train_counts[cid])
+    b = make_partition("dirichlet", labels, test, 10_000, 10, seed=0, alpha=0.01)
+    assert all(np.array_equal(x, y) for x, y in zip(a.train, b.train, strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(a.test, b.test, strict=True))
+    other = make_partition("dirichlet", labels, test, 10_000, 10, seed=1, alpha=0.01)
+    assert not all(np.array_equal(x, y) for x, y in zip(a.train, other.train, strict=True))
+
+
+def test_dirichlet_short_clients_are_filled_from_the_largest():
+    p = make_partition("dirichlet", TRAIN, TEST, 2000, 10, seed=0, alpha=0.01)
+    _invariants(p, len(TRAIN), len(TEST))
+    assert min(len(t) for t in p.train) == 2 and len(np.concatenate(p.train)) == len(TRAIN)
+
+
+def test_the_fill_rule_takes_the_largest_clients_highest_sample():
+    from fedbabu.data.partition import _fill_short_clients
+
+    clients = [np.array([0, 1, 2, 3, 4]), np.zeros(0, dtype=np.int64), np.array([7]), np.array([5, 6, 8])]
+    filled = _fill_short_clients(clients, min_size=2)
+    expected = [[0, 1], [3, 4], [2, 7], [5, 6, 8]]  # client 0 gives 4, 3, then 2 (tied with client 3: lower id)
+    assert [t.tolist() for t in filled] == expected

@@ -3,10 +3,10 @@
 FedBABU's thesis is about representations: a head trained during federation harms the body's
 universality, a fixed random head forces a better one. This module measures that on any finished
 run folder. It restores the federation as :mod:`fedbabu.personalization` does, and on the worker pool
-takes every client's features under the global body, personalizes the client with the run's own
-fine-tuning (bit-identical to the run, which is checked against its ``clients.csv``) and takes the
-features of the personalized body. Only per-client summaries and the few feature matrices the
-federation-wide measures need are kept in memory.
+takes the features under the global body of every client the run personalized (all, or its seeded
+sample), personalizes the client with the run's own fine-tuning (bit-identical to the run, which is
+checked against its ``clients.csv``) and takes the features of the personalized body. Only per-client
+summaries and the few feature matrices the federation-wide measures need are kept in memory.
 """
 
 from __future__ import annotations
@@ -25,7 +25,13 @@ import numpy as np
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
 from fedbabu.config import Config
-from fedbabu.engine.simulation import ClientInspection, Observer, inspect_federation, stream_seed
+from fedbabu.engine.simulation import (
+    ClientInspection,
+    Observer,
+    inspect_federation,
+    personalized_clients,
+    stream_seed,
+)
 from fedbabu.errors import UserError
 from fedbabu.personalization import FREE_KEYS, load_trained_run, personalization_config, restore_federation
 from fedbabu.personalization import default_out as default_personalization_out
@@ -61,10 +67,10 @@ def probe_indices(test_sets: list[np.ndarray], size: int, seed: int) -> np.ndarr
     return np.sort(rng.choice(pool, size=min(size, pool.size), replace=False))
 
 
-def pair_clients(num_clients: int, count: int, seed: int) -> list[int]:
-    """The seeded sample of clients whose personalized bodies are compared with each other."""
+def pair_clients(clients: list[int], count: int, seed: int) -> list[int]:
+    """The seeded sample of the analyzed clients whose personalized bodies are compared with each other."""
     rng = np.random.default_rng(stream_seed(seed, 0, 0, PAIR_STREAM))
-    return sorted(int(c) for c in rng.choice(num_clients, size=min(count, num_clients), replace=False))
+    return sorted(int(c) for c in rng.choice(np.asarray(clients), size=min(count, len(clients)), replace=False))
 
 
 def _run_curves(folder: Path) -> dict[int, list[str]]:
@@ -162,7 +168,8 @@ def analyze_run(folder: Path, out: Path, probe_size: int = DEFAULT_PROBE_SIZE,
     dataset, partition, global_vector, layout = restore_federation(run, config)
     started = time.perf_counter()
     probe = probe_indices(partition.test, probe_size, config.seed)
-    sampled = pair_clients(partition.num_clients, pairs, config.seed)
+    analyzed = personalized_clients(config, partition.num_clients)
+    sampled = pair_clients(analyzed, pairs, config.seed)
     train_y, test_y = dataset.train_y.numpy(), dataset.test_y.numpy()
     labels_train = [train_y[idx] for idx in partition.train]
     labels_test = [test_y[idx] for idx in partition.test]
@@ -175,8 +182,10 @@ def analyze_run(folder: Path, out: Path, probe_size: int = DEFAULT_PROBE_SIZE,
     spectrum = rep.singular_values(global_probe)
     pair_ids, pair_matrix = _between_clients(collect.pair_features)
     off_diagonal = pair_matrix[~np.eye(len(pair_ids), dtype=bool)]
-    probe_result = rep.linear_probe(np.concatenate(collect.probe_train), np.concatenate(labels_train),
-                                    np.concatenate(collect.probe_test), np.concatenate(labels_test), config.seed)
+    probe_result = rep.linear_probe(np.concatenate(collect.probe_train),
+                                    np.concatenate([labels_train[c] for c in analyzed]),
+                                    np.concatenate(collect.probe_test),
+                                    np.concatenate([labels_test[c] for c in analyzed]), config.seed)
     rows = collect.rows
 
     def column(key: str) -> np.ndarray:
@@ -190,6 +199,7 @@ def analyze_run(folder: Path, out: Path, probe_size: int = DEFAULT_PROBE_SIZE,
         "model": config.resolved_model(),
         "seed": config.seed,
         "clients": partition.num_clients,
+        "analyzed_clients": len(analyzed),
         "personalization": ALGORITHMS[config.algorithm](config).personalization_note(),
         "settings": {"probe_size": int(probe.size), "pair_clients": len(pair_ids), "probe_C": rep.PROBE_C,
                      "probe_max_iter": rep.PROBE_MAX_ITER, "feature_dim": int(global_probe.shape[1])},

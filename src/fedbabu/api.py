@@ -61,7 +61,8 @@ class Results:
         summary: the headline numbers (``folder/summary.json``).
         metrics: one dict per round: ``round``, ``lr``, ``train_loss``, ``clients``, and
             ``test_accuracy`` on evaluation rounds (``folder/metrics.jsonl``).
-        clients: one dict per client: ``client``, ``train_size``, ``test_size``, ``classes`` and
+        clients: one dict per personalized client (every client, or the seeded sample of
+            ``personalize_clients``): ``client``, ``train_size``, ``test_size``, ``classes`` and
             ``accuracies`` (before fine-tuning, then after each fine-tuning epoch; ``folder/clients.csv``).
         partition: which samples each client held.
         model: the final global model (for FedBABU its head is still the initial one).
@@ -94,8 +95,9 @@ class Results:
 
     def client_model(self, client: int) -> BodyHead:
         """The model client ``client`` starts personalization from: the global one with its personal parts."""
-        if not 0 <= client < len(self.clients):
-            raise UserError(f"client: expected a client index in 0..{len(self.clients) - 1}, got {client!r}")
+        total = self.partition.num_clients
+        if not 0 <= client < total:
+            raise UserError(f"client: expected a client index in 0..{total - 1}, got {client!r}")
         model = copy.deepcopy(self.model)
         load_state(model, {k: torch.from_numpy(v) for k, v in self.personal.get(client, {}).items()})
         return model
@@ -119,7 +121,9 @@ class Results:
         return pandas.DataFrame(rows)
 
     def __repr__(self) -> str:
-        return (f"Results({self.config.algorithm} on {self.config.dataset}, {len(self.clients)} clients: initial "
+        total = self.partition.num_clients
+        clients = f"{total} clients" if len(self.clients) == total else f"{len(self.clients)} of {total} clients"
+        return (f"Results({self.config.algorithm} on {self.config.dataset}, {clients}: initial "
                 f"{100 * self.initial_accuracy:.2f}%, personalized {100 * self.personalized_accuracy:.2f}%, "
                 f"folder={str(self.folder)!r})")
 

@@ -68,6 +68,10 @@ class Config(_Strict):
     augment: Literal["auto", "on", "off"] = "auto"
     eval_every: int = Field(10, ge=0)
     eval_batch_size: int = Field(2000, ge=1)  # a memory bound: a client's test set is one batch up to it
+    # Large federations: the global model is evaluated on, and the final model personalized by, all
+    # clients or a seeded sample of N (engine.simulation.seeded_clients).
+    eval_clients: int | Literal["all"] = "all"
+    personalize_clients: int | Literal["all"] = "all"
 
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
@@ -111,6 +115,13 @@ class Config(_Strict):
         if isinstance(value, int) and value < 1:
             raise ValueError("expected 'auto' or an integer >= 1")
         return value
+
+    @field_validator("eval_clients", "personalize_clients", mode="before")
+    @classmethod
+    def _all_or_a_count(cls, value: Any) -> Any:
+        if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("expected 'all' or an integer >= 1 (a seeded sample of that many clients)")
 
     @model_validator(mode="after")
     def _milestones_within_rounds(self) -> Config:

@@ -33,6 +33,7 @@ from fedbabu.engine.simulation import (
     client_records,
     config_model,
     personalize_federation,
+    personalized_clients,
 )
 from fedbabu.errors import UserError
 from fedbabu.results.files import check_output_dir, load_tensors, prepare_output_dir
@@ -163,7 +164,9 @@ def restore_federation(run: TrainedRun, config: Config) -> tuple[Dataset, Partit
 def personalize_run(folder: Path, overrides: dict[str, Any] | None = None, out: Path | None = None,
                     overwrite: bool = False, observer: Observer | None = None,
                     source: str = "--set") -> tuple[Experiment, Dataset]:
-    """Personalize every client of a finished run again; write the results to their own folder.
+    """Personalize the clients of a finished run again; write the results to their own folder.
+
+    They are the run's own: every client, or the run's seeded sample (``personalize_clients``).
 
     ``overrides`` is a nested dict of ``finetune`` settings (plus workers, device, data folder).
     ``out`` defaults to ``<run>/personalize/<settings>``. With the run's own settings the clients'
@@ -180,7 +183,8 @@ def personalize_run(folder: Path, overrides: dict[str, Any] | None = None, out: 
     started = time.perf_counter()
     curves = personalize_federation(config, dataset, partition, global_vector, run.personal, observer)
     result = RunResult(config=config, partition=partition, metrics=run.metrics,
-                       clients=client_records(partition, curves), final_state=layout.to_state(global_vector),
+                       clients=client_records(partition, curves, personalized_clients(config, partition.num_clients)),
+                       final_state=layout.to_state(global_vector),
                        personal=run.personal, wall_time_s=float(run.summary.get("wall_time_s", 0.0)),
                        bytes_per_round_per_client=int(run.summary.get("bytes_per_round_per_client", 0)))
     seconds = time.perf_counter() - started

@@ -141,27 +141,58 @@ def _shards(labels: np.ndarray, num_clients: int, num_classes: int, per_client: 
 
 def _dirichlet(labels: np.ndarray, num_clients: int, num_classes: int, alpha: float,
                rng: np.random.Generator, min_size: int = 2, attempts: int = 100) -> list[np.ndarray]:
-    """Each class is divided among clients with proportions drawn from Dirichlet(alpha)."""
+    """Each class is divided among clients with proportions drawn from Dirichlet(alpha).
+
+    Up to ``attempts`` draws are made and the first that gives every client ``min_size`` samples
+    is kept (the partition of earlier builds, bit for bit). A small alpha over many clients leaves
+    most clients empty in every draw, so after the last one the draw is repaired instead of refused:
+    see :func:`_fill_short_clients`. Only a dataset too small for ``min_size`` samples per client
+    is refused. A draw is counted, not materialized, so 100 draws of 10,000 clients take seconds.
+    """
     if len(labels) < num_clients * min_size:
         raise PartitionError(
             f"num_clients: {num_clients} clients need at least {num_clients * min_size} training samples, "
             f"the dataset has {len(labels)}"
         )
-    for _ in range(attempts):
-        buckets: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        for c in range(num_classes):
-            members = rng.permutation(np.flatnonzero(labels == c))
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    client_ids = np.arange(num_clients)
+    for attempt in range(attempts):
+        members, owners = [], []
+        for indices in by_class:
+            shuffled = rng.permutation(indices)
             proportions = rng.dirichlet(np.full(num_clients, alpha))
-            cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
-            for cid, part in enumerate(np.split(members, cuts)):
-                buckets[cid].append(part)
-        clients = [np.sort(np.concatenate(b)) for b in buckets]
-        if min(len(c) for c in clients) >= min_size:
-            return clients
-    raise PartitionError(
-        f"dirichlet_alpha: with alpha={alpha} and {num_clients} clients some client kept getting fewer than "
-        f"{min_size} samples in {attempts} draws; raise dirichlet_alpha or lower num_clients"
-    )
+            cuts = (np.cumsum(proportions)[:-1] * len(shuffled)).astype(int)
+            bounds = np.concatenate(([0], np.clip(cuts, 0, len(shuffled)), [len(shuffled)]))
+            members.append(shuffled)
+            owners.append(np.repeat(client_ids, np.diff(bounds)))
+        owner = np.concatenate(owners)
+        sizes = np.bincount(owner, minlength=num_clients)
+        if sizes.min() >= min_size or attempt == attempts - 1:
+            break
+    samples = np.concatenate(members)
+    order = np.lexsort((samples, owner))
+    clients = np.split(samples[order], np.cumsum(sizes)[:-1])
+    return _fill_short_clients(clients, min_size) if sizes.min() < min_size else clients
+
+
+def _fill_short_clients(clients: list[np.ndarray], min_size: int) -> list[np.ndarray]:
+    """Give every client ``min_size`` samples, each taken from the client that holds the most.
+
+    The rule, deterministic given the draw: clients short of ``min_size`` are served in id order,
+    one sample at a time, each the highest-indexed sample of the currently largest client (the
+    lowest id among equals). The donor always has more than ``min_size`` samples while someone is
+    short (the dataset holds at least ``min_size`` per client), so no client is emptied to fill another.
+    """
+    clients = list(clients)
+    sizes = np.array([len(c) for c in clients])
+    for cid in np.flatnonzero(sizes < min_size):
+        while sizes[cid] < min_size:
+            donor = int(np.argmax(sizes))
+            clients[cid] = np.sort(np.append(clients[cid], clients[donor][-1]))
+            clients[donor] = clients[donor][:-1]
+            sizes[cid] += 1
+            sizes[donor] -= 1
+    return clients
 
 
 def _iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from fedbabu.config import Config
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
 from fedbabu.data.transforms import Normalizer
-from fedbabu.engine import faults
+from fedbabu.engine import faults, hardware
 from fedbabu.engine.checkpoint import Checkpointer
 from fedbabu.engine.local import ClientData, Runtime, body_features, load_state
 from fedbabu.engine.params import Layout, flatten, flatten_tensors, load_flat, weighted_mean
@@ -35,6 +35,7 @@ from fedbabu.models import BodyHead, build_model, part_of
 Personal = dict[str, np.ndarray]
 
 SAMPLER_STREAM, TRAIN_STREAM, PERSONALIZE_STREAM, DROPOUT_STREAM = 0x5A3, 0x7E1, 0x9E2, 0xD20
+CLIENT_ORDER_STREAM = 0xC0D
 
 ModelFactory = Callable[[Config, Dataset], BodyHead]
 """Builds a run's network from (config, dataset); called once for the server's template and once per worker
@@ -64,6 +65,25 @@ def sample_clients(seed: int, round_index: int, num_clients: int, fraction: floa
     count = max(1, int(fraction * num_clients))
     rng = np.random.default_rng(stream_seed(seed, round_index, 0, SAMPLER_STREAM))
     return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+def seeded_clients(seed: int, num_clients: int, count: int | str) -> list[int]:
+    """The clients evaluated (``eval_clients``) or personalized (``personalize_clients``): all, or a seeded sample.
+
+    A sample is the first ``count`` clients of one seeded order of the federation (a pure function
+    of seed and size, the same in every round and every engine), sorted. Both keys read the same
+    order, so the smaller sample lies inside the larger: the clients evaluated during training are
+    among those personalized whenever ``eval_clients <= personalize_clients``.
+    """
+    if count == "all" or int(count) >= num_clients:
+        return list(range(num_clients))
+    order = np.random.default_rng(stream_seed(seed, 0, 0, CLIENT_ORDER_STREAM)).permutation(num_clients)
+    return sorted(int(c) for c in order[:int(count)])
+
+
+def personalized_clients(config: Config, num_clients: int) -> list[int]:
+    """The clients a run (and everything that re-derives its personalization) fine-tunes and reports."""
+    return seeded_clients(config.seed, num_clients, config.personalize_clients)
 
 
 def runtime_for(config: Config) -> Runtime:
@@ -278,7 +298,9 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     personal_shapes = {name: shape for name, shape in zip(layout.names, layout.shapes, strict=True)
                        if part_of(name) in algorithm.personal_parts}
     observer.on_start(config, partition, algorithm)
-    all_clients = range(partition.num_clients)
+    hardware.warn_if_bf16_is_emulated(runtime)
+    evaluated = seeded_clients(config.seed, partition.num_clients, config.eval_clients)
+    personalized = personalized_clients(config, partition.num_clients)
     try:
         with ClientPool(_run_task, config.resolved_workers()) as pool:
             for round_index in range(start_round, config.rounds):
@@ -320,18 +342,18 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
                     faults.report_empty_round(round_index + 1)
                 last = round_index + 1 == config.rounds
                 if config.eval_every and ((round_index + 1) % config.eval_every == 0 or last):
-                    accuracies = pool.map([EvalTask(c, personal.get(c)) for c in all_clients])
+                    accuracies = pool.map([EvalTask(c, personal.get(c)) for c in evaluated])
                     record["test_accuracy"] = float(np.nanmean(accuracies))
                 record["seconds"] = round(time.perf_counter() - tick, 4)
                 metrics.append(record)
                 observer.on_round(record)
                 if checkpoints:
                     checkpoints.after_round(round_index + 1, global_vector, personal, metrics)
-            observer.on_personalize_start(partition.num_clients)
-            curves = _personalize_all(pool, personal, partition.num_clients, observer)
+            observer.on_personalize_start(len(personalized))
+            curves = _personalize_all(pool, personal, personalized, observer)
     finally:
         _FEDERATION, _MODEL = None, None
-    clients = client_records(partition, curves)
+    clients = client_records(partition, curves, personalized)
     shared_floats = layout.count(algorithm.shared_parts)
     return RunResult(
         config=config,
@@ -345,18 +367,24 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     )
 
 
-def client_records(partition: Partition, curves: list[list[float]]) -> list[dict[str, Any]]:
-    """Per-client rows of a run (sizes, classes, accuracy curve), the same for every engine."""
+def client_records(partition: Partition, curves: list[list[float]],
+                   clients: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Per-client rows of a run (sizes, classes, accuracy curve), the same for every engine.
+
+    ``curves[i]`` belongs to ``clients[i]`` (by default every client of the partition): a run that
+    personalizes a sample reports only the clients it personalized.
+    """
     classes = partition.classes_per_client()
+    clients = range(partition.num_clients) if clients is None else clients
     return [
         {
             "client": c,
             "train_size": len(partition.train[c]),
             "test_size": len(partition.test[c]),
             "classes": int(classes[c]),
-            "accuracies": curves[c],
+            "accuracies": curve,
         }
-        for c in range(partition.num_clients)
+        for c, curve in zip(clients, curves, strict=True)
     ]
 
 
@@ -370,6 +398,7 @@ def _trained_federation(config: Config, dataset: Dataset, partition: Partition, 
     """
     global _FEDERATION, _MODEL
     algorithm, runtime, template, _ = preflight(config, dataset, model_factory, initial=False)
+    hardware.warn_if_bf16_is_emulated(runtime)
     layout = Layout(template)
     expected = flatten(template)
     if global_vector.shape != expected.shape or global_vector.dtype != expected.dtype:
@@ -388,15 +417,18 @@ def _trained_federation(config: Config, dataset: Dataset, partition: Partition, 
 def personalize_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
                            personal: dict[int, Personal], observer: Observer | None = None,
                            model_factory: ModelFactory = config_model) -> list[list[float]]:
-    """Personalize every client of a trained federation again: what a run does after its last round.
+    """Personalize the clients of a trained federation again: what a run does after its last round.
 
-    With the run's own settings the accuracy curves are bit-identical to the run's, whatever the
-    number of workers; with other fine-tuning settings only the fine-tuning differs.
+    The clients are the run's own (:func:`personalized_clients`: all, or the run's seeded sample),
+    and the curves come in their order. With the run's own settings the accuracy curves are
+    bit-identical to the run's, whatever the number of workers; with other fine-tuning settings
+    only the fine-tuning differs.
     """
     observer = observer or Observer()
+    clients = personalized_clients(config, partition.num_clients)
     with _trained_federation(config, dataset, partition, global_vector, model_factory) as pool:
-        observer.on_personalize_start(partition.num_clients)
-        return _personalize_all(pool, personal, partition.num_clients, observer)
+        observer.on_personalize_start(len(clients))
+        return _personalize_all(pool, personal, clients, observer)
 
 
 @dataclass
@@ -471,32 +503,33 @@ def inspect_federation(config: Config, dataset: Dataset, partition: Partition, g
                        personal: dict[int, Personal], probe: np.ndarray,
                        consume: Callable[[ClientInspection, np.ndarray], None], observer: Observer | None = None,
                        model_factory: ModelFactory = config_model) -> np.ndarray:
-    """Inspect every client of a trained federation on the worker pool; return the global probe features.
+    """Inspect the run's personalized clients on the worker pool; return the global probe features.
 
+    The clients are those the run personalized (:func:`personalized_clients`), in client order.
     The global body reads the probe images (test images given by index) first; then each client's
     :class:`ClientInspection` goes to ``consume``, with those global probe features, as soon as its
     chunk is done, so the caller keeps only what it needs (a federation's features may not fit).
     """
     observer = observer or Observer()
+    clients = personalized_clients(config, partition.num_clients)
     with _trained_federation(config, dataset, partition, global_vector, model_factory) as pool:
         global_probe = pool.map([ProbeTask(probe)])[0]
-        observer.on_personalize_start(partition.num_clients)
+        observer.on_personalize_start(len(clients))
         chunk = max(1, pool.workers * 4)
-        for start in range(0, partition.num_clients, chunk):
-            clients = range(start, min(partition.num_clients, start + chunk))
-            for inspection in pool.map([InspectTask(c, personal.get(c), probe) for c in clients]):
+        for start in range(0, len(clients), chunk):
+            part = clients[start:start + chunk]
+            for inspection in pool.map([InspectTask(c, personal.get(c), probe) for c in part]):
                 consume(inspection, global_probe)
-            observer.on_personalized(clients.stop, partition.num_clients)
+            observer.on_personalized(start + len(part), len(clients))
     return global_probe
 
 
-def _personalize_all(pool: ClientPool, personal: dict[int, Personal], num_clients: int,
+def _personalize_all(pool: ClientPool, personal: dict[int, Personal], clients: list[int],
                      observer: Observer) -> list[list[float]]:
-    """Personalize every client on the pool, in chunks so progress can be shown."""
+    """Personalize the given clients on the pool, in chunks so progress can be shown; curves in their order."""
     chunk = max(1, pool.workers * 4)
     curves: list[list[float]] = []
-    for start in range(0, num_clients, chunk):
-        clients = range(start, min(num_clients, start + chunk))
-        curves.extend(pool.map([PersonalizeTask(c, personal.get(c)) for c in clients]))
-        observer.on_personalized(len(curves), num_clients)
+    for start in range(0, len(clients), chunk):
+        curves.extend(pool.map([PersonalizeTask(c, personal.get(c)) for c in clients[start:start + chunk]]))
+        observer.on_personalized(len(curves), len(clients))
     return curves

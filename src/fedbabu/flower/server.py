@@ -10,7 +10,8 @@ what the simulator does differently from plain FedAvg:
 * only the algorithm's ``shared_parts`` travel and are averaged, with
   :func:`~fedbabu.engine.params.weighted_mean` in partition order (so the result never depends on
   which reply arrived first);
-* after the last round every client personalizes (``evaluate.personalize``) and the server
+* rounds are evaluated, and after the last round clients personalize (``evaluate.personalize``), on
+  the simulator's clients (``eval_clients``, ``personalize_clients``: all by default), and the server
   writes the simulator's run folder (``summary.json``, ``clients.csv``, ...).
 
 The simulator's fault handling applies unchanged (:mod:`fedbabu.engine.faults`): every returned
@@ -49,7 +50,9 @@ from fedbabu.engine.simulation import (
     RunResult,
     client_records,
     config_model,
+    personalized_clients,
     sample_clients,
+    seeded_clients,
     stream_seed,
 )
 from fedbabu.errors import UserError
@@ -91,6 +94,11 @@ class AlgorithmStrategy(FedAvg):
         self.shared_mask = self.layout.mask(self.algorithm.shared_parts)
         self.algorithm.initialize(template)
         self.global_vector = flatten(template)
+        self.evaluated = seeded_clients(config.seed, config.num_clients, config.eval_clients)
+        self.personalized = personalized_clients(config, config.num_clients)
+        self.final_test_from_personalization = set(self.evaluated) <= set(self.personalized)
+        """The last round's global test is the personalization's initial accuracy when it covers the evaluated
+        clients (it does by default); otherwise the last round is evaluated like the others."""
         self.nodes: dict[int, int] = {}
         """node id -> partition id of every node that answered the query."""
         self.refused: set[int] = set()
@@ -303,15 +311,21 @@ class AlgorithmStrategy(FedAvg):
 
     def _evaluates(self, server_round: int) -> bool:
         every = self.config.eval_every
-        return bool(every) and server_round % every == 0 and server_round < self.config.rounds
+        if server_round == self.config.rounds:
+            return bool(every) and not self.final_test_from_personalization
+        return bool(every) and server_round % every == 0
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Every client, on the simulator's ``eval_every`` rounds; the last round's test is the personalization's."""
+        """The simulator's evaluated clients (``eval_clients``) that are connected, on its ``eval_every`` rounds.
+
+        The last round's test is the personalization's where that covers the evaluated clients.
+        """
         if not self._evaluates(server_round):
             return []
         online = self.connected_clients(grid)
-        self._outbox = self._messages(online, sorted(online), MessageType.EVALUATE, arrays)
+        self._outbox = self._messages(online, [c for c in self.evaluated if c in online], MessageType.EVALUATE,
+                                      arrays)
         return self._outbox
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -340,9 +354,13 @@ class AlgorithmStrategy(FedAvg):
     # --- personalization ----------------------------------------------------------------------
 
     def personalize(self, grid: Grid) -> list[list[float]]:
-        """Every connected client fine-tunes the final model; absent clients get NaN curves."""
+        """The personalized clients (``personalize_clients``) fine-tune the final model; absent ones get NaN curves.
+
+        The curves come in the order of :attr:`personalized`.
+        """
         online = self.connected_clients(grid)
-        messages = self._messages(online, sorted(online), PERSONALIZE, self._arrays())
+        messages = self._messages(online, [c for c in self.personalized if c in online], PERSONALIZE,
+                                  self._arrays())
         curves: dict[int, list[float]] = {}
         for reply in self._exchange(grid, messages):
             if reply.has_error():
@@ -352,15 +370,15 @@ class AlgorithmStrategy(FedAvg):
             curves[client] = [float(a) for a in reply.content[METRICS]["accuracies"]]
         answered = set(curves)
         steps = max((len(c) for c in curves.values()), default=self.config.finetune.epochs + 1)
-        for client in range(self.config.num_clients):
+        for client in self.personalized:
             if client not in answered:
                 curves[client] = [math.nan] * steps
                 self.failures.append({"stage": "personalize", "node": online.get(client), "client": client,
                                       "reason": "no reply (node absent or failed)"})
-        if self.config.eval_every and self.metrics:
-            initial = [curves[c][0] for c in sorted(answered)]
+        if self.config.eval_every and self.metrics and self.final_test_from_personalization:
+            initial = [curves[c][0] for c in self.evaluated if c in answered]
             self.metrics[-1]["test_accuracy"] = float(np.nanmean(initial)) if initial else math.nan
-        return [curves[c] for c in range(self.config.num_clients)]
+        return [curves[c] for c in self.personalized]
 
 
 
@@ -389,7 +407,7 @@ def _run_in(folder: Path, grid: Grid, config: Config, min_nodes: int, timeout: f
     log(INFO, "fedbabu: %s; %s", strategy.algorithm.describe(), partition.summary())
     strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds, timeout=timeout)
     curves = strategy.personalize(grid)
-    clients = client_records(partition, curves)
+    clients = client_records(partition, curves, strategy.personalized)
     result = RunResult(config=config, partition=partition, metrics=strategy.metrics, clients=clients,
                        final_state=strategy.final_state(), personal={}, wall_time_s=time.perf_counter() - started,
                        bytes_per_round_per_client=strategy.payload_bytes())

@@ -47,10 +47,14 @@ def analysis_markdown(a: dict[str, Any]) -> str:
     nm, head, probe = a["nearest_mean"], a["head"], a["linear_probe"]
     cka, change, gain = a["cka"], a["change"], a["gain"]
     spectrum, settings = a["spectrum"], a["settings"]
+    analyzed = a.get("analyzed_clients", a["clients"])
+    clients = f"{a['clients']} clients" if analyzed == a["clients"] else (
+        f"{a['clients']} clients, of which the {analyzed} the run personalized (seeded sample, `personalize_clients`) "
+        "are analyzed")
     lines = [
         f"# Inside {a['label']}: {a['algorithm']} on {a['dataset']} ({a['model']}), seed {a['seed']}",
         "",
-        f"{a['clients']} clients; personalization: {a['personalization']}. {_reproduction_line(a['reproduces_run'])}",
+        f"{clients}; personalization: {a['personalization']}. {_reproduction_line(a['reproduces_run'])}",
         "",
         "| accuracy (%), mean ± std over clients | global body | personalized bodies |",
         "|---|---|---|",

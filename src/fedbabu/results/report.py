@@ -14,7 +14,7 @@ from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
 from fedbabu.config import Config, dump_config
 from fedbabu.engine.checkpoint import METRICS, TIMING, metrics_line, timing_line
-from fedbabu.engine.simulation import RunResult
+from fedbabu.engine.simulation import RunResult, seeded_clients
 from fedbabu.results.files import atomic_write_text, save_tensors, write_csv, write_json
 from fedbabu.results.plots import plot_clients, plot_comparison, plot_finetune_curves, plot_rounds
 
@@ -36,6 +36,8 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "model": c.resolved_model(),
         "rounds": c.rounds,
         "num_clients": c.num_clients,
+        "personalized_clients": len(result.clients),
+        "evaluated_clients": len(seeded_clients(c.seed, result.partition.num_clients, c.eval_clients)),
         "seed": c.seed,
         "partition": result.partition.summary(),
         "initial_accuracy": mean_std(curves[:, 0]),
@@ -158,6 +160,7 @@ def run_report(summary: dict[str, Any], has_rounds: bool = True, note: str = "")
         f"(down + up). Wall time: {summary['wall_time_s']:.1f} s.",
         "",
     ]
+    lines += _sample_notes(summary)
     lines += _never_sampled_note(summary)
     if note:
         lines += [note, ""]
@@ -165,6 +168,21 @@ def run_report(summary: dict[str, Any], has_rounds: bool = True, note: str = "")
         lines += ["![rounds](rounds.png)", ""]
     lines += ["![clients](clients.png)", "", "![fine-tuning](finetune.png)", ""]
     return "\n".join(lines)
+
+
+def _sample_notes(summary: dict[str, Any]) -> list[str]:
+    """Say which clients the numbers are over when a large federation was evaluated or personalized in part."""
+    total = summary["num_clients"]
+    lines = []
+    personalized = summary.get("personalized_clients", total)
+    if personalized < total:
+        lines += [f"This run personalized {personalized} of {total} clients (seeded sample, `personalize_clients`): "
+                  "the accuracies over clients above are theirs, and `clients.csv` lists them.", ""]
+    evaluated = summary.get("evaluated_clients", total)
+    if evaluated < total and summary.get("final_global_accuracy") is not None:
+        lines += [f"The global model was tested during training on {evaluated} of {total} clients (seeded sample, "
+                  "`eval_clients`), the same ones every evaluation round.", ""]
+    return lines
 
 
 def _never_sampled_note(summary: dict[str, Any]) -> list[str]:
