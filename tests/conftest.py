@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -67,6 +68,12 @@ def small_config(**overrides):
         else:
             values[key] = value
     return build_config(values)
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Every file below a folder with its content hash: equal fingerprints mean nothing was written there."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 class StopAtRound(Observer):

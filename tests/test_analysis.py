@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import small_config
+from conftest import fingerprint, small_config
 
 import fedbabu
 from fedbabu.cli import main
@@ -96,11 +95,6 @@ def test_label_entropy_and_correlation():
 # ---- whole runs --------------------------------------------------------------------------------------
 
 
-def _fingerprint(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """FedAvg and FedBABU on one partition, and FedBABU fine-tuning only its head; on 2 workers."""
@@ -116,11 +110,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def analyzed(runs, tmp_path_factory) -> Path:
     """The three runs analyzed together from the command line, on two workers; the run folders checked intact."""
-    before = {name: _fingerprint(folder) for name, folder in runs.items()}
+    before = {name: fingerprint(folder) for name, folder in runs.items()}
     out = tmp_path_factory.mktemp("analysis") / "all"
     assert main(["analyze", *(str(folder) for folder in runs.values()), "--out", str(out), "--quiet",
                  "--probe-size", "200", "--workers", "2"]) == 0
-    assert {name: _fingerprint(folder) for name, folder in runs.items()} == before
+    assert {name: fingerprint(folder) for name, folder in runs.items()} == before
     return out
 
 
@@ -229,8 +223,8 @@ def test_bad_folders_get_one_line_and_exit_2(runs, tmp_path, capsys, case):
         args = [str(run), str(run)]
     elif case == "probe":
         args = [str(run), "--probe-size", "3"]
-    before = _fingerprint(run) if run.exists() else {}
+    before = fingerprint(run) if run.exists() else {}
     assert main(["analyze", *args, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1
-    assert (_fingerprint(run) if run.exists() else {}) == before
+    assert (fingerprint(run) if run.exists() else {}) == before

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -10,18 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import small_config
+from conftest import fingerprint, small_config
 
 import fedbabu
 from fedbabu.cli import main
 from fedbabu.errors import UserError
 from fedbabu.reproduce import personalize_preset, run_preset
 from fedbabu.runner import run_experiment
-
-
-def _fingerprint(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 def test_with_the_runs_own_settings_the_result_is_the_runs_bit_for_bit(trained, tmp_path, algorithm):
     run = tmp_path / "run"
     shutil.copytree(trained[algorithm], run)
-    before = _fingerprint(run)
+    before = fingerprint(run)
     assert main(["personalize", str(run), "--quiet", "--workers", "1" if algorithm == "fedbabu" else "2"]) == 0
     again = run / "personalize" / "full-2ep-lr0.01-mom0.9-wd0-bs10"
     assert (again / "clients.csv").read_bytes() == (run / "clients.csv").read_bytes()
@@ -50,7 +44,7 @@ def test_with_the_runs_own_settings_the_result_is_the_runs_bit_for_bit(trained, 
     assert summary["personalized_accuracy"] == original["personalized_accuracy"]
     assert summary["personalized_from"] == str(run)
     assert "Personalized again from the trained run" in (again / "report.md").read_text()
-    after = _fingerprint(run)
+    after = fingerprint(run)
     assert {k: v for k, v in after.items() if not k.startswith("personalize/")} == before
 
 
@@ -72,7 +66,7 @@ def test_other_fine_tuning_settings_change_only_the_fine_tuning(trained, tmp_pat
 def test_keys_that_shaped_the_training_are_refused_with_one_line(trained, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained["fedbabu"], run)
-    before = _fingerprint(run)
+    before = fingerprint(run)
     for argv, message in (
         (["--set", "lr=0.3"], "error: --set lr: only finetune.*, workers and device may differ from the trained run"),
         (["--set", "finetune.epochs=-1"], "finetune.epochs"),
@@ -81,7 +75,7 @@ def test_keys_that_shaped_the_training_are_refused_with_one_line(trained, tmp_pa
         assert main(["personalize", str(run), "--quiet", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
-    assert _fingerprint(run) == before
+    assert fingerprint(run) == before
     (run / "summary.json").unlink()
     assert main(["personalize", str(run), "--quiet"]) == 2
     assert "the run has not finished (no summary.json); finish it with fedbabu resume" in capsys.readouterr().err
