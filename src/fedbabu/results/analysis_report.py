@@ -10,6 +10,7 @@ import numpy as np
 
 from fedbabu.results.files import atomic_write_text, write_csv, write_json
 from fedbabu.results.plots import plot_distributions, plot_gains, plot_head_cosines, plot_spectra
+from fedbabu.results.representation import RANK_TOLERANCE
 
 CLIENT_COLUMNS = ("client", "train_size", "test_size", "classes", "label_entropy", "initial_accuracy",
                   "personalized_accuracy", "gain", "nearest_mean_global_euclidean", "nearest_mean_global_cosine",
@@ -84,7 +85,8 @@ def analysis_markdown(a: dict[str, Any]) -> str:
         f"(on {settings['probe_size']} probe images).",
         "",
         f"Feature spectrum of the global body: effective rank {_num(spectrum['effective_rank'], 1)} of "
-        f"{settings['feature_dim']} dimensions.",
+        f"{settings['feature_dim']} dimensions; {spectrum['rank']} singular values above {RANK_TOLERANCE:g} of the "
+        "largest (dimensions in use).",
         "",
         f"Who gains: correlation of the personalization gain with the number of classes "
         f"{_num(gain['correlation_with_classes'], 2)}, with the label entropy "
@@ -139,6 +141,7 @@ COMPARISON_COLUMNS = (
     ("CKA global-personalized", lambda a: _num(a["cka"]["global_vs_personalized"]["mean"])),
     ("CKA between clients", lambda a: _num(a["cka"]["between_clients"]["mean"])),
     ("effective rank", lambda a: _num(a["spectrum"]["effective_rank"], 1)),
+    ("dimensions in use", lambda a: str(a["spectrum"]["rank"])),
 )
 """The comparison's columns: NCM is nearest-class-mean accuracy (Euclidean); head columns are the global head's."""
 

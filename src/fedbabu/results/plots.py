@@ -89,7 +89,7 @@ def plot_head_cosines(heads: Sequence[tuple[str, np.ndarray, np.ndarray]], path:
         for ax, matrix, which in ((axes[row, 0], global_cosine, "global head"),
                                   (axes[row, 1], personal_cosine, "personalized heads (mean)")):
             image = ax.imshow(np.asarray(matrix), vmin=-1, vmax=1, cmap="coolwarm")
-            ax.set(title=f"{label}: {which}", xlabel="class", ylabel="class")
+            ax.set(title=f"{label}\n{which}", xlabel="class", ylabel="class")
         fig.colorbar(image, ax=axes[row].tolist(), shrink=0.8, label="cosine")
     _save(fig, path)
 
@@ -120,13 +120,18 @@ def plot_gains(points: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path)
     _save(fig, path)
 
 
-def plot_spectra(spectra: Sequence[tuple[str, np.ndarray]], path: Path) -> None:
-    """Singular values of the global body's probe features, normalized by the largest, on a log scale."""
+def plot_spectra(spectra: Sequence[tuple[str, np.ndarray]], path: Path, floor: float = 1e-6) -> None:
+    """Singular values of the global body's probe features, normalized by the largest, on a log scale.
+
+    Values below ``floor`` of the largest are numerically zero (features that are always 0, such as
+    dead ReLU channels) and are drawn at the floor, so one run's round-off cannot squash the others.
+    """
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, values in spectra:
         values = np.asarray(values, dtype=np.float64)
         if values.size and values[0] > 0:
-            ax.semilogy(np.arange(1, values.size + 1), values / values[0], label=label)
+            ax.semilogy(np.arange(1, values.size + 1), np.maximum(values / values[0], floor), label=label)
+    ax.set_ylim(floor / 2, 2)
     ax.set(xlabel="index", ylabel="singular value / largest", title="feature spectrum of the global body")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -102,6 +102,19 @@ def effective_rank(values: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
+RANK_TOLERANCE = 1e-6
+"""Singular values below this fraction of the largest count as zero in :func:`numerical_rank`."""
+
+
+def numerical_rank(values: np.ndarray, tolerance: float = RANK_TOLERANCE) -> int:
+    """How many singular values exceed ``tolerance`` times the largest: the feature dimensions in use.
+
+    A body whose ReLU channels died (always 0 on the probe images) loses a dimension per channel.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    return int((values > tolerance * values.max()).sum()) if values.size and values.max() > 0 else 0
+
+
 def cosine_matrix(weight: np.ndarray) -> np.ndarray:
     """Pairwise cosine similarity of a head's class rows (classes x classes)."""
     unit = _unit_rows(np.asarray(weight, dtype=np.float64))
