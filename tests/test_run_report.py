@@ -200,3 +200,14 @@ def test_tensorboard_flag_of_the_cli(cli_runs):
     assert any(m["dropped"] for m in metrics)
     assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3]
     assert not (cli_runs["bars"][0] / "tensorboard").exists()
+
+
+def test_clients_csv_curves_are_read_whatever_the_personalization_unit(tmp_path):
+    """Per-FedAvg's columns are adaptation steps, not epochs; both read back whole."""
+    from fedbabu.results.rebuild import read_curves
+
+    for unit in ("epoch", "step"):
+        path = tmp_path / f"{unit}.csv"
+        path.write_text(f"client,train_size,test_size,classes,initial_accuracy,accuracy_after_{unit}_1,"
+                        f"accuracy_after_{unit}_2\n0,10,5,2,0.2,0.4,0.6\n1,10,5,1,0.0,1.0,1.0\n")
+        np.testing.assert_array_equal(read_curves(path), [[0.2, 0.4, 0.6], [0.0, 1.0, 1.0]])

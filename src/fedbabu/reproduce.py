@@ -27,6 +27,7 @@ from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
 from fedbabu.results.files import atomic_write_text
 from fedbabu.results.plots import plot_finetune_curves
+from fedbabu.results.rebuild import read_curves
 from fedbabu.results.report import seed_spread
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -228,7 +229,7 @@ class CellResult:
 
     def add(self, folder: Path) -> None:
         self.summaries.append(json.loads((folder / "summary.json").read_text()))
-        self.curves.append(_curve(folder))
+        self.curves.append(read_curves(folder / "clients.csv"))
 
 
 def run_preset(
@@ -440,14 +441,6 @@ def _other_seeds(folder: Path, requested: list[int]) -> list[tuple[int, Path]]:
 
 def _slug(name: str) -> str:
     return name.replace(",", "_").replace("=", "-")
-
-
-def _curve(folder: Path) -> np.ndarray:
-    import csv
-
-    with open(folder / "clients.csv") as handle:
-        rows = list(csv.reader(handle))
-    return np.array([[float(v) for v in row[4:]] for row in rows[1:]])
 
 
 def _over_seeds(values: list[float], signed: bool = False) -> str:

@@ -42,11 +42,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def read_curves(path: Path) -> np.ndarray:
-    """clients x (fine-tuning epochs + 1) accuracies from ``clients.csv``."""
+    """clients x (personalization steps + 1) accuracies from ``clients.csv``; column 0 is the initial accuracy.
+
+    The steps are fine-tuning epochs, or adaptation steps for Per-FedAvg (``accuracy_after_step_N``).
+    """
     try:
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
-        columns = [c for c in (rows[0].keys() if rows else []) if c.endswith("accuracy") or "_after_epoch_" in c]
+        columns = [c for c in (rows[0].keys() if rows else [])
+                   if c == "initial_accuracy" or c.startswith("accuracy_after_")]
         return np.array([[float(r[c]) for c in columns] for r in rows], dtype=np.float64)
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise UserError(f"{path}: not a readable clients.csv ({exc.__class__.__name__})") from None
