@@ -29,6 +29,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+import fedbabu
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, load_config
 from fedbabu.data.datasets import load_digits
@@ -220,7 +221,7 @@ def test_every_algorithm_equals_the_simulator_with_personal_state_on_the_node(al
     """Any registry algorithm: same final model, same personalization curves, same personal state.
 
     Personal parts (FedPer/FedRep heads, LG-FedAvg bodies, Ditto models) live only in each node's
-    ``context.state`` and never travel."""
+    ``context.state`` and never travel, so only a run without them can be analyzed from its folder."""
     config = small_config(f"algorithm={algorithm}", "rounds=2", "finetune.epochs=1")
     grid = LoopbackGrid(3)
     run_on_grid(grid, config, tmp_path, min_nodes=3, timeout=60)
@@ -243,6 +244,12 @@ def test_every_algorithm_equals_the_simulator_with_personal_state_on_the_node(al
     shared = set(ALGORITHMS[algorithm].shared_parts)
     sent = {name for m in grid.sent for name in m.content.array_records.get("arrays", {})}
     assert {name.split(".", 1)[0] for name in sent} <= shared
+    if personal_parts:
+        with pytest.raises(UserError, match="stay on the nodes"):
+            fedbabu.analyze(tmp_path, workers=1, progress=False)
+    else:
+        analyzed = fedbabu.analyze(tmp_path, workers=1, progress=False).runs[0]
+        assert analyzed["reproduces_run"] == {"checked": True, "identical_clients": 3, "clients": 3}
 
 
 @pytest.mark.parametrize("algorithm", ["local", "lg_fedavg"])

@@ -93,7 +93,6 @@ class _Collector:
         self.probe_train: list[np.ndarray] = []
         self.probe_test: list[np.ndarray] = []
         self.pair_features: dict[int, np.ndarray] = {}
-        self.personal_heads: list[dict[str, Any]] = []
         self.mean_head_cosine: np.ndarray | None = None
 
     def __call__(self, item: ClientInspection, global_probe: np.ndarray) -> None:
@@ -112,7 +111,7 @@ class _Collector:
         row["body_change"], row["head_change"] = item.change["body"], item.change["head"]
         geometry = rep.head_geometry(item.personal_head)
         row["head_norm_cv"], row["head_mean_abs_cosine"] = geometry["norm_cv"], geometry["mean_abs_cosine"]
-        cosines = rep.cosine_matrix(item.personal_head)
+        cosines = geometry["cosine"]
         self.mean_head_cosine = cosines if self.mean_head_cosine is None else self.mean_head_cosine + cosines
         self.rows.append(row)
         self.curves[c] = item.curve
@@ -178,7 +177,7 @@ def analyze_run(folder: Path, out: Path, probe_size: int = DEFAULT_PROBE_SIZE,
                                       observer)
     collect.rows.sort(key=lambda row: row["client"])
     values = layout.to_state(global_vector)
-    global_head = values["head.weight"].float().numpy()
+    global_head = rep.head_geometry(values["head.weight"].float().numpy())
     spectrum = rep.singular_values(global_probe)
     pair_ids, pair_matrix = _between_clients(collect.pair_features)
     off_diagonal = pair_matrix[~np.eye(len(pair_ids), dtype=bool)]
@@ -209,7 +208,7 @@ def analyze_run(folder: Path, out: Path, probe_size: int = DEFAULT_PROBE_SIZE,
         "nearest_mean": {body: {metric: mean_std(column(f"nearest_mean_{body}_{metric}")) for metric in rep.METRICS}
                          for body in ("global", "personalized")},
         "linear_probe": probe_result,
-        "head": {"global": {**rep.head_geometry(global_head), "cosine": rep.cosine_matrix(global_head).tolist()},
+        "head": {"global": {**global_head, "cosine": global_head["cosine"].tolist()},
                  "personalized": {"norm_cv": mean_std(column("head_norm_cv")),
                                   "mean_abs_cosine": mean_std(column("head_mean_abs_cosine")),
                                   "mean_cosine": (collect.mean_head_cosine / len(rows)).tolist()}},

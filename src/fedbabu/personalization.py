@@ -83,6 +83,9 @@ def load_trained_run(folder: Path) -> TrainedRun:
         raise UserError(f"{folder / 'summary.json'}: not valid JSON") from None
     personal: dict[int, Personal] = {}
     if ALGORITHMS[config.algorithm].personal_parts:
+        if "flower" in summary:
+            raise UserError(f"{folder}: a Flower run of {config.algorithm}, whose per-client parts stay on the "
+                            "nodes; only Flower runs of algorithms without them can be personalized again here")
         if not (folder / CHECKPOINT).is_file():
             raise UserError(f"{folder}: no {CHECKPOINT}; {config.algorithm} keeps per-client parts that only the "
                             "final checkpoint holds")

@@ -60,6 +60,11 @@ def client_generator(seed: int, round_index: int, client: int, stream: int) -> t
     return torch.Generator().manual_seed(stream_seed(seed, round_index, client, stream))
 
 
+def personalize_generator(config: Config, client: int) -> torch.Generator:
+    """The generator of a client's final fine-tuning: the same in a run, ``personalize``, ``analyze`` and Flower."""
+    return client_generator(config.seed, config.rounds, client, PERSONALIZE_STREAM)
+
+
 def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
     """The clients of a round: ``max(1, floor(f * N))`` of them, a pure function of (seed, round)."""
     count = max(1, int(fraction * num_clients))
@@ -137,6 +142,10 @@ class Federation:
         return ClientData(self.dataset, self.partition.train[client], self.partition.test[client],
                           self.runtime, self.normalizer)
 
+    def probe_data(self, test_indices: np.ndarray) -> ClientData:
+        """Given test images as a client with no training data, for reading bodies' features on them."""
+        return ClientData(self.dataset, np.zeros(0, dtype=np.int64), test_indices, self.runtime, self.normalizer)
+
 
 _FEDERATION: Federation | None = None
 _MODEL: BodyHead | None = None
@@ -192,9 +201,8 @@ class PersonalizeTask:
 
     def __call__(self) -> list[float]:
         fed = _FEDERATION
-        generator = client_generator(fed.config.seed, fed.config.rounds, self.client, PERSONALIZE_STREAM)
         return fed.algorithm.personalize(_worker_model(), fed.client_data(self.client), _to_torch(self.personal),
-                                         generator)
+                                         personalize_generator(fed.config, self.client))
 
 
 def _train_vectorized(clients: list[int], round_index: int, lr: float,
@@ -461,9 +469,7 @@ class ProbeTask:
     indices: np.ndarray
 
     def __call__(self) -> np.ndarray:
-        fed = _FEDERATION
-        probe = ClientData(fed.dataset, np.zeros(0, dtype=np.int64), self.indices, fed.runtime, fed.normalizer)
-        return body_features(_worker_model(), probe, "test").numpy()
+        return body_features(_worker_model(), _FEDERATION.probe_data(self.indices), "test").numpy()
 
 
 @dataclass(frozen=True)
@@ -486,10 +492,9 @@ class InspectTask:
         personal = _to_torch(self.personal)
         load_state(model, personal)
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
-        generator = client_generator(fed.config.seed, fed.config.rounds, self.client, PERSONALIZE_STREAM)
-        curve = fed.algorithm.personalize(model, data, personal, generator)
+        curve = fed.algorithm.personalize(model, data, personal, personalize_generator(fed.config, self.client))
         after = dict(model.named_parameters())
-        probe = ClientData(fed.dataset, np.zeros(0, dtype=np.int64), self.probe, fed.runtime, fed.normalizer)
+        probe = fed.probe_data(self.probe)
         return ClientInspection(
             client=self.client, curve=curve, global_train=global_train.numpy(), global_test=global_test.numpy(),
             personal_train=body_features(model, data, "train").numpy(),
@@ -515,21 +520,20 @@ def inspect_federation(config: Config, dataset: Dataset, partition: Partition, g
     with _trained_federation(config, dataset, partition, global_vector, model_factory) as pool:
         global_probe = pool.map([ProbeTask(probe)])[0]
         observer.on_personalize_start(len(clients))
-        chunk = max(1, pool.workers * 4)
-        for start in range(0, len(clients), chunk):
-            part = clients[start:start + chunk]
-            for inspection in pool.map([InspectTask(c, personal.get(c), probe) for c in part]):
-                consume(inspection, global_probe)
-            observer.on_personalized(start + len(part), len(clients))
+        for inspection in _map_in_chunks(pool, [InspectTask(c, personal.get(c), probe) for c in clients], observer):
+            consume(inspection, global_probe)
     return global_probe
+
+
+def _map_in_chunks(pool: ClientPool, tasks: list[Callable[[], Any]], observer: Observer) -> Iterator[Any]:
+    """The tasks' results in order, computed a few per worker at a time so progress can be shown between chunks."""
+    chunk = max(1, pool.workers * 4)
+    for start in range(0, len(tasks), chunk):
+        yield from pool.map(tasks[start:start + chunk])
+        observer.on_personalized(min(start + chunk, len(tasks)), len(tasks))
 
 
 def _personalize_all(pool: ClientPool, personal: dict[int, Personal], clients: list[int],
                      observer: Observer) -> list[list[float]]:
-    """Personalize the given clients on the pool, in chunks so progress can be shown; curves in their order."""
-    chunk = max(1, pool.workers * 4)
-    curves: list[list[float]] = []
-    for start in range(0, len(clients), chunk):
-        curves.extend(pool.map([PersonalizeTask(c, personal.get(c)) for c in clients[start:start + chunk]]))
-        observer.on_personalized(len(curves), len(clients))
-    return curves
+    """Personalize the given clients on the pool; curves in their order."""
+    return list(_map_in_chunks(pool, [PersonalizeTask(c, personal.get(c)) for c in clients], observer))

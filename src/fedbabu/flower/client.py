@@ -33,10 +33,10 @@ from fedbabu.data.partition import Partition
 from fedbabu.engine.local import ClientData, load_state, state_of
 from fedbabu.engine.pool import tune_process
 from fedbabu.engine.simulation import (
-    PERSONALIZE_STREAM,
     TRAIN_STREAM,
     client_generator,
     client_model,
+    personalize_generator,
     runtime_for,
 )
 from fedbabu.errors import UserError
@@ -206,6 +206,6 @@ def evaluate(message: Message, context: Context) -> Message:
 def personalize(message: Message, context: Context) -> Message:
     """The final task: fine-tune the final model on this client's data; accuracy after each epoch."""
     c = client_for(message, context)
-    generator = client_generator(c.config.seed, c.config.rounds, c.client, PERSONALIZE_STREAM)
+    generator = personalize_generator(c.config, c.client)
     curve = c.algorithm.personalize(c.model, c.data, personal_state(context), generator)
     return _reply(message, c, {NUM_EXAMPLES: c.data.num_test, "accuracies": [float(a) for a in curve]})

@@ -10,6 +10,7 @@ Every function is deterministic; the probe is seeded.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -121,12 +122,13 @@ def cosine_matrix(weight: np.ndarray) -> np.ndarray:
     return unit @ unit.T
 
 
-def head_geometry(weight: np.ndarray) -> dict[str, float | list[float]]:
+def head_geometry(weight: np.ndarray) -> dict[str, Any]:
     """How far a head is from a set of equal-norm, mutually orthogonal class vectors.
 
     ``norm_cv`` (std / mean of the row norms) and ``mean_abs_cosine`` (mean |cosine| between
     different classes) are 0 for an orthogonal equal-norm head; a head trained on skewed clients
-    grows some classes' rows and aligns others.
+    grows some classes' rows and aligns others. ``cosine`` is the :func:`cosine_matrix` the
+    summaries come from, for callers that average or draw it.
     """
     norms = np.linalg.norm(np.asarray(weight, dtype=np.float64), axis=1)
     cosines = cosine_matrix(weight)
@@ -136,6 +138,7 @@ def head_geometry(weight: np.ndarray) -> dict[str, float | list[float]]:
         "norm_cv": float(norms.std() / norms.mean()) if norms.mean() > 0 else 0.0,
         "mean_abs_cosine": float(np.abs(off_diagonal).mean()) if off_diagonal.size else 0.0,
         "max_cosine": float(off_diagonal.max()) if off_diagonal.size else 0.0,
+        "cosine": cosines,
     }
 
 
