@@ -18,14 +18,14 @@ import yaml
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.perfedavg import gradients, hessian_vector_product
 from fedbabu.config import DIGITS_DEFAULT, Config, build_config
-from fedbabu.engine.local import ClientData, evaluate, load_state, set_trainable, state_of
 from fedbabu.engine.params import Layout
 from fedbabu.engine.simulation import TRAIN_STREAM, client_generator, preflight, runtime_for, simulate
 from fedbabu.errors import UserError
+from fedbabu.files import load_tensors
 from fedbabu.models import build_model, count_parameters
-from fedbabu.results.files import load_tensors
 from fedbabu.results.report import comparison_markdown, comparison_rows, write_comparison
 from fedbabu.runner import partition_for, run_comparison, run_experiment
+from fedbabu.training import ClientData, evaluate, load_state, set_trainable, state_of
 
 ALL = ["fedavg", "fedbabu", "fedper", "lg_fedavg", "fedrep", "perfedavg", "ditto", "fedprox", "local"]
 
@@ -49,7 +49,7 @@ def one_thread():
 def tiny(**overrides):
     """Five digits clients, all sampled every round, three rounds: about a second per run."""
     values = {**DIGITS_DEFAULT, "num_clients": 5, "rounds": 3, "client_fraction": 1.0, "eval_every": 0,
-              "workers": 1, "fedrep_head_epochs": 1, "finetune": {**DIGITS_DEFAULT["finetune"], "epochs": 1}}
+              "workers": 1, "fedrep": {"head_epochs": 1}, "finetune": {**DIGITS_DEFAULT["finetune"], "epochs": 1}}
     values.update(overrides)
     return build_config(values)
 
@@ -116,7 +116,7 @@ def test_lg_fedavg_bodies_are_personal_and_never_averaged(digits):
 def test_fedrep_freezes_the_body_in_the_head_phase_and_the_head_in_the_body_phase(digits, monkeypatch):
     import fedbabu.algorithms.fedrep as fedrep
 
-    config = tiny(algorithm="fedrep", fedrep_head_epochs=2, fedrep_body_epochs=1)
+    config = tiny(algorithm="fedrep", fedrep={"head_epochs": 2, "body_epochs": 1})
     phases = []
     original = fedrep.sgd_epochs
 
@@ -149,9 +149,9 @@ def test_fedrep_keeps_heads_per_client_and_aggregates_only_the_body(digits):
 
 def personal_distance(config, digits, lam: float) -> float:
     """How far one Ditto round moves client 0's personal model from the global model it received."""
-    model = initial_model(config.model_copy(update={"ditto_lambda": lam}), digits)
+    model = initial_model(config.with_settings("ditto", **{"lambda": lam}), digits)
     received = state_of(model, ("body", "head"))
-    algorithm = ALGORITHMS["ditto"](config.model_copy(update={"ditto_lambda": lam}))
+    algorithm = ALGORITHMS["ditto"](config.with_settings("ditto", **{"lambda": lam}))
     update = algorithm.client_update(model, client_data(config, digits, 0), {}, config.lr,
                                      torch.Generator().manual_seed(1))
     return float(sum(((update.personal[k] - received[k]) ** 2).sum() for k in received)) ** 0.5
@@ -165,29 +165,29 @@ def test_ditto_large_lambda_pulls_the_personal_model_onto_the_global_one(digits)
 
 
 def test_ditto_with_lambda_zero_is_local_training_and_is_evaluated_on_personal_models(digits):
-    ditto = run(tiny(algorithm="ditto", ditto_lambda=0.0), digits)
+    ditto = run(tiny(algorithm="ditto", ditto={"lambda": 0.0}), digits)
     local = run(tiny(algorithm="local"), digits)
     for c in range(5):
         assert same(ditto.personal[c], local.personal[c]), f"client {c}"
     assert ditto.accuracy_curve()[:, 0].tolist() == local.accuracy_curve()[:, 0].tolist()
-    with_lambda = run(tiny(algorithm="ditto", ditto_lambda=0.5), digits)
+    with_lambda = run(tiny(algorithm="ditto", ditto={"lambda": 0.5}), digits)
     assert not same(with_lambda.personal[0], local.personal[0])
 
 
 def test_ditto_refuses_a_lambda_that_diverges():
-    with pytest.raises(UserError, match="ditto_lambda"):
-        ALGORITHMS["ditto"](tiny(algorithm="ditto", ditto_lambda=100.0, lr=0.05))
+    with pytest.raises(UserError, match=r"ditto\.lambda"):
+        ALGORITHMS["ditto"](tiny(algorithm="ditto", ditto={"lambda": 100.0}, lr=0.05))
 
 
 def test_fedprox_with_mu_zero_equals_fedavg_bit_for_bit(digits):
     fedavg = run(tiny(algorithm="fedavg"), digits)
-    prox0 = run(tiny(algorithm="fedprox", fedprox_mu=0.0), digits)
+    prox0 = run(tiny(algorithm="fedprox", fedprox={"mu": 0.0}), digits)
     assert same(fedavg.final_state, prox0.final_state)
     assert np.array_equal(fedavg.accuracy_curve(), prox0.accuracy_curve())
-    prox = run(tiny(algorithm="fedprox", fedprox_mu=1.0), digits)
+    prox = run(tiny(algorithm="fedprox", fedprox={"mu": 1.0}), digits)
     assert not same(fedavg.final_state, prox.final_state)
-    with pytest.raises(UserError, match="fedprox_mu"):  # beyond 2 (1 + momentum) / lr SGD on the term diverges
-        ALGORITHMS["fedprox"](tiny(algorithm="fedprox", fedprox_mu=100.0, lr=0.05))
+    with pytest.raises(UserError, match=r"fedprox\.mu"):  # beyond 2 (1 + momentum) / lr SGD on the term diverges
+        ALGORITHMS["fedprox"](tiny(algorithm="fedprox", fedprox={"mu": 100.0}, lr=0.05))
     init = state_of(initial_model(tiny(), digits), ("body", "head"))
 
     def drift(state):
@@ -197,7 +197,7 @@ def test_fedprox_with_mu_zero_equals_fedavg_bit_for_bit(digits):
 
 
 def test_perfedavg_fo_and_hf_both_train_and_differ(digits):
-    results = {v: run(tiny(algorithm="perfedavg", perfedavg_variant=v, perfedavg_adapt_steps=2), digits)
+    results = {v: run(tiny(algorithm="perfedavg", perfedavg={"variant": v, "adapt_steps": 2}), digits)
                for v in ("fo", "hf")}
     init = state_of(initial_model(tiny(), digits), ("body", "head"))
     for result in results.values():
@@ -209,7 +209,7 @@ def test_perfedavg_fo_and_hf_both_train_and_differ(digits):
 
 
 def test_perfedavg_personalization_is_its_adaptation_step(digits):
-    config = tiny(algorithm="perfedavg", perfedavg_adapt_steps=1, perfedavg_alpha=0.05)
+    config = tiny(algorithm="perfedavg", perfedavg={"adapt_steps": 1, "alpha": 0.05})
     model = initial_model(config, digits)
     data = client_data(config, digits, 0)
     accuracies = ALGORITHMS["perfedavg"](config).personalize(model, data, {}, torch.Generator().manual_seed(0))
@@ -268,7 +268,7 @@ def _trained_alone(config, digits, client):
 
 @pytest.mark.parametrize("part", ["body", "head", "full"])
 def test_update_part_moves_only_the_named_part(digits, part):
-    config = tiny(algorithm="fedavg", update_part=part)
+    config = tiny(algorithm="fedavg", fedavg={"update_part": part})
     result = run(config, digits)
     init = initial_model(config, digits)
     layout = Layout(init)
@@ -279,7 +279,7 @@ def test_update_part_moves_only_the_named_part(digits, part):
 
 
 def test_update_part_body_is_fedbabu_bit_for_bit(digits):
-    ablation = run(tiny(algorithm="fedavg", update_part="body"), digits)
+    ablation = run(tiny(algorithm="fedavg", fedavg={"update_part": "body"}), digits)
     fedbabu = run(tiny(algorithm="fedbabu"), digits)
     assert same(ablation.final_state, fedbabu.final_state)
     assert np.array_equal(ablation.accuracy_curve(), fedbabu.accuracy_curve())
@@ -287,15 +287,18 @@ def test_update_part_body_is_fedbabu_bit_for_bit(digits):
 
 def test_zero_head_is_refused_for_body_only_training_and_learns_when_the_head_trains(digits):
     with pytest.raises(UserError, match="head_init"):
-        ALGORITHMS["fedavg"](tiny(algorithm="fedavg", update_part="body", head_init="zeros"))
-    result = run(tiny(algorithm="fedavg", update_part="head", head_init="zeros", rounds=4), digits)
+        ALGORITHMS["fedavg"](tiny(algorithm="fedavg", fedavg={"update_part": "body"}, head_init="zeros"))
+    result = run(tiny(algorithm="fedavg", fedavg={"update_part": "head"}, head_init="zeros", rounds=4), digits)
     assert result.final_state["head.weight"].abs().sum() > 0
     assert np.mean(result.accuracy_curve()[:, 0]) > 0.3, "a trained zero head learns (chance is 0.1)"
 
 
-def test_update_part_is_refused_outside_fedavg():
-    with pytest.raises(UserError, match="update_part"):
-        tiny(algorithm="fedbabu", update_part="head")
+def test_another_algorithms_section_is_kept_but_changes_nothing(digits):
+    """A compare's base config carries every entry's settings; a run reads only its own section."""
+    config = tiny(algorithm="fedbabu", fedavg={"update_part": "head"}, ditto={"lambda": 0.5})
+    assert ALGORITHMS["fedbabu"](config).trained_parts == ("body",)
+    assert config.to_plain()["fedavg"] == {"update_part": "head"} and config.settings_for("ditto").lambda_ == 0.5
+    assert same(run(config, digits).final_state, run(tiny(algorithm="fedbabu"), digits).final_state)
 
 
 def test_orthogonal_head_has_orthonormal_rows(digits):
@@ -327,8 +330,8 @@ def test_compare_entries_must_share_the_partition_and_be_unique(tmp_path):
 @pytest.mark.slow
 def test_compare_all_algorithms_end_to_end_on_digits(tmp_path, digits):
     out = tmp_path / "cmp"
-    entries = [*ALL, "perfedavg:perfedavg_variant=hf", "fedavg:update_part=head"]
-    overrides = ["num_clients=5", "rounds=2", "client_fraction=1.0", "eval_every=0", "fedrep_head_epochs=1",
+    entries = [*ALL, "perfedavg:variant=hf", "fedavg:update_part=head"]
+    overrides = ["num_clients=5", "rounds=2", "client_fraction=1.0", "eval_every=0", "fedrep.head_epochs=1",
                  "finetune.epochs=2", "local_epochs=1"]
     cmd = [sys.executable, "-m", "fedbabu", "compare", "--algorithms", ",".join(entries), "--seeds", "1",
            "--out", str(out), "--quiet", "--workers", "1"] + [a for o in overrides for a in ("--set", o)]
@@ -358,7 +361,7 @@ def test_compare_all_algorithms_end_to_end_on_digits(tmp_path, digits):
     assert "Per-FedAvg adaptation (hf)" in markdown
     for png in ("comparison.png", "finetune.png"):
         assert (out / png).stat().st_size > 1000
-    summary = json.loads((out / "perfedavg_perfedavg_variant-hf" / "summary.json").read_text())
+    summary = json.loads((out / "perfedavg_variant-hf" / "summary.json").read_text())
     assert summary["seed"] == 1 and summary["personalization_unit"] == "step"
     header = (out / "perfedavg" / "clients.csv").read_text().splitlines()[0]
     assert header.endswith("initial_accuracy,accuracy_after_step_1")
@@ -390,10 +393,11 @@ def test_comparison_spread_over_seeds_is_the_sample_std_and_absent_for_one_seed(
 
 def test_baseline_defaults_are_the_authors_and_pass_the_proximal_check():
     defaults = Config()
-    assert (defaults.fedrep_head_epochs, defaults.fedrep_body_epochs) == (None, 1)
-    assert (defaults.perfedavg_alpha, defaults.perfedavg_beta) == (None, 0.1)
-    assert (defaults.ditto_lambda, defaults.fedprox_mu) == (0.75, 1.0)
-    assert defaults.lg_warm_start is None
+    fedrep, perfedavg = defaults.settings_for("fedrep"), defaults.settings_for("perfedavg")
+    assert (fedrep.head_epochs, fedrep.body_epochs) == (None, 1)
+    assert (perfedavg.alpha, perfedavg.beta) == (None, 0.1)
+    assert (defaults.settings_for("ditto").lambda_, defaults.settings_for("fedprox").mu) == (0.75, 1.0)
+    assert defaults.settings_for("lg_fedavg").warm_start is None
     for name in ("ditto", "fedprox"):  # lr 0.1 and momentum 0.9: the limit is 38
         ALGORITHMS[name](Config(algorithm=name))
 
@@ -403,8 +407,8 @@ def test_fedrep_round_is_local_epochs_of_head_then_one_body_epoch_through_one_op
     (body lr 0), then the lrs swap and the body trains one epoch. Momentum carries across the phases."""
     import fedbabu.algorithms.fedrep as fedrep
 
-    config = tiny(algorithm="fedrep", local_epochs=3, fedrep_head_epochs=None)
-    assert config.fedrep_body_epochs == 1
+    config = tiny(algorithm="fedrep", local_epochs=3, fedrep={"head_epochs": None})
+    assert config.settings_for("fedrep").body_epochs == 1
     phases = []
     original = fedrep.sgd_epochs
 
@@ -470,16 +474,16 @@ def test_perfedavg_inner_step_follows_the_rounds_lr_and_outer_step_is_beta(digit
     algorithm.personalize(initial_model(config, digits), data, {}, torch.Generator().manual_seed(0))
     assert scales == [pytest.approx(-config.lr_at(3))] and config.lr_at(3) == pytest.approx(0.0005)
     assert algorithm.personalization_note().endswith("lr 0.0005")
-    fixed = ALGORITHMS["perfedavg"](tiny(algorithm="perfedavg", perfedavg_alpha=0.02))
+    fixed = ALGORITHMS["perfedavg"](tiny(algorithm="perfedavg", perfedavg={"alpha": 0.02}))
     scales.clear()
     fixed.client_update(initial_model(config, digits), data, {}, 0.005, torch.Generator().manual_seed(0))
     assert set(scales) == {-0.02} and fixed.adaptation_alpha() == 0.02
 
 
 def test_perfedavg_hf_is_refused_in_bf16():
-    with pytest.raises(UserError, match="perfedavg_variant: hf cannot run with precision bf16"):
-        ALGORITHMS["perfedavg"](tiny(algorithm="perfedavg", perfedavg_variant="hf", precision="bf16"))
-    ALGORITHMS["perfedavg"](tiny(algorithm="perfedavg", perfedavg_variant="fo", precision="bf16"))
+    with pytest.raises(UserError, match=r"perfedavg\.variant: hf cannot run with precision bf16"):
+        ALGORITHMS["perfedavg"](tiny(algorithm="perfedavg", perfedavg={"variant": "hf"}, precision="bf16"))
+    ALGORITHMS["perfedavg"](tiny(algorithm="perfedavg", perfedavg={"variant": "fo"}, precision="bf16"))
 
 
 @pytest.fixture(scope="module")
@@ -491,7 +495,7 @@ def fedavg_run(tmp_path_factory, digits):
 
 
 def test_lg_fedavg_starts_from_the_fedavg_runs_final_model(digits, fedavg_run):
-    config = tiny(algorithm="lg_fedavg", lg_warm_start=fedavg_run)
+    config = tiny(algorithm="lg_fedavg", lg_fedavg={"warm_start": fedavg_run})
     fedavg_model = load_tensors(fedavg_run / "model.pt")
     _, _, template, _ = preflight(config, digits)
     assert same(dict(template.named_parameters()), fedavg_model)
@@ -530,27 +534,22 @@ def test_lg_fedavg_refuses_a_warm_start_that_cannot_serve(tmp_path, digits, feda
         (source / "summary.json").unlink()
     elif case in ("fedbabu", "model", "update_part"):
         changes = {"fedbabu": {"algorithm": "fedbabu"}, "model": {"model": "4convnet"},
-                   "update_part": {"update_part": "body"}}[case]
+                   "update_part": {"fedavg": {"update_part": "body"}}}[case]
         _edited_copy(fedavg_run, source, **changes)
     elif case != "missing":
         source = fedavg_run
-    config = tiny(algorithm="lg_fedavg", lg_warm_start=source, **overrides)
+    config = tiny(algorithm="lg_fedavg", lg_fedavg={"warm_start": source}, **overrides)
     with pytest.raises(UserError, match=re.escape(message)) as refused:
         run_experiment(config, tmp_path / "lg", dataset=digits)
-    assert str(refused.value).startswith("lg_warm_start: ") and "\n" not in str(refused.value)
+    assert str(refused.value).startswith("lg_fedavg.warm_start: ") and "\n" not in str(refused.value)
     assert not (tmp_path / "lg").exists(), "refused before the run folder is made"
-
-
-def test_lg_warm_start_is_a_key_of_lg_fedavg_only(fedavg_run):
-    with pytest.raises(UserError, match="lg_warm_start is read by lg_fedavg only"):
-        tiny(algorithm="fedavg", lg_warm_start=fedavg_run)
 
 
 def test_compare_starts_lg_fedavg_from_its_own_fedavg_run_or_a_fedavg_phase(tmp_path, digits):
     config = tiny(rounds=2)
     both = run_comparison(config, ["lg_fedavg", "fedavg"], tmp_path / "both", dataset=digits)
     saved = yaml.safe_load((tmp_path / "both" / "lg_fedavg" / "config.yaml").read_text())
-    assert saved["lg_warm_start"] == str(tmp_path / "both" / "fedavg")
+    assert saved["lg_fedavg"]["warm_start"] == str(tmp_path / "both" / "fedavg")
     assert not (tmp_path / "both" / "fedavg-phase").exists(), "the comparison's FedAvg run is reused"
     assert [r["algorithm"] for r in both.rows] == ["lg_fedavg", "fedavg"]
     alone = run_comparison(config, ["fedbabu", "lg_fedavg:lr=0.01:rounds=1"], tmp_path / "alone", seeds=[0, 1],
@@ -562,7 +561,7 @@ def test_compare_starts_lg_fedavg_from_its_own_fedavg_run_or_a_fedavg_phase(tmp_
             ("fedavg", 2, config.lr, seed), "FedAvg's own budget"
         lg = yaml.safe_load((tmp_path / "alone" / "lg_fedavg_lr-0.01_rounds-1" / f"seed-{seed}" / "config.yaml")
                             .read_text())
-        assert (lg["lg_warm_start"], lg["rounds"], lg["lr"]) == (str(phase), 1, 0.01)
+        assert (lg["lg_fedavg"]["warm_start"], lg["rounds"], lg["lr"]) == (str(phase), 1, 0.01)
     assert [r["algorithm"] for r in alone.rows] == ["fedbabu", "lg_fedavg:lr=0.01:rounds=1"]
     assert [r["seeds"] for r in alone.rows] == [2, 2], "each row pools its algorithm's two seeds"
     seed_means = [json.loads((tmp_path / "alone" / "fedbabu" / f"seed-{seed}" / "summary.json").read_text())
@@ -571,8 +570,8 @@ def test_compare_starts_lg_fedavg_from_its_own_fedavg_run_or_a_fedavg_phase(tmp_
 
 
 def test_compare_refuses_a_named_warm_start_of_another_seed_before_any_run(tmp_path, digits, fedavg_run):
-    with pytest.raises(UserError, match=r"lg_warm_start: .* ran with seed=0, this run has 1"):
-        run_comparison(tiny(), ["fedavg", f"lg_fedavg:lg_warm_start={fedavg_run}"], tmp_path / "cmp", seeds=[0, 1],
+    with pytest.raises(UserError, match=r"lg_fedavg\.warm_start: .* ran with seed=0, this run has 1"):
+        run_comparison(tiny(), ["fedavg", f"lg_fedavg:warm_start={fedavg_run}"], tmp_path / "cmp", seeds=[0, 1],
                        dataset=digits)
     assert not (tmp_path / "cmp").exists()
 

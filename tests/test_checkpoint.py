@@ -29,7 +29,7 @@ from fedbabu.engine.checkpoint import (
 )
 from fedbabu.engine.simulation import Observer
 from fedbabu.errors import UserError
-from fedbabu.results.files import load_tensors
+from fedbabu.files import load_tensors
 from fedbabu.runner import resume_experiment, run_experiment
 
 FINAL_FILES = ("metrics.jsonl", "clients.csv", "model.pt")

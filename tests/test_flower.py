@@ -35,6 +35,7 @@ from fedbabu.config import Config, load_config
 from fedbabu.data.datasets import load_digits
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
+from fedbabu.files import load_tensors
 from fedbabu.flower import client as node_app
 from fedbabu.flower.certs import make_credentials
 from fedbabu.flower.client import app as client_app
@@ -42,7 +43,6 @@ from fedbabu.flower.launch import flower_env, free_port, stop, stop_reason, wait
 from fedbabu.flower.server import run_on_grid
 from fedbabu.flower.wire import experiment_record
 from fedbabu.models import build_model
-from fedbabu.results.files import load_tensors
 from fedbabu.runner import partition_for, run_experiment
 
 pytestmark = pytest.mark.flower
@@ -260,7 +260,7 @@ def test_who_trains_and_the_initial_model_follow_the_algorithm_as_in_the_simulat
     overrides = [f"algorithm={algorithm}", "client_fraction=0.34", "finetune.epochs=1"]
     if algorithm == "lg_fedavg":
         run_experiment(small_config("algorithm=fedavg", "rounds=1", "workers=1"), tmp_path / "fedavg")
-        overrides.append(f"lg_warm_start={tmp_path / 'fedavg'}")
+        overrides.append(f"lg_fedavg.warm_start={tmp_path / 'fedavg'}")
     config = small_config(*overrides)
     grid = LoopbackGrid(3)
     run_on_grid(grid, config, tmp_path / "flower", min_nodes=3, timeout=60)

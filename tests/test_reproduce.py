@@ -177,9 +177,11 @@ def test_the_baselines_presets_run_each_baseline_as_the_authors_scripts(name):
         (32, 10, 0.1, 0.1, 100)
     assert (lg.rounds, lg.local_epochs, lg.lr, lg.resolved_milestones()) == (8, 10, 0.001, [])
     assert (local.rounds, local.local_epochs, local.lr, local.resolved_milestones()) == (160, 1, 0.1, [80, 120])
-    assert (configs["fedrep"].fedrep_head_epochs, configs["fedrep"].fedrep_body_epochs) == (None, 1)
-    assert (configs["perfedavg"].perfedavg_alpha, configs["perfedavg"].perfedavg_beta) == (None, 0.1)
-    assert (configs["ditto"].ditto_lambda, configs["fedprox"].fedprox_mu) == (0.75, 1.0)
+    fedrep, perfedavg = configs["fedrep"].settings_for("fedrep"), configs["perfedavg"].settings_for("perfedavg")
+    assert (fedrep.head_epochs, fedrep.body_epochs) == (None, 1)
+    assert (perfedavg.alpha, perfedavg.beta) == (None, 0.1)
+    ditto, fedprox = configs["ditto"].settings_for("ditto"), configs["fedprox"].settings_for("fedprox")
+    assert (ditto.lambda_, fedprox.mu) == (0.75, 1.0)
     assert {(c.shards_per_client, c.dataset) for c in configs.values()} == \
         {(10, "cifar100" if name == "baselines" else "cifar10")}
     quick = {a: cells(preset, "quick")[0].values_for(a)["rounds"] for a in ("fedavg", "lg_fedavg", "local")}
@@ -227,7 +229,7 @@ def test_lg_fedavg_starts_from_the_cells_fedavg_run_or_from_a_fedavg_phase(tmp_p
     run_preset("lg", out, log=lines.append)
     assert "default fedavg seed 0: running" in lines[0] and "default lg_fedavg seed 0: running" in lines[1]
     saved = yaml.safe_load((out / "default" / "lg_fedavg" / "seed-0" / "config.yaml").read_text())
-    assert (saved["lg_warm_start"], saved["lr"], saved["rounds"]) == \
+    assert (saved["lg_fedavg"]["warm_start"], saved["lr"], saved["rounds"]) == \
         (str((out / "default" / "fedavg" / "seed-0").resolve()), 0.01, 1)
     lines.clear()
     run_preset("lg", out, log=lines.append)
@@ -242,5 +244,5 @@ def test_lg_fedavg_starts_from_the_cells_fedavg_run_or_from_a_fedavg_phase(tmp_p
     phase_config = yaml.safe_load((phase / "config.yaml").read_text())
     assert (phase_config["algorithm"], phase_config["lr"], phase_config["rounds"]) == ("fedavg", 0.1, 2)
     saved = yaml.safe_load((out / "default" / "lg_fedavg" / "seed-0" / "config.yaml").read_text())
-    assert saved["lg_warm_start"] == str(phase.resolve())
+    assert saved["lg_fedavg"]["warm_start"] == str(phase.resolve())
     assert [o.seeds for o in outcomes] == [[0], [0]], "the phase is not a seed of the table"

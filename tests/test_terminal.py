@@ -24,7 +24,7 @@ from fedbabu.runner import partition_for
 from fedbabu.tables import Column, print_results, print_table, summary_row
 
 WIDTHS = [80, 60]
-ALGORITHMS = ["fedavg", "fedavg:update_part=head", "perfedavg:perfedavg_variant=hf"]
+ALGORITHMS = ["fedavg", "fedavg:update_part=head", "perfedavg:variant=hf"]
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but a newline or a tab
 
 
@@ -148,7 +148,7 @@ def partition():
 
 
 @pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("label", ["fedbabu", "perfedavg:perfedavg_variant=hf seed 2"])
+@pytest.mark.parametrize("label", ["fedbabu", "perfedavg:variant=hf seed 2"])
 def test_the_progress_line_keeps_round_lr_loss_and_times(partition, width, label):
     """The bar over rounds as it last drew, at a fixed width: the bar and the label give way first."""
     config, split = partition

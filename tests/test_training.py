@@ -6,7 +6,6 @@ import torch
 from conftest import small_config
 
 from fedbabu.algorithms import ALGORITHMS
-from fedbabu.engine.local import ClientData, load_state, state_of
 from fedbabu.engine.params import weighted_mean
 from fedbabu.engine.simulation import (
     TRAIN_STREAM,
@@ -18,6 +17,7 @@ from fedbabu.engine.simulation import (
 from fedbabu.errors import UserError
 from fedbabu.models import build_model
 from fedbabu.runner import partition_for
+from fedbabu.training import ClientData, load_state, state_of
 
 
 def _run(config, digits):
@@ -124,7 +124,7 @@ def test_finetuning_keeps_one_optimizer_across_epochs(digits, algorithm):
 def test_a_client_test_set_is_one_batch_by_default(digits):
     """Batch norm uses batch statistics at test time: a large client test set is one batch (as the authors
     evaluate 100 images), not full batches plus a small remainder whose statistics change the result."""
-    from fedbabu.engine.local import evaluate
+    from fedbabu.training import evaluate
 
     config = small_config()
     model = _initial_model(config, digits).eval()

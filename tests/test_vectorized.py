@@ -9,12 +9,12 @@ from conftest import small_config
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.data.datasets import Dataset
-from fedbabu.engine.local import ClientData, LocalTraining, Runtime, sgd_epochs
 from fedbabu.engine.simulation import simulate
 from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
 from fedbabu.errors import UserError
 from fedbabu.models import build_model
 from fedbabu.runner import partition_for
+from fedbabu.training import ClientData, LocalTraining, Runtime, sgd_epochs
 
 
 class Float64Data(ClientData):

@@ -46,6 +46,7 @@ def __getattr__(name: str) -> Any:
     """Import a public name's module only when the name is first used."""
     if name not in _EXPORTS:
         raise AttributeError(f"module 'fedbabu' has no attribute {name!r}")
+    importlib.import_module("fedbabu.algorithms")  # registers the algorithm names a config may use
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value

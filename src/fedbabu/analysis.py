@@ -33,11 +33,11 @@ from fedbabu.engine.simulation import (
     stream_seed,
 )
 from fedbabu.errors import UserError
+from fedbabu.files import check_output_dir, prepare_output_dir
 from fedbabu.personalization import FREE_KEYS, load_trained_run, personalization_config, restore_federation
 from fedbabu.personalization import default_out as default_personalization_out
 from fedbabu.results import representation as rep
 from fedbabu.results.analysis_report import write_analysis, write_analysis_comparison
-from fedbabu.results.files import check_output_dir, prepare_output_dir
 from fedbabu.results.report import mean_std
 
 ANALYSIS_FOLDER = "analysis"

@@ -31,13 +31,13 @@ from fedbabu.config import DATASETS, Config, build_config, load_config
 from fedbabu.data.custom import FederatedData, from_arrays, from_torch
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
-from fedbabu.engine.local import load_state
 from fedbabu.engine.simulation import ModelFactory, Observer, config_model
 from fedbabu.errors import UserError
+from fedbabu.files import check_output_dir
 from fedbabu.models import BodyHead
 from fedbabu.models.custom import ModelSpec, check_body_head, example_batch, model_factory
-from fedbabu.results.files import check_output_dir
 from fedbabu.runner import Experiment, default_out_dir, prepare_data, run_comparison, run_experiment
+from fedbabu.training import load_state
 
 ConfigLike = Config | str | Path | None
 """A :class:`~fedbabu.config.Config`, the path of a YAML config, or ``None`` for the embedded digits experiment."""

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="run several algorithms on the same partition and seeds")
     compare.add_argument("--algorithms", default="fedavg,fedbabu",
                          help="comma-separated algorithm names; an entry may carry its own settings, "
-                              "e.g. fedavg:update_part=head or perfedavg:perfedavg_variant=hf")
+                              "e.g. fedavg:update_part=head or perfedavg:variant=hf")
     compare.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
     _experiment_options(compare)
     reproduce = commands.add_parser("reproduce", help="list or run the paper's experiments (configs/paper/)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,6 +27,57 @@ HEAD_INITS = ("default", "orthogonal", "zeros")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AlgorithmSettings(_Strict):
+    """An algorithm's own settings, its section of the config: the base is for algorithms that have none.
+
+    Each algorithm declares a subclass in its own file (``FedProx.Settings`` with ``mu``), so adding
+    an algorithm touches neither this file nor the engine. ``legacy_keys`` maps the flat names of
+    older builds (``fedprox_mu``) to the section's fields, so older run folders still load.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, frozen=True)
+    legacy_keys: ClassVar[dict[str, str]] = {}
+
+
+_ALGORITHMS: dict[str, type[AlgorithmSettings]] = {}
+
+
+def register_algorithm(name: str, settings: type[AlgorithmSettings]) -> None:
+    """Make an algorithm name valid in a config, with the model of its section.
+
+    The algorithms package registers each of its algorithms when it is imported, so this layer
+    validates names and sections without importing the layers above it.
+    """
+    _ALGORITHMS[name] = settings
+
+
+def registered_algorithms() -> dict[str, type[AlgorithmSettings]]:
+    """Every algorithm a config may name, with its settings model."""
+    if not _ALGORITHMS:
+        raise RuntimeError("no algorithms are registered: import fedbabu.algorithms first (fedbabu.load_config and "
+                           "every command do)")
+    return _ALGORITHMS
+
+
+def _algorithm_section(catalog: dict[str, type[AlgorithmSettings]], name: str, values: Any) -> AlgorithmSettings:
+    """One section validated by its algorithm's model; a mistake is one line naming ``algorithm.key``."""
+    model = catalog[name]
+    if isinstance(values, model):
+        return values
+    if not isinstance(values, dict):
+        raise ValueError(f"{name}: expected a mapping of {name}'s settings"
+                         + (f" ({', '.join(_field_names(model))})" if model.model_fields else ", which has none")
+                         + f", got {values!r}")
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise ValueError(_describe(err, f"{name}.", [f"{name}.{key}" for key in _field_names(model)])) from None
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [info.alias or key for key, info in model.model_fields.items()]
 
 
 class FinetuneConfig(_Strict):
@@ -75,18 +126,9 @@ class Config(_Strict):
 
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
-    # Baselines and ablations: each key is read by one algorithm only (its ``config_keys``).
-    update_part: Literal["body", "head", "full"] | None = None  # fedavg ablation; None = full
-    fedprox_mu: float = Field(1.0, ge=0)
-    ditto_lambda: float = Field(0.75, ge=0)
-    fedrep_head_epochs: int | None = Field(None, ge=0)  # None = local_epochs
-    fedrep_body_epochs: int | None = Field(1, ge=1)  # None = local_epochs
-    lg_warm_start: Path | None = None  # a finished fedavg run folder whose model.pt starts lg_fedavg
-    perfedavg_variant: Literal["fo", "hf"] = "fo"
-    perfedavg_alpha: float | None = Field(None, gt=0)  # None = the round's lr (follows the schedule)
-    perfedavg_beta: float | None = Field(0.1, gt=0)  # None = the round's lr (follows the schedule)
-    perfedavg_delta: float = Field(0.001, gt=0)
-    perfedavg_adapt_steps: int = Field(1, ge=0)
+    # Each algorithm's own settings, one section per algorithm (``fedprox: {mu: 1.0}``, ``--set
+    # fedprox.mu=1``): the run's algorithm always has one; others are kept when given (compare's base).
+    settings: dict[str, AlgorithmSettings] = Field(default_factory=dict, exclude=True)
 
     seed: int = Field(0, ge=0)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -100,14 +142,35 @@ class Config(_Strict):
     client_failure_rate: float = Field(0.0, ge=0, lt=1)
     max_update_norm: float | None = Field(1.0e4, gt=0)
 
-    @field_validator("algorithm")
+    @model_validator(mode="before")
     @classmethod
-    def _known_algorithm(cls, value: str) -> str:
-        from fedbabu.algorithms import ALGORITHMS
-
-        if value not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {value!r}; expected one of {', '.join(sorted(ALGORITHMS))}")
-        return value
+    def _algorithm_sections(cls, data: Any) -> Any:
+        """Take each registered algorithm's section out of the keys and validate it with its own model."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        algorithm = data.get("algorithm", cls.model_fields["algorithm"].default)
+        catalog = registered_algorithms()
+        if algorithm not in catalog:
+            raise ValueError(f"algorithm: unknown algorithm {algorithm!r}; expected one of "
+                             f"{', '.join(sorted(catalog))}")
+        if "settings" in data:
+            raise ValueError("unknown key 'settings'; an algorithm's settings go in a section named after it "
+                             "(fedprox: {mu: 0.1}, or --set fedprox.mu=0.1)")
+        given: dict[str, Any] = {}
+        for name, model in catalog.items():
+            if name in data:
+                given[name] = data.pop(name)
+            for old, new in model.legacy_keys.items():
+                if old in data:
+                    value = data.pop(old)
+                    if name == algorithm or value != model.model_fields[new].default:
+                        given.setdefault(name, {})
+                        if isinstance(given[name], dict):
+                            given[name].setdefault(new, value)
+        given.setdefault(algorithm, {})
+        data["settings"] = {name: _algorithm_section(catalog, name, values) for name, values in given.items()}
+        return data
 
     @field_validator("workers")
     @classmethod
@@ -131,19 +194,20 @@ class Config(_Strict):
                 raise ValueError(f"lr_milestones must be rounds >= 1, got {bad}")
         return self
 
-    @model_validator(mode="after")
-    def _update_part_is_a_fedavg_ablation(self) -> Config:
-        if self.update_part is not None and self.algorithm != "fedavg":
-            raise ValueError(f"update_part is an ablation of fedavg only; {self.algorithm} fixes its own trained "
-                             "parts (fedbabu is update_part=body): remove the key or use algorithm fedavg")
-        return self
+    def settings_for(self, algorithm: str) -> AlgorithmSettings:
+        """An algorithm's own settings: its section of this config, else its defaults."""
+        if algorithm in self.settings:
+            return self.settings[algorithm]
+        return registered_algorithms()[algorithm]()
 
-    @model_validator(mode="after")
-    def _warm_start_only_for_lg_fedavg(self) -> Config:
-        if self.lg_warm_start is not None and self.algorithm != "lg_fedavg":
-            raise ValueError(f"lg_warm_start is read by lg_fedavg only; {self.algorithm} starts from its seeded "
-                             "initialization: remove the key or use algorithm lg_fedavg")
-        return self
+    def with_settings(self, algorithm: str, **values: Any) -> Config:
+        """A copy with some of an algorithm's own settings changed (validated like the file's)."""
+        section = {**self.settings_for(algorithm).model_dump(by_alias=True), **values}
+        try:
+            validated = _algorithm_section(registered_algorithms(), algorithm, section)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        return self.model_copy(update={"settings": {**self.settings, algorithm: validated}})
 
     def resolved_model(self) -> str:
         """The model actually built: ``auto`` means the small CNN for digits and 4convNet otherwise."""
@@ -195,8 +259,14 @@ class Config(_Strict):
         return self.augment == "on"
 
     def to_plain(self) -> dict[str, Any]:
-        """A YAML-ready dict (paths as strings)."""
-        return self.model_dump(mode="json")
+        """A YAML-ready dict (paths as strings), the algorithms' sections after ``finetune``."""
+        plain: dict[str, Any] = {}
+        for key, value in self.model_dump(mode="json").items():
+            plain[key] = value
+            if key == "finetune":
+                for name, section in self.settings.items():
+                    plain[name] = section.model_dump(mode="json", by_alias=True)
+        return plain
 
 
 DIGITS_DEFAULT: dict[str, Any] = {
@@ -217,20 +287,29 @@ DIGITS_DEFAULT: dict[str, Any] = {
 ``configs/digits.yaml`` holds the same values, for users to copy."""
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _describe(err: ValidationError, prefix: str, known: list[str]) -> str:
+    """The first error as ``key: what is wrong (got value)``, with a "did you mean" for an unknown key."""
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "config"
-    if first["type"] == "extra_forbidden":
-        field_names = list(Config.model_fields) + [f"finetune.{k}" for k in FinetuneConfig.model_fields]
-        hint = difflib.get_close_matches(key, field_names, n=1)
-        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-        return f"{source}: unknown key {key!r}{suggestion}"
+    key = prefix + ".".join(str(p) for p in first["loc"])
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    if not first["loc"]:
+        return message
+    if first["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(key, known, n=1)
+        return f"unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
     got = first.get("input")
     shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    return f"{source}: {key}: {message}{shown}"
+    return f"{key}: {message}{shown}"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    catalog = _ALGORITHMS
+    known = ([k for k in Config.model_fields if k != "settings"]
+             + [f"finetune.{k}" for k in FinetuneConfig.model_fields] + list(catalog)
+             + [f"{name}.{key}" for name, model in catalog.items() for key in _field_names(model)])
+    return f"{source}: {_describe(err, '', known)}"
 
 
 def parse_value(raw: str) -> Any:
@@ -251,6 +330,14 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
             node[part] = child
         node = child
     node[parts[-1]] = value
+
+
+def nested(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"finetune.epochs": 3}`` as ``{"finetune": {"epochs": 3}}`` (a preset's grid keys are dotted)."""
+    result: dict[str, Any] = {}
+    for key, value in values.items():
+        _set_dotted(result, key, value)
+    return result
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

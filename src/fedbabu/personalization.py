@@ -36,7 +36,7 @@ from fedbabu.engine.simulation import (
     personalized_clients,
 )
 from fedbabu.errors import UserError
-from fedbabu.results.files import check_output_dir, load_tensors, prepare_output_dir
+from fedbabu.files import check_output_dir, load_tensors, prepare_output_dir
 from fedbabu.results.rebuild import read_metrics
 from fedbabu.results.report import write_personalization
 from fedbabu.runner import Experiment, partition_for, prepare_data

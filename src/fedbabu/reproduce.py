@@ -21,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
-from fedbabu.config import Config, build_config, merge_dicts, parse_value, read_yaml
+from fedbabu.config import Config, build_config, merge_dicts, nested, parse_value, read_yaml
 from fedbabu.engine.checkpoint import CHECKPOINT
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
-from fedbabu.results.files import atomic_write_text
+from fedbabu.files import atomic_write_text
 from fedbabu.results.plots import plot_finetune_curves
 from fedbabu.results.rebuild import read_curves
 from fedbabu.results.report import seed_spread
@@ -40,7 +40,7 @@ class QuickScale(BaseModel):
     set: dict[str, Any] = Field(default_factory=dict)
 
 
-class AlgorithmSettings(BaseModel):
+class PresetOverrides(BaseModel):
     """How one algorithm of a preset departs from its cell: the authors run some baselines with their
     own lr or budget (LG-FedAvg after FedAvg at lr 0.001 for a quarter of the rounds, local training
     for 160 epochs)."""
@@ -66,7 +66,7 @@ class Preset(BaseModel):
     base: dict[str, Any]
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     rounds_per_local_epochs: dict[int, int] = Field(default_factory=dict)
-    algorithm_settings: dict[str, AlgorithmSettings] = Field(default_factory=dict)
+    algorithm_settings: dict[str, PresetOverrides] = Field(default_factory=dict)
     quick: QuickScale = Field(default_factory=QuickScale)
 
     @model_validator(mode="after")
@@ -122,7 +122,7 @@ def cells(preset: Preset, scale: str = "full") -> list[Cell]:
     keys = list(preset.grid)
     result = []
     for combo in itertools.product(*(preset.grid[k] for k in keys)) if keys else [()]:
-        values = merge_dicts(preset.base, dict(zip(keys, combo, strict=True)))
+        values = merge_dicts(preset.base, nested(dict(zip(keys, combo, strict=True))))
         tau = values.get("local_epochs", 1)
         if "rounds" not in values:
             if tau not in preset.rounds_per_local_epochs:
@@ -138,7 +138,7 @@ def cells(preset: Preset, scale: str = "full") -> list[Cell]:
     return result
 
 
-def _own_values(algorithm: str, settings: AlgorithmSettings, values: dict[str, Any], tau: int) -> dict[str, Any]:
+def _own_values(algorithm: str, settings: PresetOverrides, values: dict[str, Any], tau: int) -> dict[str, Any]:
     """A cell's values for an algorithm with settings of its own; its rounds follow the cell's tau."""
     own = merge_dicts(values, settings.set)
     if settings.rounds_per_local_epochs:
@@ -184,10 +184,9 @@ EVALUATION_KEYS = ("finetune", "eval_batch_size", "workers", "device", "data_dir
 
 
 def training_values(config: Config) -> dict[str, Any]:
-    """What shaped a run's training: its config less the evaluation-only keys and the settings that
-    only other algorithms read (a default changed for Ditto does not make a FedAvg run stale)."""
-    own = set(ALGORITHMS[config.algorithm].config_keys)
-    others = {key for algorithm in ALGORITHMS.values() for key in algorithm.config_keys} - own
+    """What shaped a run's training: its config less the evaluation-only keys and the settings of
+    other algorithms (a default changed for Ditto does not make a FedAvg run stale)."""
+    others = set(ALGORITHMS) - {config.algorithm}
     return {k: v for k, v in config.to_plain().items() if k not in EVALUATION_KEYS and k not in others}
 
 
@@ -391,7 +390,7 @@ def _phase(preset: Preset, name: str, out: Path, cell: Cell, extra: dict[str, An
     FedAvg's): the cell's own run of that algorithm, or, in a preset without one, a run made for it
     beside its seeds. None for an algorithm without a warm start or with one named."""
     warm = ALGORITHMS[algorithm].warm_start
-    if warm is None or getattr(_run_config(name, cell, extra, algorithm, seed), warm.key) is not None:
+    if warm is None or warm.folder(_run_config(name, cell, extra, algorithm, seed)) is not None:
         return None
     cell_folder = out.resolve() / _slug(cell.name)
     folder = cell_folder / warm.algorithm if warm.algorithm in preset.algorithms else \
@@ -404,7 +403,7 @@ def _planned_config(preset: Preset, name: str, out: Path, cell: Cell, extra: dic
     """A run's config, starting from its phase's folder (see :func:`_phase`) when it has one."""
     config = _run_config(name, cell, extra, algorithm, seed)
     phase = _phase(preset, name, out, cell, extra, algorithm, seed)
-    return config if phase is None else config.model_copy(update={ALGORITHMS[algorithm].warm_start.key: phase[0]})
+    return config if phase is None else ALGORITHMS[algorithm].warm_start.with_folder(config, phase[0])
 
 
 def _complete(folder: Path, config: Config, observer: Any, label: str, log: Callable[[str], None]) -> None:

@@ -25,7 +25,7 @@ from fedbabu.engine.checkpoint import CHECKPOINT, METRICS, TIMING, Checkpoint, C
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.engine.simulation import ModelFactory, Observer, RunResult, config_model, preflight, simulate
 from fedbabu.errors import UserError
-from fedbabu.results.files import check_output_dir, prepare_output_dir
+from fedbabu.files import check_output_dir, prepare_output_dir
 from fedbabu.results.report import comparison_rows, summarize, write_comparison, write_run
 
 
@@ -228,10 +228,14 @@ SHARED_BY_ALL = ("dataset", "data_dir", "num_clients", "partition", "shards_per_
 def variant_config(config: Config, spec: str) -> Config:
     """The config of one compared entry: ``name`` or ``name:key=value:key=value`` (e.g. ablations).
 
-    ``fedavg:update_part=head`` is FedAvg training only the head; every entry still shares the
-    base config's partition, seeds and budget.
+    ``fedavg:update_part=head`` is FedAvg training only the head: a key the algorithm's own settings
+    have may be written without its ``fedavg.`` prefix. Every entry still shares the base config's
+    partition, seeds and budget.
     """
     name, *pairs = spec.split(":")
+    own = ALGORITHMS[name].Settings.model_fields if name in ALGORITHMS else {}
+    fields = set(own) | {info.alias for info in own.values() if info.alias}
+    pairs = [f"{name}.{pair}" if pair.split("=", 1)[0].strip() in fields else pair for pair in pairs]
     values = merge_dicts({**config.to_plain(), "algorithm": name}, parse_overrides(pairs))
     variant = build_config(values, f"--algorithms {spec}")
     for key in SHARED_BY_ALL:
@@ -263,7 +267,7 @@ def run_comparison(config: Config, algorithms: list[str], out: Path, seeds: list
     configs = {a: variant_config(config, a) for a in algorithms}
     warm_starts = {a: warm for a, c in configs.items() if (warm := ALGORITHMS[c.algorithm].warm_start) is not None}
     phases = {a: variant_config(config, warm.algorithm) for a, warm in warm_starts.items()
-              if getattr(configs[a], warm.key) is None}
+              if warm.folder(configs[a]) is None}
     starts = {a: next((e for e in algorithms if configs[e] == phase), f"{phase.algorithm}-phase")
               for a, phase in phases.items()}
     extra = {starts[a]: phases[a] for a in phases if starts[a] not in configs}
@@ -285,7 +289,7 @@ def run_comparison(config: Config, algorithms: list[str], out: Path, seeds: list
         for name in order:
             run_config = {**configs, **extra}[name].model_copy(update={"seed": seed})
             if name in phases:
-                run_config = run_config.model_copy(update={warm_starts[name].key: subs[starts[name]]})
+                run_config = warm_starts[name].with_folder(run_config, subs[starts[name]])
             observer = observer_for(name, seed) if observer_for else None
             experiment = run_experiment(run_config, subs[name], observer, overwrite, dataset=dataset,
                                         partition=seed_partition, model_factory=model_factory)

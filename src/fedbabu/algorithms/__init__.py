@@ -1,4 +1,7 @@
-"""Federated algorithms, each a short class saying only how it differs from FedAvg."""
+"""Federated algorithms, each a short class saying only how it differs from FedAvg.
+
+Importing this package registers every algorithm, with its settings model, in :mod:`fedbabu.config`.
+"""
 
 from fedbabu.algorithms.base import Algorithm, ClientUpdate
 from fedbabu.algorithms.ditto import Ditto
@@ -10,10 +13,13 @@ from fedbabu.algorithms.fedrep import FedRep
 from fedbabu.algorithms.lg_fedavg import LGFedAvg
 from fedbabu.algorithms.local import Local
 from fedbabu.algorithms.perfedavg import PerFedAvg
+from fedbabu.config import register_algorithm
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (FedAvg, FedBABU, FedPer, LGFedAvg, FedRep, PerFedAvg, Ditto, FedProx, Local)
 }
+for _algorithm in ALGORITHMS.values():
+    register_algorithm(_algorithm.name, _algorithm.Settings)
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientUpdate", "Ditto", "FedAvg", "FedBABU", "FedPer", "FedProx", "FedRep",
            "LGFedAvg", "Local", "PerFedAvg"]

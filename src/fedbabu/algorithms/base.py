@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from fedbabu.algorithms.warm_start import WarmStart
-from fedbabu.config import Config
-from fedbabu.engine.local import (
+from fedbabu.config import AlgorithmSettings, Config
+from fedbabu.errors import UserError
+from fedbabu.training import (
     ClientData,
     LocalTraining,
     Regularizer,
@@ -35,7 +36,6 @@ from fedbabu.engine.local import (
     sgd_epochs,
     state_of,
 )
-from fedbabu.errors import UserError
 
 PersonalState = dict[str, torch.Tensor]
 
@@ -63,14 +63,15 @@ class Algorithm:
     personal_parts: ClassVar[tuple[str, ...]] = ()
     personalization_unit: ClassVar[str] = "epoch"
     """What one step of the accuracy curve returned by :meth:`personalize` stands for."""
-    config_keys: ClassVar[tuple[str, ...]] = ()
-    """The config keys this algorithm alone reads: a run of another algorithm does not depend on them."""
+    Settings: ClassVar[type[AlgorithmSettings]] = AlgorithmSettings
+    """The algorithm's own settings, its section of the config (``ditto.lambda``); none by default."""
     warm_start: ClassVar[WarmStart | None] = None
     """A finished run whose final model this algorithm starts from (LG-FedAvg: FedAvg's); ``compare`` and
     ``reproduce`` run that phase first when the config names none."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.settings = config.settings_for(self.name)
         self.check_config(config)
 
     def check_config(self, config: Config) -> None:
@@ -83,7 +84,7 @@ class Algorithm:
         before any folder is touched; reports and rebuilt summaries never read it.
         """
         if self.warm_start is not None:
-            self.warm_start.load(model, self.config)
+            self.warm_start.load(model, self.config, self.settings)
 
     def training_clients(self, sampled: list[int], num_clients: int) -> list[int]:
         """The clients that train in a round, given the round's sample: by default exactly the sampled ones.

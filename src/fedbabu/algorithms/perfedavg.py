@@ -3,13 +3,13 @@
 Each outer step takes one batch for the inner step ``w' = w - alpha * g(w)`` and one for the outer
 gradient ``g(w')``. The first-order variant (``fo``) applies ``g(w')`` directly; the Hessian-free
 variant (``hf``) applies ``(I - alpha * H(w)) g(w')``, the Hessian-vector product taken by central
-finite differences of the gradient on a third batch (step ``perfedavg_delta``). As in the FedBABU
+finite differences of the gradient on a third batch (step ``perfedavg.delta``). As in the FedBABU
 authors' ``main_per_fedavg.py``, alpha is the round's lr (it follows the schedule) unless
-``perfedavg_alpha`` fixes it, and outer steps use ``perfedavg_beta`` (default 0.1) with the run's
+``perfedavg.alpha`` fixes it, and outer steps use ``perfedavg.beta`` (default 0.1) with the run's
 momentum and weight decay. A round consumes ``local_epochs`` passes over the client's data, two (fo)
 or three (hf) batches per step.
 
-Personalization is Per-FedAvg's own: ``perfedavg_adapt_steps`` plain gradient steps of size alpha
+Personalization is Per-FedAvg's own: ``perfedavg.adapt_steps`` plain gradient steps of size alpha
 (the final round's lr, as the authors adapt after training), one *training* batch each (the
 authors adapt on test data; we do not), so its accuracy curve is indexed by adaptation steps.
 """
@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState, refuse
-from fedbabu.config import Config
-from fedbabu.engine.local import ClientData, autocast_for, evaluate, load_state, set_trainable
+from fedbabu.config import AlgorithmSettings, Config
+from fedbabu.training import ClientData, autocast_for, evaluate, load_state, set_trainable
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -73,31 +75,45 @@ def hessian_vector_product(model: nn.Module, params: Sequence[nn.Parameter], bat
 
 class PerFedAvg(Algorithm):
     name = "perfedavg"
-    config_keys = ("perfedavg_variant", "perfedavg_alpha", "perfedavg_beta", "perfedavg_delta",
-                   "perfedavg_adapt_steps")
+
+    class Settings(AlgorithmSettings):
+        variant: Literal["fo", "hf"] = "fo"
+        """``fo`` (first order) or ``hf`` (Hessian-free)."""
+        alpha: float | None = Field(None, gt=0)
+        """Inner step size; unset = the round's lr (follows the schedule)."""
+        beta: float | None = Field(0.1, gt=0)
+        """Outer step size (the authors' main_per_fedavg.py: 0.1); unset = the round's lr."""
+        delta: float = Field(0.001, gt=0)
+        """Finite-difference step of the ``hf`` Hessian-vector product."""
+        adapt_steps: int = Field(1, ge=0)
+        """Gradient steps of evaluation-time adaptation."""
+        legacy_keys: ClassVar[dict[str, str]] = {f"perfedavg_{key}": key for key in
+                                                 ("variant", "alpha", "beta", "delta", "adapt_steps")}
+
+    settings: Settings
     personalization_unit = "step"
 
     def check_config(self, config: Config) -> None:
-        if config.precision == "bf16" and config.perfedavg_variant == "hf":
-            raise refuse("perfedavg_variant", "hf cannot run with precision bf16: the finite-difference Hessian "
+        if config.precision == "bf16" and self.settings.variant == "hf":
+            raise refuse("perfedavg.variant", "hf cannot run with precision bf16: the finite-difference Hessian "
                                               "product divides bf16 rounding noise by a tiny step; use fo or fp32")
 
     def adaptation_alpha(self) -> float:
-        """The step size of evaluation-time adaptation: ``perfedavg_alpha``, else the final round's lr."""
-        c = self.config
-        return c.perfedavg_alpha if c.perfedavg_alpha is not None else c.lr_at(max(c.rounds - 1, 0))
+        """The step size of evaluation-time adaptation: ``perfedavg.alpha``, else the final round's lr."""
+        c, own = self.config, self.settings
+        return own.alpha if own.alpha is not None else c.lr_at(max(c.rounds - 1, 0))
 
     def client_update(self, model: nn.Module, data: ClientData, personal: PersonalState, lr: float,
                       generator: torch.Generator) -> ClientUpdate:
-        c = self.config
+        c, own = self.config, self.settings
         if data.num_train == 0:
             return ClientUpdate(float("nan"))
-        hessian_free = c.perfedavg_variant == "hf"
+        hessian_free = own.variant == "hf"
         per_step = 3 if hessian_free else 2
         steps = max(1, c.local_epochs * math.ceil(data.num_train / c.batch_size) // per_step)
-        alpha = lr if c.perfedavg_alpha is None else c.perfedavg_alpha
-        beta = lr if c.perfedavg_beta is None else c.perfedavg_beta
-        delta = c.perfedavg_delta
+        alpha = lr if own.alpha is None else own.alpha
+        beta = lr if own.beta is None else own.beta
+        delta = own.delta
         params = set_trainable(model, self.trained_parts)
         optimizer = torch.optim.SGD(params, lr=beta, momentum=c.momentum, weight_decay=c.weight_decay)
         batches = endless_batches(data, c.batch_size, generator)
@@ -125,11 +141,11 @@ class PerFedAvg(Algorithm):
         load_state(model, personal)
         accuracies = [evaluate(model, data)]
         if data.num_train == 0:
-            return accuracies * (c.perfedavg_adapt_steps + 1)
+            return accuracies * (self.settings.adapt_steps + 1)
         params = set_trainable(model, self.trained_parts)
         batches = endless_batches(data, c.batch_size, generator)
         alpha = self.adaptation_alpha()
-        for _ in range(c.perfedavg_adapt_steps):
+        for _ in range(self.settings.adapt_steps):
             model.train()
             _, grads = gradients(model, params, next(batches), data)
             shift(params, grads, -alpha)
@@ -138,6 +154,6 @@ class PerFedAvg(Algorithm):
         return accuracies
 
     def personalization_note(self) -> str:
-        c = self.config
-        return (f"Per-FedAvg adaptation ({c.perfedavg_variant}), {c.perfedavg_adapt_steps} step(s) of lr "
+        own = self.settings
+        return (f"Per-FedAvg adaptation ({own.variant}), {own.adapt_steps} step(s) of lr "
                 f"{self.adaptation_alpha():g}")

@@ -1,6 +1,6 @@
 """Starting an algorithm from the final global model of another finished run (LG-FedAvg after FedAvg).
 
-The run folder is named by a config key and checked before anything trains: it must be a finished
+The run folder is named by one of the algorithm's own settings and checked before anything trains: it must be a finished
 run of the expected algorithm on the same data, partition, seed and network, otherwise the warm
 start would silently mix two experiments.
 """
@@ -14,24 +14,38 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fedbabu.config import Config, build_config, read_yaml
+from fedbabu.config import AlgorithmSettings, Config, build_config, read_yaml
 from fedbabu.errors import UserError
-from fedbabu.results.files import load_tensors
+from fedbabu.files import load_tensors
 
 
 @dataclass(frozen=True)
 class WarmStart:
-    """``key`` names a finished run of ``algorithm`` whose ``model.pt`` is this run's initial global model."""
+    """The setting ``owner.field`` names a finished run of ``algorithm`` whose ``model.pt`` starts this run."""
 
-    key: str
+    owner: str
+    field: str
     algorithm: str
     same: ClassVar[tuple[str, ...]] = ("dataset", "num_clients", "partition", "shards_per_client", "dirichlet_alpha",
                                        "samples_per_client", "seed")
     """Settings the two runs must share: they define the clients' data and the seeded initial model."""
 
-    def load(self, model: nn.Module, config: Config) -> None:
+    @property
+    def key(self) -> str:
+        """The setting as users write it (``lg_fedavg.warm_start``)."""
+        return f"{self.owner}.{self.field}"
+
+    def folder(self, config: Config) -> Path | None:
+        """The run folder the config names, if any."""
+        return getattr(config.settings_for(self.owner), self.field)
+
+    def with_folder(self, config: Config, folder: Path) -> Config:
+        """The config starting from ``folder``."""
+        return config.with_settings(self.owner, **{self.field: folder})
+
+    def load(self, model: nn.Module, config: Config, settings: AlgorithmSettings) -> None:
         """Load the named run's final model into ``model``, or refuse a run that cannot start this one."""
-        folder = getattr(config, self.key)
+        folder = getattr(settings, self.field)
         if folder is None:
             return
         folder = Path(folder)
@@ -42,8 +56,9 @@ class WarmStart:
                 raise self._refuse(f"{folder} is not a finished run (no {name}); start from a {self.algorithm} "
                                    "run that has completed")
         saved = build_config(read_yaml(folder / "config.yaml"), str(folder / "config.yaml"))
-        if saved.algorithm != self.algorithm or saved.update_part not in (None, "full"):
-            kind = saved.algorithm + (f" (update_part={saved.update_part})" if saved.update_part else "")
+        part = getattr(saved.settings_for(saved.algorithm), "update_part", None)
+        if saved.algorithm != self.algorithm or part not in (None, "full"):
+            kind = saved.algorithm + (f" (update_part={part})" if part else "")
             raise self._refuse(f"{folder} is a {kind} run; expected a {self.algorithm} run")
         for name in self.same:
             if getattr(saved, name) != getattr(config, name):

@@ -38,7 +38,7 @@ import yaml
 
 from fedbabu.config import Config, build_config, dump_config
 from fedbabu.errors import UserError
-from fedbabu.results.files import atomic_write_bytes, atomic_write_text
+from fedbabu.files import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from fedbabu.engine.local import Runtime
+from fedbabu.training import Runtime
 
 log = logging.getLogger("fedbabu")
 

@@ -25,12 +25,12 @@ from fedbabu.data.partition import Partition
 from fedbabu.data.transforms import Normalizer
 from fedbabu.engine import faults, hardware
 from fedbabu.engine.checkpoint import Checkpointer
-from fedbabu.engine.local import ClientData, Runtime, body_features, load_state
 from fedbabu.engine.params import Layout, flatten, flatten_tensors, load_flat, weighted_mean
 from fedbabu.engine.pool import ClientPool
 from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
 from fedbabu.errors import UserError
 from fedbabu.models import BodyHead, build_model, part_of
+from fedbabu.training import ClientData, Runtime, body_features, load_state
 
 Personal = dict[str, np.ndarray]
 

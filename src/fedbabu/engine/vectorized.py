@@ -5,7 +5,7 @@ after another wastes it; stacking their parameters and mapping one training step
 stack (``vmap`` of ``grad``) fills it. On a CPU the same stacking is slower than the plain loop
 (perf-notes), which is why ``executor: auto`` picks this only on CUDA.
 
-It computes exactly what :func:`fedbabu.engine.local.sgd_epochs` computes, client by client: the
+It computes exactly what :func:`fedbabu.training.sgd_epochs` computes, client by client: the
 same batches from each client's own generator, SGD with momentum and weight decay written out as
 ``torch.optim.SGD`` applies them, the same mean batch loss. Only the floating-point evaluation
 order inside the kernels differs, so results agree to rounding (tested in float64), not bit for bit.
@@ -23,9 +23,9 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedbabu.algorithms.base import Algorithm
-from fedbabu.engine.local import ClientData, LocalTraining, autocast_for
 from fedbabu.errors import UserError
 from fedbabu.models import part_of
+from fedbabu.training import ClientData, LocalTraining, autocast_for
 
 Params = dict[str, torch.Tensor]
 

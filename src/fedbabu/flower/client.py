@@ -2,7 +2,7 @@
 
 Every handler rebuilds the same objects as a simulator worker (model from the shared seed via
 :func:`~fedbabu.engine.simulation.client_model`, partition via
-:func:`~fedbabu.runner.partition_for`, :class:`~fedbabu.engine.local.ClientData`, random streams
+:func:`~fedbabu.runner.partition_for`, :class:`~fedbabu.training.ClientData`, random streams
 via :func:`~fedbabu.engine.simulation.client_generator`) and then calls
 :meth:`~fedbabu.algorithms.base.Algorithm.client_update`, ``evaluate_client`` or ``personalize``.
 Personal parts (a FedPer head, a Ditto model) stay on the node in ``context.state``; they never
@@ -30,7 +30,6 @@ from fedbabu.algorithms import ALGORITHMS, Algorithm
 from fedbabu.config import Config
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
-from fedbabu.engine.local import ClientData, load_state, state_of
 from fedbabu.engine.pool import tune_process
 from fedbabu.engine.simulation import (
     TRAIN_STREAM,
@@ -56,6 +55,7 @@ from fedbabu.flower.wire import (
     to_state,
 )
 from fedbabu.models import BodyHead
+from fedbabu.training import ClientData, load_state, state_of
 
 app = ClientApp()
 

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import fedbabu
+from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, dump_config
 from fedbabu.errors import UserError
-from fedbabu.results.files import atomic_write_text, prepare_output_dir
+from fedbabu.files import atomic_write_text, prepare_output_dir
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -236,8 +237,9 @@ def simulate_on_flower(config: Config, out: Path, cpus_per_client: int = 1, over
     folder = prepare_output_dir(out, overwrite).resolve()
     if config.data_dir is not None:
         config = config.model_copy(update={"data_dir": config.data_dir.resolve()})
-    if config.lg_warm_start is not None:
-        config = config.model_copy(update={"lg_warm_start": config.lg_warm_start.resolve()})
+    warm = ALGORITHMS[config.algorithm].warm_start
+    if warm is not None and warm.folder(config) is not None:
+        config = warm.with_folder(config, warm.folder(config).resolve())
     home = Path(tempfile.mkdtemp(prefix="fedbabu-flower-"))
     try:
         app = home / "app"

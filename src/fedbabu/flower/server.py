@@ -56,6 +56,7 @@ from fedbabu.engine.simulation import (
     stream_seed,
 )
 from fedbabu.errors import UserError
+from fedbabu.files import atomic_write_text, prepare_output_dir, write_json
 from fedbabu.flower.wire import (
     ACCEPTED_ROUND,
     ARRAYS,
@@ -69,7 +70,6 @@ from fedbabu.flower.wire import (
     shared_names,
     to_vector,
 )
-from fedbabu.results.files import atomic_write_text, prepare_output_dir, write_json
 from fedbabu.results.report import metrics_lines, write_run
 
 app = ServerApp()

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbabu.results.files import atomic_write_text, write_csv, write_json
+from fedbabu.files import atomic_write_text, write_csv, write_json
 from fedbabu.results.plots import plot_distributions, plot_gains, plot_head_cosines, plot_spectra
 from fedbabu.results.representation import RANK_TOLERANCE
 

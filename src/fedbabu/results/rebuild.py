@@ -18,7 +18,7 @@ import numpy as np
 from fedbabu.config import Config, build_config, read_yaml
 from fedbabu.engine.checkpoint import CONFIG, METRICS
 from fedbabu.errors import UserError
-from fedbabu.results.files import atomic_write_text
+from fedbabu.files import atomic_write_text
 from fedbabu.results.report import run_report, write_plots
 
 

@@ -15,7 +15,7 @@ from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
 from fedbabu.config import Config, dump_config
 from fedbabu.engine.checkpoint import METRICS, TIMING, metrics_line, timing_line
 from fedbabu.engine.simulation import RunResult, seeded_clients
-from fedbabu.results.files import atomic_write_text, save_tensors, write_csv, write_json
+from fedbabu.files import atomic_write_text, save_tensors, write_csv, write_json
 from fedbabu.results.plots import plot_clients, plot_comparison, plot_finetune_curves, plot_rounds
 
 
