@@ -31,7 +31,7 @@ from fedbabu.config import DATASETS, Config, build_config, load_config
 from fedbabu.data.custom import FederatedData, from_arrays, from_torch
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
-from fedbabu.engine.simulation import ModelFactory, Observer, config_model
+from fedbabu.engine.simulation import ModelFactory, Observer, config_model, network
 from fedbabu.errors import UserError
 from fedbabu.files import check_output_dir
 from fedbabu.models import BodyHead
@@ -240,7 +240,7 @@ def _observer(progress: bool | Observer, label: str) -> Observer | None:
 
 def _results(experiment: Experiment, dataset: Dataset, factory: ModelFactory) -> Results:
     result = experiment.result
-    model = factory(result.config, dataset)
+    model = network(result.config, dataset, factory)
     load_state(model, result.final_state)
     return Results(result.config, experiment.summary, result.metrics, result.clients, result.partition, model,
                    result.personal, experiment.folder)

@@ -39,6 +39,9 @@ class AlgorithmSettings(_Strict):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, frozen=True)
     legacy_keys: ClassVar[dict[str, str]] = {}
+    evaluation_keys: ClassVar[tuple[str, ...]] = ()
+    """Settings that change only how clients are evaluated at the end, never the training: like
+    ``finetune.*`` they may differ in ``fedbabu personalize`` and do not make a finished run stale."""
 
 
 _ALGORITHMS: dict[str, type[AlgorithmSettings]] = {}

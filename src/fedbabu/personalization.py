@@ -31,7 +31,7 @@ from fedbabu.engine.simulation import (
     Personal,
     RunResult,
     client_records,
-    config_model,
+    network,
     personalize_federation,
     personalized_clients,
 )
@@ -99,20 +99,31 @@ def load_trained_run(folder: Path) -> TrainedRun:
 
 
 def personalization_config(run: Config, overrides: dict[str, Any], source: str = "--set") -> Config:
-    """The run's config with new fine-tuning settings; any key that shaped the training is refused."""
+    """The run's config with new fine-tuning settings; any key that shaped the training is refused.
+
+    Besides ``finetune.*`` and where things run, the run's algorithm's evaluation settings
+    (``evaluation_keys``, e.g. which of its protocols evaluates it) may differ.
+    """
+    evaluation = ALGORITHMS[run.algorithm].Settings.evaluation_keys
     for key, value in overrides.items():
         if (key == "finetune" and isinstance(value, dict)) or key in FREE_KEYS:
             continue
+        if key == run.algorithm and isinstance(value, dict) and set(value) <= set(evaluation):
+            continue
         shown = key if not isinstance(value, dict) else f"{key}.{next(iter(value), '')}"
-        raise UserError(f"{source} {shown}: only finetune.*, workers and device may differ from the trained run "
-                        "(this key changes what was trained); start a new run for it")
+        own = "".join(f", {run.algorithm}.{k}" for k in evaluation)
+        raise UserError(f"{source} {shown}: only finetune.*{own}, workers and device may differ from the trained "
+                        "run (this key changes what was trained); start a new run for it")
     return build_config(merge_dicts(run.to_plain(), overrides), f"{source} (personalize)")
 
 
 def settings_name(config: Config) -> str:
     """A folder name that says which fine-tuning produced the results in it."""
     ft = config.finetune
-    return (f"{ft.part}-{ft.epochs}ep-lr{ft.lr:g}-mom{ft.momentum:g}-wd{ft.weight_decay:g}-bs{ft.batch_size}")
+    own = config.settings_for(config.algorithm)
+    evaluation = "".join(f"-{key}-{getattr(own, key)}" for key in own.evaluation_keys)
+    return (f"{ft.part}-{ft.epochs}ep-lr{ft.lr:g}-mom{ft.momentum:g}-wd{ft.weight_decay:g}-bs{ft.batch_size}"
+            + evaluation)
 
 
 def default_out(run_folder: Path, config: Config) -> Path:
@@ -157,7 +168,7 @@ def restore_federation(run: TrainedRun, config: Config) -> tuple[Dataset, Partit
     config.resolved_device()
     dataset = prepare_data(config)
     partition = _partition(run, config, dataset)
-    layout = Layout(config_model(config, dataset))
+    layout = Layout(network(config, dataset))
     missing = [name for name in layout.names if name not in run.model_state]
     if missing:
         raise UserError(f"{run.folder / 'model.pt'}: lacks {missing[0]}; it does not belong to this run's network")

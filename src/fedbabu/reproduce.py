@@ -187,7 +187,10 @@ def training_values(config: Config) -> dict[str, Any]:
     """What shaped a run's training: its config less the evaluation-only keys and the settings of
     other algorithms (a default changed for Ditto does not make a FedAvg run stale)."""
     others = set(ALGORITHMS) - {config.algorithm}
-    return {k: v for k, v in config.to_plain().items() if k not in EVALUATION_KEYS and k not in others}
+    values = {k: v for k, v in config.to_plain().items() if k not in EVALUATION_KEYS and k not in others}
+    for key in ALGORITHMS[config.algorithm].Settings.evaluation_keys:
+        values[config.algorithm].pop(key, None)
+    return values
 
 
 def _state(folder: Path, config: Config) -> str:

@@ -17,7 +17,7 @@ from torch import nn
 
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.transforms import Normalizer, random_crop_flip
-from fedbabu.models import part_of
+from fedbabu.models import in_parts
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,10 @@ class ClientData:
     def num_test(self) -> int:
         return len(self.test_idx)
 
+    def class_counts(self) -> torch.Tensor:
+        """How many training images of each of the dataset's classes the client holds."""
+        return torch.bincount(self.dataset.train_y[self.train_idx], minlength=self.dataset.num_classes)
+
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One shuffled epoch of (normalized, augmented) batches; the last batch may be smaller."""
         order = self.train_idx[torch.randperm(self.num_train, generator=generator)]
@@ -101,7 +105,7 @@ def set_trainable(model: nn.Module, parts: Sequence[str]) -> list[nn.Parameter]:
     """Let gradients flow only into the named parts; the rest are not even differentiated."""
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(part_of(name) in parts)
+        param.requires_grad_(in_parts(name, parts))
         if param.requires_grad:
             trainable.append(param)
     return trainable
@@ -115,6 +119,23 @@ def autocast_for(runtime: Runtime) -> contextlib.AbstractContextManager:
 
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits, labels) -> mean loss over the batch; cross-entropy unless an algorithm says otherwise."""
+
+
+def balanced_softmax(counts: torch.Tensor, absent: float) -> Loss:
+    """Cross-entropy of the logits plus the log of the client's class counts (balanced softmax).
+
+    Equals plain cross-entropy when every class has the same count, and does not depend on the
+    counts' scale. ``absent`` is the count a class missing on the client is given: FedRoD's and
+    FedETF's authors differ there (1e-12, i.e. almost never predicted, against 1).
+    """
+    prior = torch.log(torch.where(counts > 0, counts.double(), torch.full_like(counts, absent, dtype=torch.float64)))
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits + prior.to(logits.device, logits.dtype), labels)
+
+    return loss
 
 
 def sgd_epochs(
@@ -126,6 +147,7 @@ def sgd_epochs(
     regularizer: Regularizer | None = None,
     after_epoch: Callable[[], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    loss: Loss | None = None,
 ) -> float:
     """Train the named parts for some epochs with a fresh SGD optimizer; return the mean batch loss.
 
@@ -133,7 +155,8 @@ def sgd_epochs(
     weight decay can move them: a frozen head stays bit-identical. One optimizer serves every epoch,
     so its momentum carries from one epoch to the next; ``after_epoch`` (an evaluation, say) runs at
     the end of each epoch without touching the optimizer, and training resumes in train mode. An
-    algorithm whose phases share one optimizer (FedRep) passes it as ``optimizer``.
+    algorithm whose phases share one optimizer (FedRep) passes it as ``optimizer``, and one whose
+    objective is not plain cross-entropy (balanced softmax) passes it as ``loss``.
     """
     params = set_trainable(model, parts)
     if not params or settings.epochs == 0:
@@ -143,17 +166,17 @@ def sgd_epochs(
         optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                     weight_decay=settings.weight_decay)
     total, batches = 0.0, 0
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss or nn.functional.cross_entropy
     for _ in range(settings.epochs):
         model.train()
         for x, y in data.train_batches(settings.batch_size, generator):
             with autocast_for(data.runtime):
-                loss = loss_fn(model(x), y)
-            objective = loss + regularizer(model) if regularizer is not None else loss
+                value = loss_fn(model(x), y)
+            objective = value + regularizer(model) if regularizer is not None else value
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
-            total += loss.item()
+            total += value.item()
             batches += 1
         if after_epoch is not None:
             after_epoch()
@@ -187,7 +210,7 @@ def body_features(model: nn.Module, data: ClientData, split: str) -> torch.Tenso
 
 def state_of(model: nn.Module, parts: Sequence[str]) -> dict[str, torch.Tensor]:
     """A detached copy of the parameters of the named parts."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if part_of(n) in parts}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if in_parts(n, parts)}
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

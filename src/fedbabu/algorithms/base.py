@@ -3,14 +3,21 @@
 An algorithm says these things and nothing else:
 
 * which parts of the network the server aggregates (``shared_parts``) and which each client keeps
-  for itself across rounds (``personal_parts``);
+  for itself across rounds (``personal_parts``). A part is ``body``, ``head``, or a named module
+  inside them (``head.scale``), see :func:`fedbabu.models.in_parts`;
+* the head its model uses (:meth:`Algorithm.make_head`, by default the model's linear classifier):
+  any module, still the model's one ``head`` child, drawn from the run's seed;
 * what a client does in a round (:meth:`Algorithm.client_update`, by default SGD on
   ``trained_parts``; an algorithm that keeps this default can also have its clients trained
   together by the vectorized executor);
 * how a client personalizes and is evaluated at the end (:meth:`Algorithm.personalize`, by default
   fine-tuning ``finetune.part``);
 * which clients train in a round (:meth:`Algorithm.training_clients`, by default the sampled ones)
-  and where the initial global model comes from (:meth:`Algorithm.initialize`, by default the seed).
+  and where the initial global model comes from (:meth:`Algorithm.initialize`, by default the seed);
+* what the server does after averaging (:meth:`Algorithm.server_update`, by default nothing), from
+  the previous global state and the *sum* over the round's clients of the statistics each client
+  returned (``ClientUpdate.statistics``: per-class feature sums and counts, say). Sums are all an
+  engine has to move, in the simulator and over Flower alike.
 
 The engine owns sampling, scheduling, aggregation, processes and files; an algorithm never
 sees them, which is why the same class runs in the simulator and in the Flower app.
@@ -48,10 +55,12 @@ optimizer and evaluates a client's test set as one batch, as the authors do."""
 
 @dataclass
 class ClientUpdate:
-    """What a client hands back after a round: its mean loss and its personal state (if any)."""
+    """What a client hands back after a round: its mean loss, its personal state (if any), and
+    statistics for :meth:`Algorithm.server_update`, which the engine sums over the round's clients."""
 
     loss: float
     personal: PersonalState = field(default_factory=dict)
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Algorithm:
@@ -85,6 +94,25 @@ class Algorithm:
         """
         if self.warm_start is not None:
             self.warm_start.load(model, self.config, self.settings)
+
+    def make_head(self, head: nn.Linear, generator: torch.Generator) -> nn.Module:
+        """The head of this algorithm's model, given the model's seeded linear classifier.
+
+        ``generator`` is seeded by the run's seed alone, so every party draws the same head. A head
+        of its own names its pieces as modules or parameters (``head.prototypes``) so that parts can
+        select them, and exposes ``in_features``.
+        """
+        return head
+
+    def server_update(self, previous: dict[str, torch.Tensor], aggregated: dict[str, torch.Tensor],
+                      statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The new global values of the shared parameters, after the server has averaged them.
+
+        ``previous`` holds the shared parameters before the round, ``aggregated`` their average over
+        the accepted clients, ``statistics`` the sum of those clients' ``ClientUpdate.statistics``.
+        By default the average is the new state.
+        """
+        return aggregated
 
     def training_clients(self, sampled: list[int], num_clients: int) -> list[int]:
         """The clients that train in a round, given the round's sample: by default exactly the sampled ones.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from fedbabu.models import part_of
+from fedbabu.algorithms.base import Algorithm
+from fedbabu.models import in_parts
 
 
 class Layout:
@@ -21,12 +23,12 @@ class Layout:
 
     def mask(self, parts: Sequence[str]) -> torch.Tensor:
         """Boolean mask over the flat vector selecting the parameters of the named parts."""
-        pieces = [torch.full((size,), part_of(name) in parts)
+        pieces = [torch.full((size,), in_parts(name, parts))
                   for name, size in zip(self.names, self.sizes, strict=True)]
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)
 
     def count(self, parts: Sequence[str]) -> int:
-        return sum(s for n, s in zip(self.names, self.sizes, strict=True) if part_of(n) in parts)
+        return sum(s for n, s in zip(self.names, self.sizes, strict=True) if in_parts(n, parts))
 
     def to_state(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         state, offset = {}, 0
@@ -53,6 +55,36 @@ def load_flat(model: nn.Module, flat: torch.Tensor) -> None:
         size = param.numel()
         param.copy_(flat[offset:offset + size].view(param.shape))
         offset += size
+
+
+def summed(statistics: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Clients' statistics added up key by key, in the given (fixed) order and in float64."""
+    total: dict[str, torch.Tensor] = {}
+    for entry in statistics:
+        for key, value in entry.items():
+            value = torch.as_tensor(value, dtype=torch.float64)
+            total[key] = total[key] + value if key in total else value.clone()
+    return total
+
+
+def apply_server_update(algorithm: Algorithm, layout: Layout, names: Sequence[str], global_vector: torch.Tensor,
+                        mask: torch.Tensor, previous: torch.Tensor,
+                        statistics: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Let the algorithm change the freshly averaged shared parameters (in ``global_vector``, in place).
+
+    ``previous`` is the shared slice before the round. Algorithms that keep the default hook are
+    left untouched, so their global state stays exactly the weighted mean.
+    """
+    if type(algorithm).server_update is Algorithm.server_update:
+        return
+    shapes = dict(zip(layout.names, layout.shapes, strict=True))
+
+    def state(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        sizes = [math.prod(shapes[n]) for n in names]
+        return {n: piece.view(shapes[n]).clone() for n, piece in zip(names, flat.split(sizes), strict=True)}
+
+    updated = algorithm.server_update(state(previous), state(global_vector[mask]), summed(statistics))
+    global_vector[mask] = torch.cat([updated[n].reshape(-1).to(global_vector.dtype) for n in names])
 
 
 def weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

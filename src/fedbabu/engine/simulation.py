@@ -25,16 +25,16 @@ from fedbabu.data.partition import Partition
 from fedbabu.data.transforms import Normalizer
 from fedbabu.engine import faults, hardware
 from fedbabu.engine.checkpoint import Checkpointer
-from fedbabu.engine.params import Layout, flatten, flatten_tensors, load_flat, weighted_mean
+from fedbabu.engine.params import Layout, apply_server_update, flatten, flatten_tensors, load_flat, weighted_mean
 from fedbabu.engine.pool import ClientPool
 from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
 from fedbabu.errors import UserError
-from fedbabu.models import BodyHead, build_model, part_of
+from fedbabu.models import BodyHead, build_model, in_parts, part_of
 from fedbabu.training import ClientData, Runtime, body_features, load_state
 
 Personal = dict[str, np.ndarray]
 
-SAMPLER_STREAM, TRAIN_STREAM, PERSONALIZE_STREAM, DROPOUT_STREAM = 0x5A3, 0x7E1, 0x9E2, 0xD20
+SAMPLER_STREAM, TRAIN_STREAM, PERSONALIZE_STREAM, DROPOUT_STREAM, HEAD_STREAM = 0x5A3, 0x7E1, 0x9E2, 0xD20, 0x4EA
 CLIENT_ORDER_STREAM = 0xC0D
 
 ModelFactory = Callable[[Config, Dataset], BodyHead]
@@ -48,6 +48,21 @@ def config_model(config: Config, dataset: Dataset) -> BodyHead:
     """The default :data:`ModelFactory`: the built-in network named by ``config.model``."""
     return build_model(config.resolved_model(), dataset.channels, dataset.image_size, dataset.num_classes,
                        config.head_init, config.seed)
+
+
+def network(config: Config, dataset: Dataset, factory: ModelFactory = config_model,
+            algorithm: Algorithm | None = None) -> BodyHead:
+    """The run's network at its initial weights: the factory's body, with the head its algorithm uses.
+
+    Every party builds it this way (server template, workers, Flower nodes, ``personalize``), so
+    an algorithm's own head (:meth:`~fedbabu.algorithms.base.Algorithm.make_head`) is drawn from
+    the seed alone and is the same everywhere.
+    """
+    model = factory(config, dataset)
+    algorithm = algorithm or ALGORITHMS[config.algorithm](config)
+    model.head = algorithm.make_head(model.head, torch.Generator().manual_seed(stream_seed(config.seed, 0, 0,
+                                                                                           HEAD_STREAM)))
+    return model
 
 
 def stream_seed(*words: int) -> int:
@@ -110,7 +125,7 @@ def client_model(config: Config, dataset: Dataset, runtime: Runtime,
 
     Shared by the simulator's workers and the Flower ClientApp, so both train bit-identical models.
     """
-    model = factory(config, dataset).to(runtime.device)
+    model = network(config, dataset, factory).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -175,13 +190,14 @@ class TrainTask:
     lr: float
     personal: Personal | None
 
-    def __call__(self) -> tuple[np.ndarray, float, Personal]:
+    def __call__(self) -> tuple[np.ndarray, float, Personal, Personal]:
         fed = _FEDERATION
         model = _worker_model()
         generator = client_generator(fed.config.seed, self.round, self.client, TRAIN_STREAM)
         update = fed.algorithm.client_update(model, fed.client_data(self.client), _to_torch(self.personal),
                                              self.lr, generator)
-        return flatten(model)[fed.shared_mask].numpy(), update.loss, _to_numpy(update.personal)
+        return (flatten(model)[fed.shared_mask].numpy(), update.loss, _to_numpy(update.personal),
+                _to_numpy(update.statistics))
 
 
 @dataclass(frozen=True)
@@ -206,7 +222,7 @@ class PersonalizeTask:
 
 
 def _train_vectorized(clients: list[int], round_index: int, lr: float,
-                      personal: dict[int, Personal]) -> list[tuple[np.ndarray, float, Personal]]:
+                      personal: dict[int, Personal]) -> list[tuple[np.ndarray, float, Personal, Personal]]:
     """The round's clients trained together in this process; the same triples a :class:`TrainTask` returns."""
     fed = _FEDERATION
     model = _worker_model()
@@ -217,10 +233,10 @@ def _train_vectorized(clients: list[int], round_index: int, lr: float,
         model, [fed.client_data(c) for c in clients], starts, fed.algorithm.trained_parts,
         fed.algorithm.local_training(lr),
         [client_generator(fed.config.seed, round_index, c, TRAIN_STREAM) for c in clients])
-    kept = [name for name in fed.layout.names if part_of(name) in fed.algorithm.personal_parts]
+    kept = [name for name in fed.layout.names if in_parts(name, fed.algorithm.personal_parts)]
     return [
         (flatten_tensors(final[n] for n in fed.layout.names)[fed.shared_mask].numpy(), loss,
-         _to_numpy({n: final[n] for n in kept}))
+         _to_numpy({n: final[n] for n in kept}), {})
         for final, loss in zip(finals, losses, strict=True)
     ]
 
@@ -275,7 +291,7 @@ def preflight(config: Config, dataset: Dataset, model_factory: ModelFactory = co
     """
     algorithm = ALGORITHMS[config.algorithm](config)
     runtime = runtime_for(config)
-    template = model_factory(config, dataset)
+    template = network(config, dataset, model_factory, algorithm)
     if initial:
         algorithm.initialize(template)
     vectorized = choose_executor(config.executor, runtime.device, algorithm, template) == "vectorized"
@@ -297,6 +313,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     global_vector = flatten(template).share_memory_()
     federation = Federation(config, dataset, partition, algorithm, runtime, layout, global_vector, model_factory)
     shared_mask = federation.shared_mask
+    shared_names = [n for n in layout.names if in_parts(n, algorithm.shared_parts)]
     _FEDERATION, _MODEL = federation, None
     personal: dict[int, Personal] = {}
     metrics: list[dict[str, Any]] = []
@@ -304,7 +321,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     # a resumed run reports its whole time: the restored records carry their rounds' seconds
     seconds_before = sum(m.get("seconds", 0.0) for m in metrics)
     personal_shapes = {name: shape for name, shape in zip(layout.names, layout.shapes, strict=True)
-                       if part_of(name) in algorithm.personal_parts}
+                       if in_parts(name, algorithm.personal_parts)}
     observer.on_start(config, partition, algorithm)
     hardware.warn_if_bf16_is_emulated(runtime)
     evaluated = seeded_clients(config.seed, partition.num_clients, config.eval_clients)
@@ -330,12 +347,15 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
                 accepted = [(returned[i], results[i]) for i in screening.accepted]
                 weights = [len(partition.train[c]) for c, _ in accepted]
                 if shared_mask.any() and accepted:
-                    vectors = [torch.from_numpy(vector) for _, (vector, _, _) in accepted]
+                    vectors = [torch.from_numpy(vector) for _, (vector, *_) in accepted]
+                    previous = global_vector[shared_mask].clone()
                     global_vector[shared_mask] = weighted_mean(vectors, weights)
-                for client, (_, _, state) in accepted:
+                    apply_server_update(algorithm, layout, shared_names, global_vector, shared_mask, previous,
+                                        [_to_torch(statistics) for _, (*_, statistics) in accepted])
+                for client, (_, _, state, _) in accepted:
                     if state:
                         personal[client] = state
-                losses = [loss for _, (_, loss, _) in accepted]
+                losses = [loss for _, (_, loss, *_) in accepted]
                 record: dict[str, Any] = {
                     "round": round_index + 1,
                     "lr": lr,

@@ -24,7 +24,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedbabu.algorithms.base import Algorithm
 from fedbabu.errors import UserError
-from fedbabu.models import part_of
+from fedbabu.models import in_parts
 from fedbabu.training import ClientData, LocalTraining, autocast_for
 
 Params = dict[str, torch.Tensor]
@@ -68,7 +68,7 @@ def vectorized_sgd(
     if not starts:
         return [], []
     names = [name for name, _ in model.named_parameters()]
-    trained = [name for name in names if part_of(name) in parts]
+    trained = [name for name in names if in_parts(name, parts)]
     frozen = [name for name in names if name not in trained]
     stacked = {name: torch.stack([start[name].detach() for start in starts]) for name in names}
     if not trained or settings.epochs == 0:

@@ -50,6 +50,7 @@ from fedbabu.flower.wire import (
     PENDING,
     PENDING_ROUND,
     PERSONAL,
+    STATISTICS,
     experiment_from,
     to_arrays,
     to_state,
@@ -190,8 +191,11 @@ def train(message: Message, context: Context) -> Message:
     if update.personal:
         context.state[PENDING] = to_arrays(update.personal)
         context.state[PENDING_ROUND] = ConfigRecord({"round-index": round_index})
-    return _reply(message, c, {NUM_EXAMPLES: c.data.num_train, "train-loss": update.loss},
-                  state_of(c.model, c.algorithm.shared_parts))
+    reply = _reply(message, c, {NUM_EXAMPLES: c.data.num_train, "train-loss": update.loss},
+                   state_of(c.model, c.algorithm.shared_parts))
+    if update.statistics:
+        reply.content[STATISTICS] = to_arrays(update.statistics)
+    return reply
 
 
 @app.evaluate()

@@ -44,12 +44,12 @@ from torch import nn
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, load_config
 from fedbabu.engine import faults
-from fedbabu.engine.params import Layout, flatten, weighted_mean
+from fedbabu.engine.params import Layout, apply_server_update, flatten, weighted_mean
 from fedbabu.engine.simulation import (
     DROPOUT_STREAM,
     RunResult,
     client_records,
-    config_model,
+    network,
     personalized_clients,
     sample_clients,
     seeded_clients,
@@ -66,8 +66,10 @@ from fedbabu.flower.wire import (
     PARTITION_ID,
     PERSONALIZE,
     QUERY,
+    STATISTICS,
     experiment_record,
     shared_names,
+    to_state,
     to_vector,
 )
 from fedbabu.results.report import metrics_lines, write_run
@@ -270,7 +272,12 @@ class AlgorithmStrategy(FedAvg):
             "bytes_up": up,
         })
         if self.shared and accepted:
+            previous = self.global_vector[self.shared_mask].clone()
             self.global_vector[self.shared_mask] = weighted_mean([vectors[i] for i in screening.accepted], weights)
+            statistics = [to_state(m.content.array_records[STATISTICS]) if STATISTICS in m.content.array_records
+                          else {} for m in accepted]
+            apply_server_update(self.algorithm, self.layout, self.shared, self.global_vector, self.shared_mask,
+                                previous, statistics)
         for message in accepted:
             self.accepted_round[int(message.content[METRICS][PARTITION_ID])] = server_round - 1
         faults.check_divergence(server_round, screening, bool(torch.isfinite(self.global_vector).all()),
@@ -402,7 +409,7 @@ def _run_in(folder: Path, grid: Grid, config: Config, min_nodes: int, timeout: f
     started = time.perf_counter()
     dataset = prepare_data(config)
     partition = partition_for(config, dataset)
-    template = config_model(config, dataset)
+    template = network(config, dataset)
     strategy = AlgorithmStrategy(config, template, min_nodes, timeout, folder)
     log(INFO, "fedbabu: %s; %s", strategy.algorithm.describe(), partition.summary())
     strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds, timeout=timeout)

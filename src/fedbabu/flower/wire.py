@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedbabu.config import Config, build_config
 from fedbabu.engine.params import Layout
-from fedbabu.models import part_of
+from fedbabu.models import in_parts
 
 CONFIG = "config"
 """Key of the ConfigRecord in every message (the key Flower's strategies use)."""
@@ -28,6 +28,8 @@ NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 PERSONAL = "personal"
+STATISTICS = "statistics"
+"""A train reply's per-client statistics for the algorithm's server step (summed by the server)."""
 """Key of the ArrayRecord in ``context.state`` holding a client's personal parts between rounds."""
 PERSONALIZE = "evaluate.personalize"
 """Message type of the final task: fine-tune and test on every client."""
@@ -51,7 +53,7 @@ def experiment_from(record: ConfigRecord) -> Config:
 
 def shared_names(layout: Layout, parts: Sequence[str]) -> list[str]:
     """Parameter names of the given parts, in the layout's (flat vector) order."""
-    return [name for name in layout.names if part_of(name) in parts]
+    return [name for name in layout.names if in_parts(name, parts)]
 
 
 def to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:

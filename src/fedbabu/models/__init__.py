@@ -6,6 +6,8 @@ algorithm can say "train the body, keep the head" by name alone, whatever the ar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -17,9 +19,13 @@ PARTS = ("body", "head")
 
 
 class BodyHead(nn.Module):
-    """A network as exactly two children: ``body`` ending in a flat feature vector, and a linear ``head``."""
+    """A network as exactly two children: ``body`` ending in a flat feature vector, and a ``head``.
 
-    def __init__(self, body: nn.Module, head: nn.Linear) -> None:
+    The head is the ``nn.Linear`` classifier the model is built with; an algorithm may replace it
+    by a head of its own (:meth:`fedbabu.algorithms.base.Algorithm.make_head`), still one child.
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.body = body
         self.head = head
@@ -73,6 +79,15 @@ def build_model(name: str, channels: int, image_size: int, num_classes: int, hea
 def part_of(name: str) -> str:
     """``body`` or ``head`` for a parameter name of a :class:`BodyHead`."""
     return name.split(".", 1)[0]
+
+
+def in_parts(name: str, parts: Sequence[str]) -> bool:
+    """Whether a parameter belongs to one of ``parts``: ``body``, ``head``, or a module inside them.
+
+    A head that is more than one linear layer names its pieces (``head.scale``, ``head.personal``),
+    so an algorithm can train, share or keep per client a piece of the head by name alone.
+    """
+    return any(name == part or name.startswith(part + ".") for part in parts)
 
 
 def count_parameters(model: nn.Module, part: str | None = None) -> int:
