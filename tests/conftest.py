@@ -56,6 +56,43 @@ def digits():
     return load_digits()
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the engine's worker processes compute: references computed in the test
+    process then match the engine's bit for bit (and busy cores are not oversubscribed)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def same(a: dict, b: dict) -> bool:
+    """Two states hold the same names and bit-identical tensors."""
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+
+
+def run(config, digits):
+    """A simulated run of ``config`` on its seeded partition of the digits."""
+    from fedbabu.engine.simulation import simulate
+    from fedbabu.runner import partition_for
+
+    return simulate(config, digits, partition_for(config, digits))
+
+
+def client_data(config, digits, client: int):
+    """One client's data of the config's partition, as a worker sees it."""
+    from fedbabu.engine.simulation import runtime_for
+    from fedbabu.runner import partition_for
+    from fedbabu.training import ClientData
+
+    partition = partition_for(config, digits)
+    return ClientData(digits, partition.train[client], partition.test[client], runtime_for(config))
+
+
 def small_config(**overrides):
     """A digits federation that trains in about a second."""
     from fedbabu.config import DIGITS_DEFAULT, build_config

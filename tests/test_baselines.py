@@ -14,36 +14,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import client_data, run, same
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.perfedavg import gradients, hessian_vector_product
 from fedbabu.config import DIGITS_DEFAULT, Config, build_config
 from fedbabu.engine.params import Layout
-from fedbabu.engine.simulation import TRAIN_STREAM, client_generator, preflight, runtime_for, simulate
+from fedbabu.engine.simulation import TRAIN_STREAM, client_generator, preflight
 from fedbabu.errors import UserError
 from fedbabu.files import load_tensors
 from fedbabu.models import build_model, count_parameters
 from fedbabu.results.report import comparison_markdown, comparison_rows, write_comparison
-from fedbabu.runner import partition_for, run_comparison, run_experiment
-from fedbabu.training import ClientData, evaluate, load_state, set_trainable, state_of
+from fedbabu.runner import run_comparison, run_experiment
+from fedbabu.training import evaluate, load_state, set_trainable, state_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = ["fedavg", "fedbabu", "fedper", "lg_fedavg", "fedrep", "perfedavg", "ditto", "fedprox", "local"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from fedbabu.data.datasets import load_digits
-
-    return load_digits()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The engine computes with one thread per process; references computed here must too (bit-identity)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**overrides):
@@ -54,23 +41,10 @@ def tiny(**overrides):
     return build_config(values)
 
 
-def run(config, digits):
-    return simulate(config, digits, partition_for(config, digits))
-
-
 def initial_model(config, digits):
     model = build_model(config.resolved_model(), digits.channels, digits.image_size, digits.num_classes,
                         config.head_init, config.seed)
     return model.to(memory_format=torch.channels_last)
-
-
-def client_data(config, digits, client):
-    partition = partition_for(config, digits)
-    return ClientData(digits, partition.train[client], partition.test[client], runtime_for(config))
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
 
 
 def part_state(state: dict, part: str) -> dict:

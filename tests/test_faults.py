@@ -12,6 +12,7 @@ from conftest import small_config
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.fedavg import FedAvg
 from fedbabu.cli import main
+from fedbabu.config import registered_algorithms
 from fedbabu.engine import simulation
 from fedbabu.engine.checkpoint import load_checkpoint
 from fedbabu.engine.faults import TrainingDiverged, dropped_clients, rejection_reason
@@ -86,6 +87,7 @@ class Saboteur(FedAvg):
 @pytest.fixture
 def saboteur(monkeypatch, digits):
     monkeypatch.setitem(ALGORITHMS, "saboteur", Saboteur)
+    monkeypatch.setitem(registered_algorithms(), "saboteur", Saboteur.Settings)
 
     def configure(config, nan=(), huge=(), everyone_nan=False, out_of_memory_at=None):
         partition = partition_for(config, digits)

@@ -29,16 +29,19 @@ from fedbabu.engine.simulation import (
     ClientInspection,
     Observer,
     inspect_federation,
+    network,
     personalized_clients,
     stream_seed,
 )
 from fedbabu.errors import UserError
 from fedbabu.files import check_output_dir, prepare_output_dir
+from fedbabu.models import in_parts
 from fedbabu.personalization import FREE_KEYS, load_trained_run, personalization_config, restore_federation
 from fedbabu.personalization import default_out as default_personalization_out
 from fedbabu.results import representation as rep
 from fedbabu.results.analysis_report import write_analysis, write_analysis_comparison
 from fedbabu.results.report import mean_std
+from fedbabu.training import load_state
 
 ANALYSIS_FOLDER = "analysis"
 DEFAULT_PROBE_SIZE = 1000
@@ -121,6 +124,19 @@ class _Collector:
             self.pair_features[c] = item.personal_probe
 
 
+def _global_head_weight(config: Config, dataset: Any, state: dict[str, Any]) -> np.ndarray:
+    """The class vectors the global model predicts with (classes x features).
+
+    A piece of the head that each client keeps for itself (FedRoD's personal head) is set to zero:
+    the global vector holds only its seeded start, which belongs to no client.
+    """
+    model = network(config, dataset)
+    own = ALGORITHMS[config.algorithm].personal_parts
+    load_state(model, {n: v * 0 if n.startswith("head.") and in_parts(n, own) and "head" not in own else v
+                       for n, v in state.items()})
+    return model.head.weight.detach().float().numpy()
+
+
 def _between_clients(features: dict[int, np.ndarray]) -> tuple[list[int], np.ndarray]:
     clients = sorted(features)
     return clients, rep.cka_matrix([features[c] for c in clients])
@@ -176,8 +192,7 @@ def analyze_run(folder: Path, out: Path, probe_size: int = DEFAULT_PROBE_SIZE,
     global_probe = inspect_federation(config, dataset, partition, global_vector, run.personal, probe, collect,
                                       observer)
     collect.rows.sort(key=lambda row: row["client"])
-    values = layout.to_state(global_vector)
-    global_head = rep.head_geometry(values["head.weight"].float().numpy())
+    global_head = rep.head_geometry(_global_head_weight(config, dataset, layout.to_state(global_vector)))
     spectrum = rep.singular_values(global_probe)
     pair_ids, pair_matrix = _between_clients(collect.pair_features)
     off_diagonal = pair_matrix[~np.eye(len(pair_ids), dtype=bool)]

@@ -118,10 +118,16 @@ def personalization_config(run: Config, overrides: dict[str, Any], source: str =
 
 
 def settings_name(config: Config) -> str:
-    """A folder name that says which fine-tuning produced the results in it."""
+    """A folder name that says which fine-tuning produced the results in it.
+
+    An algorithm's evaluation settings appear only where they differ from its defaults
+    (``...-evaluation-common``), so the usual name stays short and unchanged.
+    """
     ft = config.finetune
     own = config.settings_for(config.algorithm)
-    evaluation = "".join(f"-{key}-{getattr(own, key)}" for key in own.evaluation_keys)
+    defaults = type(own)()
+    evaluation = "".join(f"-{key}-{getattr(own, key)}" for key in own.evaluation_keys
+                         if getattr(own, key) != getattr(defaults, key))
     return (f"{ft.part}-{ft.epochs}ep-lr{ft.lr:g}-mom{ft.momentum:g}-wd{ft.weight_decay:g}-bs{ft.batch_size}"
             + evaluation)
 

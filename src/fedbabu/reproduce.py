@@ -350,7 +350,8 @@ def personalize_preset(
 
     Each run keeps its training; its clients are fine-tuned again with the cell's fine-tuning
     settings (changed by ``settings``, which may hold only fine-tuning, worker, device and data
-    keys), into ``<run>/personalize/<settings>``. A run that has not finished is skipped and named;
+    keys, and the evaluation settings of the algorithms' own sections, each applied to its
+    algorithm's runs), into ``<run>/personalize/<settings>``. A run that has not finished is skipped and named;
     one already personalized with the same settings is not redone.
     """
     from fedbabu.personalization import personalization_config
@@ -372,8 +373,9 @@ def personalize_preset(
                 if not (folder / "summary.json").is_file():
                     log(f"{label}: not finished, skipped ({folder})")
                     continue
-                values = merge_dicts({"finetune": cell.values_for(algorithm).get("finetune", {})}, extra)
                 run = build_config(read_yaml(folder / "config.yaml"), str(folder / "config.yaml"))
+                own = {k: v for k, v in extra.items() if k not in ALGORITHMS or k == run.algorithm}
+                values = merge_dicts({"finetune": cell.values_for(algorithm).get("finetune", {})}, own)
                 config = personalization_config(run, values, f"preset {name} [{cell.name}]")
                 observer = observer_for(f"{algorithm} s{seed}") if observer_for else None
                 outcome.add(results_folder(folder, config, label, log, observer, always=True))
