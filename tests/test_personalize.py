@@ -136,6 +136,32 @@ def test_reproduce_personalize_only_redoes_every_finished_run_and_the_table(tmp_
         personalize_preset("pair", out, settings={"rounds": 5}, log=lambda line: None)
 
 
+def test_personalize_only_switches_each_algorithms_evaluation_on_its_own_runs(tmp_path, monkeypatch):
+    """One trained preset, a second evaluation: each algorithm's section reaches only its own runs."""
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "family.yaml").write_text(
+        "title: family\nalgorithms: [fedavg, feduh]\nseeds: [0]\n"
+        "base: {dataset: digits, model: digitcnn, num_clients: 10, partition: shards, shards_per_client: 2,\n"
+        "       client_fraction: 0.5, rounds: 2, batch_size: 10, eval_every: 0, workers: 1,\n"
+        "       finetune: {epochs: 2}}\n")
+    monkeypatch.setattr("fedbabu.reproduce.PRESET_DIR", presets)
+    out = tmp_path / "out"
+    run_preset("family", out, log=lambda line: None)
+    feduh = out / "default" / "feduh" / "seed-0"
+    own = json.loads((feduh / "summary.json").read_text())
+    personalize_preset("family", out, settings={"feduh": {"evaluation": "common"}}, log=lambda line: None)
+    assert [p.name for p in (out / "default" / "fedavg" / "seed-0" / "personalize").iterdir()] == \
+        ["full-2ep-lr0.001-mom0.9-wd0-bs50"], "FedAvg's runs see no FedUH setting"
+    common = json.loads((feduh / "personalize" / "full-2ep-lr0.001-mom0.9-wd0-bs50-evaluation-common" /
+                         "summary.json").read_text())
+    assert own["personalization"].startswith("feduh's own") and common["personalization"].startswith("common")
+    assert common["initial_accuracy"] == own["initial_accuracy"], "the same trained federation"
+    assert len(common["finetune_curve"]) == 3 and len(own["finetune_curve"]) == 2
+    with pytest.raises(UserError, match=r"feduh\.scale: only finetune\.\*, feduh\.evaluation"):
+        personalize_preset("family", out, settings={"feduh": {"scale": 2.0}}, log=lambda line: None)
+
+
 def test_a_run_made_under_older_defaults_and_protocol_is_personalized_not_retrained(tmp_path, monkeypatch):
     """A finished run whose config differs only in evaluation keys or other algorithms' defaults, and whose
     summary predates the current personalization protocol, is reused: its clients are personalized again,

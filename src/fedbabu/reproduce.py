@@ -304,7 +304,8 @@ def run_preset(
 
 def results_folder(run: Path, config: Config, label: str, log: Callable[[str], None], observer: Any = None,
                    always: bool = False) -> Path:
-    """Where a finished run's results under the current protocol and the cell's fine-tuning are.
+    """Where a finished run's results under the current protocol and the cell's fine-tuning (and its
+    algorithm's evaluation settings) are.
 
     That is the run itself when it was personalized so; otherwise (a run made under an older
     personalization protocol, or other fine-tuning settings) its personalization folder for these
@@ -315,10 +316,15 @@ def results_folder(run: Path, config: Config, label: str, log: Callable[[str], N
 
     saved = build_config(read_yaml(run / "config.yaml"), str(run / "config.yaml"))
     protocol = json.loads((run / "summary.json").read_text()).get("personalization_protocol")
-    if not always and protocol == PERSONALIZATION_PROTOCOL and saved.finetune == config.finetune:
+    keys = ALGORITHMS[saved.algorithm].Settings.evaluation_keys
+    evaluation = {key: getattr(config.settings_for(saved.algorithm), key) for key in keys}
+    same = saved.finetune == config.finetune and all(getattr(saved.settings_for(saved.algorithm), key) == value
+                                                     for key, value in evaluation.items())
+    if not always and protocol == PERSONALIZATION_PROTOCOL and same:
         return run
     overrides = {"finetune": config.finetune.model_dump(),
-                 **{key: value for key, value in config.to_plain().items() if key in ("workers", "device", "data_dir")}}
+                 **{key: value for key, value in config.to_plain().items() if key in ("workers", "device", "data_dir")},
+                 **({saved.algorithm: evaluation} if evaluation else {})}
     wanted = personalization_config(saved, overrides, f"--set (for {run})")
     target = default_out(run, wanted)
     made = saved_config(target)
