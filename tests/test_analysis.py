@@ -231,3 +231,19 @@ def test_bad_folders_get_one_line_and_exit_2(runs, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert (fingerprint(run) if run.exists() else {}) == before
+
+
+@pytest.mark.parametrize("algorithm", ["fedrod", "feduh"])
+def test_heads_of_their_own_are_analyzed_through_their_class_vectors(algorithm, tmp_path):
+    """FedRoD's global head is its trained generic head (the personal heads stay with the clients);
+    FedUH's is its fixed prototypes. The run's own evaluation is re-derived and checked as for any run."""
+    from fedbabu.files import load_tensors
+
+    folder = tmp_path / algorithm
+    run_experiment(small_config(algorithm=algorithm, rounds=2), folder)
+    analysis = fedbabu.analyze(folder, out=tmp_path / "analysis", workers=1, probe_size=100, progress=False).runs[0]
+    assert analysis["reproduces_run"] == {"checked": True, "identical_clients": 10, "clients": 10}
+    state = load_tensors(folder / "model.pt")
+    weight = state["head.generic.weight" if algorithm == "fedrod" else "head.prototypes"].numpy()
+    np.testing.assert_allclose(analysis["head"]["global"]["cosine"], rep.cosine_matrix(weight), atol=1e-12)
+    assert len(analysis["per_client"]) == 10
