@@ -26,6 +26,7 @@ from fedbabu.engine.checkpoint import (
     encode,
     load_checkpoint,
     restore_rng,
+    write_checkpoint,
 )
 from fedbabu.engine.simulation import Observer
 from fedbabu.errors import UserError
@@ -179,7 +180,7 @@ def test_checkpoint_round_trip_keeps_every_bit(tmp_path):
     first = (torch.rand(3), np.random.rand(3), random.random())
     original = _checkpoint(rng=state)
     path = tmp_path / "checkpoint.pt"
-    path.write_bytes(encode(original))
+    write_checkpoint(tmp_path, original)  # the personal states go to their own files beside it
     loaded = load_checkpoint(path)
     assert loaded.config == original.config and loaded.rounds_done == 2
     assert torch.equal(loaded.global_vector, original.global_vector)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from fedbabu.results.rebuild import read_metrics
 from fedbabu.results.report import write_personalization
 from fedbabu.runner import Experiment, partition_for, prepare_data
 
-FREE_KEYS = ("workers", "device", "data_dir", "download")
+FREE_KEYS = ("workers", "device", "data_dir", "download", "personal_memory")
 """Besides ``finetune.*``: where the data are and what computes; none can change what was trained."""
 
 PERSONALIZE_FOLDER = "personalize"
@@ -54,7 +55,8 @@ class TrainedRun:
     folder: Path
     config: Config
     model_state: dict[str, torch.Tensor]
-    personal: dict[int, Personal]
+    personal: Mapping[int, Personal]
+    """The final checkpoint's states: read from ``personal/`` when asked for, or embedded (earlier builds)."""
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
 
@@ -63,7 +65,9 @@ def load_trained_run(folder: Path) -> TrainedRun:
     """Read a finished run folder, or say in one line why it cannot be personalized again.
 
     The final global model comes from ``model.pt`` and the clients' personal state from the final
-    checkpoint; a run whose algorithm keeps no personal state needs no checkpoint, and the partition
+    checkpoint: the files of ``personal/`` it references (verified, then read one client at a time),
+    or, in a folder of an earlier build, the checkpoint itself (format version 1, which embeds the
+    states). A run whose algorithm keeps no personal state needs no checkpoint, and the partition
     (``partition.json``) can be drawn again from the config. So a folder reduced to config, summary
     and model (as the repository keeps the results page's runs) is enough.
     """
@@ -81,7 +85,7 @@ def load_trained_run(folder: Path) -> TrainedRun:
         summary = json.loads((folder / "summary.json").read_text())
     except json.JSONDecodeError:
         raise UserError(f"{folder / 'summary.json'}: not valid JSON") from None
-    personal: dict[int, Personal] = {}
+    personal: Mapping[int, Personal] = {}
     if ALGORITHMS[config.algorithm].personal_parts:
         if "flower" in summary:
             raise UserError(f"{folder}: a Flower run of {config.algorithm}, whose per-client parts stay on the "

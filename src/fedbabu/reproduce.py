@@ -179,7 +179,7 @@ def _selected(cell: Cell, selection: dict[str, list[Any]]) -> bool:
     return all(cell.point[key] in values for key, values in selection.items())
 
 
-EVALUATION_KEYS = ("finetune", "eval_batch_size", "workers", "device", "data_dir", "download")
+EVALUATION_KEYS = ("finetune", "eval_batch_size", "workers", "device", "data_dir", "download", "personal_memory")
 """Keys that cannot change what a run trained: a finished run is reused when only these differ."""
 
 

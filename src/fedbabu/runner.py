@@ -146,7 +146,7 @@ RUN_FILES = (CHECKPOINT, METRICS, TIMING, "events.log", "summary.json", "clients
              "report.md", "rounds.png", "clients.png", "finetune.png")
 """Files a run writes: removed when a run starts over in a folder (``--overwrite``), so none outlives its run."""
 
-RESUME_FREE_KEYS = ("workers", "data_dir", "download")
+RESUME_FREE_KEYS = ("workers", "data_dir", "download", "personal_memory")
 """Settings that may change on resume: they cannot change any result (results never depend on workers)."""
 
 

@@ -14,6 +14,15 @@ truncated or tampered file is refused with a one-line error naming it. It is wri
 temporary file, fsynced and renamed over the previous checkpoint, which therefore stays intact
 until the new one is complete.
 
+The clients' personal states are not inside it (format version 2): they are the files of the
+run's :class:`~fedbabu.engine.personal.PersonalStore` in ``personal/``, which the checkpoint
+references (client -> file name, SHA-256, size). Files are never changed once written and a changed
+state gets a new one, so a checkpoint writes only the states changed since the previous one (a
+round touches ten clients, not the federation), and :func:`write_checkpoint` writes in the order
+that keeps a complete checkpoint on disk whatever moment a kill comes: the new state files, then
+``checkpoint.pt`` (renamed over the old one), then the removal of files no checkpoint references.
+Version-1 files of earlier builds, which embed the states, are still read.
+
 Per-round timings are kept out of ``metrics.jsonl`` (they go to ``timing.jsonl``): wall-clock
 seconds can never be reproduced, and keeping them apart lets a resumed run's ``metrics.jsonl``
 be byte-for-byte the one of an uninterrupted run.
@@ -25,9 +34,9 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,17 @@ import torch
 import yaml
 
 from fedbabu.config import Config, build_config, dump_config
+from fedbabu.engine.personal import (
+    PERSONAL_FOLDER,
+    Personal,
+    PersonalStateError,
+    PersonalStore,
+    StateFile,
+    describe_state,
+    encode_state,
+    fsync_folder,
+    verify_state_file,
+)
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_bytes, atomic_write_text
 
@@ -46,9 +66,9 @@ TIMING = "timing.jsonl"
 CONFIG = "config.yaml"
 TIMING_KEYS = ("seconds",)
 FORMAT = "fedbabu-checkpoint"
-VERSION = 1
-
-Personal = dict[str, np.ndarray]
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 1 (earlier builds) embeds every client's personal state; version 2 references their files."""
 
 
 class CheckpointError(UserError):
@@ -77,7 +97,8 @@ class Checkpoint:
     config: Config
     rounds_done: int
     global_vector: torch.Tensor
-    personal: dict[int, Personal]
+    personal: Mapping[int, Personal]
+    """Loaded from version 2, a :class:`PersonalStore` over the referenced files; from version 1, a dict."""
     metrics: list[dict[str, Any]]
     rng: dict[str, Any]
 
@@ -103,16 +124,23 @@ def restore_rng(rng: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-def encode(checkpoint: Checkpoint) -> bytes:
-    """Serialize a checkpoint: an inner ``torch.save`` payload wrapped with its SHA-256."""
+def encode(checkpoint: Checkpoint, personal_files: Mapping[int, StateFile] | None = None) -> bytes:
+    """Serialize a checkpoint: an inner ``torch.save`` payload wrapped with its SHA-256.
+
+    The personal states are referenced by their files (``personal_files``; by default those their
+    content names), which must exist beside it for the checkpoint to load: :func:`write_checkpoint`
+    writes both.
+    """
+    if personal_files is None:
+        personal_files = {c: describe_state(c, encode_state(state)) for c, state in checkpoint.personal.items()}
     payload = {
         "config": dump_config(checkpoint.config),
         "rounds_done": checkpoint.rounds_done,
         "sampler": {"seed": checkpoint.config.seed, "next_round": checkpoint.rounds_done},
         "lr_next_round": checkpoint.config.lr_at(checkpoint.rounds_done),
         "global_vector": checkpoint.global_vector.detach().cpu().clone(),
-        "personal": {int(c): {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
-                     for c, state in checkpoint.personal.items()},
+        "personal_files": {int(c): {"name": f.name, "sha256": f.sha256, "size": f.size}
+                           for c, f in sorted(personal_files.items())},
         "metrics": "".join(json.dumps(m) + "\n" for m in checkpoint.metrics),
         "rng": checkpoint.rng,
     }
@@ -145,8 +173,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
     outer = _load_weights_only(path, path)
     if not isinstance(outer, dict) or outer.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fedbabu checkpoint (expected a file written by fedbabu run)")
-    if outer.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {outer.get('version')!r}, expected {VERSION}")
+    version = outer.get("version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint format version {version!r}, expected {VERSION} (or 1, from "
+                              "earlier builds)")
     blob = outer.get("payload")
     if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8:
         raise CheckpointError(f"{path}: damaged checkpoint (no payload)")
@@ -157,7 +187,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
     payload = _load_weights_only(io.BytesIO(data), path)
     try:
         config = build_config(yaml.safe_load(payload["config"]), f"{path} (saved config)")
-        personal = {int(c): {k: v.numpy() for k, v in state.items()} for c, state in payload["personal"].items()}
+        if version == 1:
+            personal: Mapping[int, Personal] = {int(c): {k: v.numpy() for k, v in state.items()}
+                                                for c, state in payload["personal"].items()}
+        else:
+            files = {int(c): StateFile(str(f["name"]), str(f["sha256"]), int(f["size"]))
+                     for c, f in payload["personal_files"].items()}
+            personal = PersonalStore.open(path.parent / PERSONAL_FOLDER, files, config.resolved_personal_memory())
         metrics = [json.loads(line) for line in payload["metrics"].splitlines()]
         checkpoint = Checkpoint(config, int(payload["rounds_done"]), payload["global_vector"], personal, metrics,
                                 payload["rng"])
@@ -166,21 +202,35 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not 0 <= checkpoint.rounds_done <= config.rounds or len(metrics) != checkpoint.rounds_done:
         raise CheckpointError(f"{path}: inconsistent checkpoint ({checkpoint.rounds_done} rounds done, "
                               f"{len(metrics)} metric records, {config.rounds} rounds configured)")
+    if version != 1:
+        for client, file in files.items():
+            try:
+                verify_state_file(path.parent / PERSONAL_FOLDER, client, file)
+            except PersonalStateError as err:
+                raise CheckpointError(f"{err}; {path} references it") from None
     return checkpoint
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (a crash right after it must not resurrect the old file)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def write_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
+    """Write a checkpoint into a run folder so that a kill at any moment leaves a complete one.
+
+    First the state files the folder lacks (new names; none the current checkpoint references is
+    touched), then ``checkpoint.pt``, renamed over the old one, then the removal of the files no
+    checkpoint references any more. Until the rename the old checkpoint is complete; after it, the
+    new one. ``checkpoint.personal`` is the run's store of this folder, or any mapping of states
+    (all written, then).
+    """
+    folder = Path(folder)
+    store = checkpoint.personal
+    own = isinstance(store, PersonalStore) and store.folder is not None and \
+        store.folder.resolve() == (folder / PERSONAL_FOLDER).resolve()
+    if not own:
+        store = PersonalStore(checkpoint.config.resolved_personal_memory(), folder / PERSONAL_FOLDER)
+        store.update(checkpoint.personal)
+    files = store.files_for_checkpoint()
+    atomic_write_bytes(folder / CHECKPOINT, encode(checkpoint, files))
+    fsync_folder(folder)
+    store.checkpointed(files)
 
 
 class Checkpointer:
@@ -188,7 +238,9 @@ class Checkpointer:
 
     It appends each round's record to ``metrics.jsonl``/``timing.jsonl`` as soon as the round ends,
     and writes ``checkpoint.pt`` before the first round, every ``checkpoint_every`` rounds and after
-    the last one. With ``resume``, the loop continues from that checkpoint instead of round 0.
+    the last one. With ``resume``, the loop continues from that checkpoint instead of round 0. The
+    loop keeps its clients' states in a :class:`PersonalStore` of :attr:`personal_folder`, whose
+    files the checkpoints reference.
     """
 
     def __init__(self, folder: Path, config: Config, resume: Checkpoint | None = None) -> None:
@@ -196,14 +248,20 @@ class Checkpointer:
         self.config = config
         self.resume = resume
         self.path = self.folder / CHECKPOINT
+        self.personal_folder = self.folder / PERSONAL_FOLDER
         self.saved_round: int | None = resume.rounds_done if resume is not None else None
 
-    def restore_into(self, global_vector: torch.Tensor, personal: dict[int, Personal],
+    def restore_into(self, global_vector: torch.Tensor, personal: PersonalStore,
                      metrics: list[dict[str, Any]]) -> int:
-        """Fill the loop's state from the checkpoint (or save the initial one); return the rounds done."""
+        """Fill the loop's state from the checkpoint (or save the initial one); return the rounds done.
+
+        ``personal`` is the loop's empty store of :attr:`personal_folder`. A new run first removes
+        state files an earlier run in the folder left (``--overwrite``), so none can pass for its own.
+        """
         if self.resume is None:
             atomic_write_text(self.folder / CONFIG, dump_config(self.config))
             self._rewrite_logs([])
+            personal.remove_unreferenced()
             self.save(0, global_vector, personal, metrics)
             return 0
         saved = self.resume
@@ -211,14 +269,13 @@ class Checkpointer:
             raise CheckpointError(f"{self.path}: holds {tuple(saved.global_vector.shape)} parameters, the model of "
                                   f"this config has {tuple(global_vector.shape)}")
         global_vector.copy_(saved.global_vector)
-        personal.clear()
-        personal.update(saved.personal)
+        personal.restore(saved.personal)
         metrics[:] = saved.metrics
         restore_rng(saved.rng)
         self._rewrite_logs(saved.metrics)
         return saved.rounds_done
 
-    def after_round(self, rounds_done: int, global_vector: torch.Tensor, personal: dict[int, Personal],
+    def after_round(self, rounds_done: int, global_vector: torch.Tensor, personal: PersonalStore,
                     metrics: list[dict[str, Any]]) -> None:
         """Log the round just finished; checkpoint if one is due."""
         record = metrics[-1]
@@ -230,11 +287,10 @@ class Checkpointer:
         if rounds_done == self.config.rounds or (every and rounds_done % every == 0):
             self.save(rounds_done, global_vector, personal, metrics)
 
-    def save(self, rounds_done: int, global_vector: torch.Tensor, personal: dict[int, Personal],
+    def save(self, rounds_done: int, global_vector: torch.Tensor, personal: PersonalStore,
              metrics: list[dict[str, Any]]) -> None:
-        data = encode(Checkpoint(self.config, rounds_done, global_vector, personal, metrics, capture_rng()))
-        atomic_write_bytes(self.path, data)
-        _fsync_dir(self.folder)
+        write_checkpoint(self.folder, Checkpoint(self.config, rounds_done, global_vector, personal, metrics,
+                                                 capture_rng()))
         self.saved_round = rounds_done
 
     def _rewrite_logs(self, metrics: list[dict[str, Any]]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,13 +26,12 @@ from fedbabu.data.transforms import Normalizer
 from fedbabu.engine import faults, hardware
 from fedbabu.engine.checkpoint import Checkpointer
 from fedbabu.engine.params import Layout, apply_server_update, flatten, flatten_tensors, load_flat, weighted_mean
+from fedbabu.engine.personal import Personal, PersonalStore
 from fedbabu.engine.pool import ClientPool
 from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
 from fedbabu.errors import UserError
 from fedbabu.models import BodyHead, build_model, in_parts, part_of
 from fedbabu.training import ClientData, Runtime, body_features, load_state
-
-Personal = dict[str, np.ndarray]
 
 SAMPLER_STREAM, TRAIN_STREAM, PERSONALIZE_STREAM, DROPOUT_STREAM, HEAD_STREAM = 0x5A3, 0x7E1, 0x9E2, 0xD20, 0x4EA
 CLIENT_ORDER_STREAM = 0xC0D
@@ -222,7 +221,7 @@ class PersonalizeTask:
 
 
 def _train_vectorized(clients: list[int], round_index: int, lr: float,
-                      personal: dict[int, Personal]) -> list[tuple[np.ndarray, float, Personal, Personal]]:
+                      personal: Mapping[int, Personal]) -> list[tuple[np.ndarray, float, Personal, Personal]]:
     """The round's clients trained together in this process; the same triples a :class:`TrainTask` returns."""
     fed = _FEDERATION
     model = _worker_model()
@@ -254,7 +253,8 @@ class RunResult:
     metrics: list[dict[str, Any]]
     clients: list[dict[str, Any]]
     final_state: dict[str, torch.Tensor]
-    personal: dict[int, Personal]
+    personal: Mapping[int, Personal]
+    """client -> personal state: the run's :class:`PersonalStore` (its spilled states in files of the run)."""
     wall_time_s: float
     bytes_per_round_per_client: int
 
@@ -303,7 +303,9 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     """Run one federated experiment on an already-loaded dataset and partition (and a user's network).
 
     With ``checkpoints`` the run folder is kept resumable, and a run restored from a checkpoint
-    continues where it stopped.
+    continues where it stopped. The clients' personal states live in a :class:`PersonalStore` holding
+    at most ``personal_memory`` bytes in memory, the rest in the run folder's ``personal/`` (a
+    temporary folder without checkpoints); the result keeps it.
     """
     global _FEDERATION, _MODEL
     observer = observer or Observer()
@@ -315,7 +317,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     shared_mask = federation.shared_mask
     shared_names = [n for n in layout.names if in_parts(n, algorithm.shared_parts)]
     _FEDERATION, _MODEL = federation, None
-    personal: dict[int, Personal] = {}
+    personal = PersonalStore(config.resolved_personal_memory(), checkpoints.personal_folder if checkpoints else None)
     metrics: list[dict[str, Any]] = []
     start_round = checkpoints.restore_into(global_vector, personal, metrics) if checkpoints else 0
     # a resumed run reports its whole time: the restored records carry their rounds' seconds
@@ -370,7 +372,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
                     faults.report_empty_round(round_index + 1)
                 last = round_index + 1 == config.rounds
                 if config.eval_every and ((round_index + 1) % config.eval_every == 0 or last):
-                    accuracies = pool.map([EvalTask(c, personal.get(c)) for c in evaluated])
+                    accuracies = list(_map_in_chunks(pool, evaluated, lambda c: EvalTask(c, personal.get(c))))
                     record["test_accuracy"] = float(np.nanmean(accuracies))
                 record["seconds"] = round(time.perf_counter() - tick, 4)
                 metrics.append(record)
@@ -443,7 +445,7 @@ def _trained_federation(config: Config, dataset: Dataset, partition: Partition, 
 
 
 def personalize_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
-                           personal: dict[int, Personal], observer: Observer | None = None,
+                           personal: Mapping[int, Personal], observer: Observer | None = None,
                            model_factory: ModelFactory = config_model) -> list[list[float]]:
     """Personalize the clients of a trained federation again: what a run does after its last round.
 
@@ -525,7 +527,7 @@ class InspectTask:
 
 
 def inspect_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
-                       personal: dict[int, Personal], probe: np.ndarray,
+                       personal: Mapping[int, Personal], probe: np.ndarray,
                        consume: Callable[[ClientInspection, np.ndarray], None], observer: Observer | None = None,
                        model_factory: ModelFactory = config_model) -> np.ndarray:
     """Inspect the run's personalized clients on the worker pool; return the global probe features.
@@ -540,20 +542,27 @@ def inspect_federation(config: Config, dataset: Dataset, partition: Partition, g
     with _trained_federation(config, dataset, partition, global_vector, model_factory) as pool:
         global_probe = pool.map([ProbeTask(probe)])[0]
         observer.on_personalize_start(len(clients))
-        for inspection in _map_in_chunks(pool, [InspectTask(c, personal.get(c), probe) for c in clients], observer):
+        for inspection in _map_in_chunks(pool, clients, lambda c: InspectTask(c, personal.get(c), probe), observer):
             consume(inspection, global_probe)
     return global_probe
 
 
-def _map_in_chunks(pool: ClientPool, tasks: list[Callable[[], Any]], observer: Observer) -> Iterator[Any]:
-    """The tasks' results in order, computed a few per worker at a time so progress can be shown between chunks."""
+def _map_in_chunks(pool: ClientPool, clients: Sequence[int], task_for: Callable[[int], Callable[[], Any]],
+                   observer: Observer | None = None) -> Iterator[Any]:
+    """The clients' task results in order, computed a few per worker at a time.
+
+    A chunk's tasks are made only when it starts, so only that chunk's personal states are read
+    out of the store at once (a federation's may not fit in memory), and progress can be shown
+    between chunks.
+    """
     chunk = max(1, pool.workers * 4)
-    for start in range(0, len(tasks), chunk):
-        yield from pool.map(tasks[start:start + chunk])
-        observer.on_personalized(min(start + chunk, len(tasks)), len(tasks))
+    for start in range(0, len(clients), chunk):
+        yield from pool.map([task_for(c) for c in clients[start:start + chunk]])
+        if observer is not None:
+            observer.on_personalized(min(start + chunk, len(clients)), len(clients))
 
 
-def _personalize_all(pool: ClientPool, personal: dict[int, Personal], clients: list[int],
+def _personalize_all(pool: ClientPool, personal: Mapping[int, Personal], clients: list[int],
                      observer: Observer) -> list[list[float]]:
     """Personalize the given clients on the pool; curves in their order."""
-    return list(_map_in_chunks(pool, [PersonalizeTask(c, personal.get(c)) for c in clients], observer))
+    return list(_map_in_chunks(pool, clients, lambda c: PersonalizeTask(c, personal.get(c)), observer))
