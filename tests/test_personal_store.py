@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
-import io
 import json
 import shutil
 import signal
@@ -22,7 +20,7 @@ from conftest import StopAtRound, run, small_config
 import fedbabu.engine.personal as personal_module
 from fedbabu.cli import main
 from fedbabu.config import build_config, dump_config
-from fedbabu.engine.checkpoint import CheckpointError, load_checkpoint
+from fedbabu.engine.checkpoint import CheckpointError, load_checkpoint, seal
 from fedbabu.engine.personal import PERSONAL_FOLDER, PersonalStateError, PersonalStore, encode_state
 from fedbabu.engine.simulation import Observer
 from fedbabu.errors import UserError
@@ -284,13 +282,7 @@ def _version_1(folder: Path) -> None:
         "metrics": "".join(json.dumps(m) + "\n" for m in saved.metrics),
         "rng": saved.rng,
     }
-    inner = io.BytesIO()
-    torch.save(payload, inner)
-    data = inner.getvalue()
-    outer = io.BytesIO()
-    torch.save({"format": "fedbabu-checkpoint", "version": 1, "sha256": hashlib.sha256(data).hexdigest(),
-                "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}, outer)
-    (folder / "checkpoint.pt").write_bytes(outer.getvalue())
+    (folder / "checkpoint.pt").write_bytes(seal(payload, version=1))
     shutil.rmtree(folder / PERSONAL_FOLDER)
 
 

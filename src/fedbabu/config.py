@@ -381,7 +381,7 @@ def nested(values: dict[str, Any]) -> dict[str, Any]:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ``["lr=0.1", "finetune.epochs=3"]`` into a nested dict."""
-    result: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise UserError(f"--set {pair!r}: expected key=value, e.g. --set rounds=10")
@@ -389,8 +389,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise UserError(f"--set {pair!r}: the key before '=' is empty")
-        _set_dotted(result, key, parse_value(raw))
-    return result
+        flat.pop(key, None)
+        flat[key] = parse_value(raw)
+    return nested(flat)
 
 
 def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -54,11 +54,10 @@ from fedbabu.engine.personal import (
     StateFile,
     describe_state,
     encode_state,
-    fsync_folder,
     verify_state_file,
 )
 from fedbabu.errors import UserError
-from fedbabu.files import atomic_write_bytes, atomic_write_text
+from fedbabu.files import atomic_write_bytes, atomic_write_text, fsync_folder
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -144,11 +143,16 @@ def encode(checkpoint: Checkpoint, personal_files: Mapping[int, StateFile] | Non
         "metrics": "".join(json.dumps(m) + "\n" for m in checkpoint.metrics),
         "rng": checkpoint.rng,
     }
+    return seal(payload, VERSION)
+
+
+def seal(payload: dict[str, Any], version: int) -> bytes:
+    """A payload as a checkpoint file: its ``torch.save`` bytes wrapped with their SHA-256 and the format version."""
     inner = io.BytesIO()
     torch.save(payload, inner)
     data = inner.getvalue()
     outer = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(data).hexdigest(),
+    torch.save({"format": FORMAT, "version": version, "sha256": hashlib.sha256(data).hexdigest(),
                 "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}, outer)
     return outer.getvalue()
 

@@ -27,6 +27,10 @@ class Layout:
                   for name, size in zip(self.names, self.sizes, strict=True)]
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)
 
+    def names_of(self, parts: Sequence[str]) -> list[str]:
+        """Parameter names of the given parts, in the layout's (flat vector) order."""
+        return [name for name in self.names if in_parts(name, parts)]
+
     def count(self, parts: Sequence[str]) -> int:
         return sum(s for n, s in zip(self.names, self.sizes, strict=True) if in_parts(n, parts))
 
@@ -67,8 +71,7 @@ def summed(statistics: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     return total
 
 
-def apply_server_update(algorithm: Algorithm, layout: Layout, names: Sequence[str], global_vector: torch.Tensor,
-                        mask: torch.Tensor, previous: torch.Tensor,
+def apply_server_update(algorithm: Algorithm, layout: Layout, global_vector: torch.Tensor, previous: torch.Tensor,
                         statistics: Sequence[dict[str, torch.Tensor]]) -> None:
     """Let the algorithm change the freshly averaged shared parameters (in ``global_vector``, in place).
 
@@ -77,6 +80,7 @@ def apply_server_update(algorithm: Algorithm, layout: Layout, names: Sequence[st
     """
     if type(algorithm).server_update is Algorithm.server_update:
         return
+    names, mask = layout.names_of(algorithm.shared_parts), layout.mask(algorithm.shared_parts)
     shapes = dict(zip(layout.names, layout.shapes, strict=True))
 
     def state(flat: torch.Tensor) -> dict[str, torch.Tensor]:

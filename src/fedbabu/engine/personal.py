@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from fedbabu.errors import UserError
-from fedbabu.files import atomic_write_bytes
+from fedbabu.files import atomic_write_bytes, fsync_folder
 
 Personal = dict[str, np.ndarray]
 
@@ -139,20 +139,6 @@ def verify_state_file(folder: Path, client: int, file: StateFile) -> None:
         raise PersonalStateError(f"{path}: cannot read client {client}'s personal state ({exc.strerror})") from None
     if digest.hexdigest() != file.sha256:
         raise PersonalStateError(f"{path}: client {client}'s personal state file is damaged (checksum mismatch)")
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make renames in a folder durable (a crash right after them must not resurrect the old files)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _remove_temporary_folder(folder: str, owner: int) -> None:

@@ -315,7 +315,6 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     global_vector = flatten(template).share_memory_()
     federation = Federation(config, dataset, partition, algorithm, runtime, layout, global_vector, model_factory)
     shared_mask = federation.shared_mask
-    shared_names = [n for n in layout.names if in_parts(n, algorithm.shared_parts)]
     _FEDERATION, _MODEL = federation, None
     personal = PersonalStore(config.resolved_personal_memory(), checkpoints.personal_folder if checkpoints else None)
     metrics: list[dict[str, Any]] = []
@@ -352,7 +351,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
                     vectors = [torch.from_numpy(vector) for _, (vector, *_) in accepted]
                     previous = global_vector[shared_mask].clone()
                     global_vector[shared_mask] = weighted_mean(vectors, weights)
-                    apply_server_update(algorithm, layout, shared_names, global_vector, shared_mask, previous,
+                    apply_server_update(algorithm, layout, global_vector, previous,
                                         [_to_torch(statistics) for _, (*_, statistics) in accepted])
                 for client, (_, _, state, _) in accepted:
                     if state:

@@ -68,7 +68,6 @@ from fedbabu.flower.wire import (
     QUERY,
     STATISTICS,
     experiment_record,
-    shared_names,
     to_state,
     to_vector,
 )
@@ -91,7 +90,7 @@ class AlgorithmStrategy(FedAvg):
         self.timeout = timeout
         self.out = out
         self.layout = Layout(template)
-        self.shared = shared_names(self.layout, self.algorithm.shared_parts)
+        self.shared = self.layout.names_of(self.algorithm.shared_parts)
         self.shared_shapes = [self.layout.shapes[self.layout.names.index(name)] for name in self.shared]
         self.shared_mask = self.layout.mask(self.algorithm.shared_parts)
         self.algorithm.initialize(template)
@@ -276,8 +275,7 @@ class AlgorithmStrategy(FedAvg):
             self.global_vector[self.shared_mask] = weighted_mean([vectors[i] for i in screening.accepted], weights)
             statistics = [to_state(m.content.array_records[STATISTICS]) if STATISTICS in m.content.array_records
                           else {} for m in accepted]
-            apply_server_update(self.algorithm, self.layout, self.shared, self.global_vector, self.shared_mask,
-                                previous, statistics)
+            apply_server_update(self.algorithm, self.layout, self.global_vector, previous, statistics)
         for message in accepted:
             self.accepted_round[int(message.content[METRICS][PARTITION_ID])] = server_round - 1
         faults.check_divergence(server_round, screening, bool(torch.isfinite(self.global_vector).all()),

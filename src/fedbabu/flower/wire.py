@@ -15,8 +15,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedbabu.config import Config, build_config
-from fedbabu.engine.params import Layout
-from fedbabu.models import in_parts
 
 CONFIG = "config"
 """Key of the ConfigRecord in every message (the key Flower's strategies use)."""
@@ -28,9 +26,9 @@ NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 PERSONAL = "personal"
+"""Key of the ArrayRecord in ``context.state`` holding a client's personal parts between rounds."""
 STATISTICS = "statistics"
 """A train reply's per-client statistics for the algorithm's server step (summed by the server)."""
-"""Key of the ArrayRecord in ``context.state`` holding a client's personal parts between rounds."""
 PERSONALIZE = "evaluate.personalize"
 """Message type of the final task: fine-tune and test on every client."""
 QUERY = "query"
@@ -49,11 +47,6 @@ def experiment_record(config: Config, **entries: int | float | str) -> ConfigRec
 def experiment_from(record: ConfigRecord) -> Config:
     """The experiment a message carries, validated exactly like a local config file."""
     return build_config(json.loads(str(record[EXPERIMENT])), "flower message")
-
-
-def shared_names(layout: Layout, parts: Sequence[str]) -> list[str]:
-    """Parameter names of the given parts, in the layout's (flat vector) order."""
-    return [name for name in layout.names if in_parts(name, parts)]
 
 
 def to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
