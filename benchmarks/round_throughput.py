@@ -19,7 +19,9 @@ momentum 0.9, FedBABU):
    core stepping at the same time (as the engine's workers do, sharing caches, memory bandwidth and
    clocks). No engine can beat it; the engine is reported as a fraction of it.
 
-Then: personalization of 100 clients (5 epochs), one ResNet-18 round, and the accuracy effect of bf16.
+After the rows, ``--pairs`` pairs of (ceiling, engine default) measured back to back give the engine's
+fraction of the ceiling free of the machine's drift between rows. Then: personalization of 100
+clients (5 epochs), one ResNet-18 round, and the accuracy effect of bf16.
 Prints ``speedup: X.XX`` (row 3 over row 1) last and writes ``benchmarks/results.md``. ``--quick``
 measures one round per row and 4 personalized clients, and skips the vectorized row (a GPU executor)
 and the ResNet-18 and bf16 accuracy runs.
@@ -233,7 +235,12 @@ def main() -> None:
                              "or bf16 accuracy runs, and no bf16 row on a CPU that emulates bf16 (under 2 min on "
                              "2 cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="pairs of (kernel ceiling, 2 engine rounds) measured back to back after the rows, for the "
+                             "engine's fraction of the ceiling (default 5; 2 with --quick)")
     args = parser.parse_args()
+    if args.pairs is None:
+        args.pairs = 2 if args.quick else 5
     began = time.perf_counter()
     rounds = 1 if args.quick else 5
     dataset, provenance = cifar_like(50000)
@@ -253,6 +260,10 @@ def main() -> None:
     if not args.quick:
         seconds["vectorized"] = engine_rounds(dataset, rounds, 1, executor="vectorized")
     seconds["ceiling"] = kernel_ceiling_seconds(40 if args.quick else 100, cores)
+    # One engine row against one ceiling differs by the machine's drift between them (10-20% a minute
+    # apart on shared virtual machines); pairs measured back to back, alternating, bound that.
+    fractions = [kernel_ceiling_seconds(40, cores) / engine_rounds(dataset, 2, "auto")
+                 for _ in range(args.pairs)]
     names = {
         "reference": "reference (deep copy, DataLoader, default threads, NCHW)",
         "workers=1": "engine workers=1",
@@ -275,7 +286,10 @@ def main() -> None:
         f"engine row plus the personalization above scaled to 100 clients: "
         f"{(320 * seconds['default'] + personal_s * 100 / personal_clients) / 60:.1f} min",
         f"- workers=auto over workers=1: {seconds['workers=1'] / seconds['default']:.2f}x",
-        f"- kernel ceiling: the engine default reaches {seconds['ceiling'] / seconds['default']:.0%} of it; the most "
+        f"- kernel ceiling: the engine default reaches {seconds['ceiling'] / seconds['default']:.0%} of it in the "
+        f"rows above" + (f", and {np.median(fractions):.0%} (median; {min(fractions):.0%} to {max(fractions):.0%}) "
+                         f"in {len(fractions)} pairs of ceiling and engine measured back to back" if fractions else "")
+        + "; the most "
         f"any engine could show against the reference on this machine in fp32 is "
         f"{seconds['reference'] / seconds['ceiling']:.2f}x, and personalizing 100 clients x 5 epochs needs at least "
         f"{ceiling_personal_s:.0f} s of training steps alone, the paper CIFAR setting at least "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import signal
@@ -22,6 +23,20 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
+LONGEST_FIRST = ("test_flower_deployment.py", "test_flower_ray.py", "test_reproduce.py", "test_baselines.py",
+                 "test_checkpoint.py")
+"""Files that take minutes, handed to the test workers first (whole files go to one worker) so that
+none of them starts last and leaves the other worker idle."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file, and among the other files, is kept
+
+
 def _absent(reason: str) -> None:
     """Real-data tests skip on a user's machine without the data, but never in CI."""
     if os.environ.get("CI"):
@@ -33,12 +48,14 @@ def _absent(reason: str) -> None:
 def cifar10_dir() -> Path:
     """CIFAR-10 in the official python layout, built once from the offline JPEG copy into .cache/."""
     folder = CACHE / "cifar-10-batches-py"
-    if not (folder / "test_batch").exists():
-        script = SHARED / "build_cifar10.py"
-        if not script.exists():
-            _absent(f"CIFAR-10 not built and {script} is absent")
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(script), str(CACHE)], check=True, capture_output=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the test workers share one cache: one builds, the others wait
+        if not (folder / "test_batch").exists():
+            script = SHARED / "build_cifar10.py"
+            if not script.exists():
+                _absent(f"CIFAR-10 not built and {script} is absent")
+            subprocess.run([sys.executable, str(script), str(CACHE)], check=True, capture_output=True)
     return folder
 
 

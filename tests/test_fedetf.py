@@ -227,6 +227,7 @@ def test_common_evaluation_is_the_fine_tuning_of_every_algorithm_and_a_free_key(
     base = Algorithm.personalize(algorithm, model_for(config, digits), data, {}, torch.Generator().manual_seed(0))
     assert ours == base and len(ours) == 2
     assert algorithm.personalization_note() == "common protocol: full fine-tuning, 1 epochs, lr 0.01"
+    assert algorithm.personalization_unit() == "epoch" and FedETF(tiny()).personalization_unit() == "stage"
     trained = federation[0]
     assert personalization_config(trained, {"fedetf": {"evaluation": "common", "alternations": 5}}).settings_for(
         "fedetf").alternations == 5

@@ -1,15 +1,14 @@
-"""fedbabu on Flower 1.41: in-process strategy checks, the Ray simulation engine, and real processes.
+"""fedbabu on Flower 1.41, in-process: the strategy and the ClientApp wired by a loopback grid.
 
-Every Flower process is started here by PID on 127.0.0.1 with its own FLWR_HOME and stopped in
-teardown. Deterministic configurations (fixed seed, one thread per client, replies averaged in
-client order) make the Flower runs *bit-identical* to the in-process simulator, so the tests
-compare with ``torch.equal`` rather than a tolerance.
+Deterministic configurations (fixed seed, one thread per client, replies averaged in client order)
+make the Flower runs *bit-identical* to the in-process simulator, so the tests compare with
+``torch.equal`` rather than a tolerance. The Ray simulation and the real processes are in
+``test_flower_ray.py`` and ``test_flower_deployment.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import gc
 import json
 import math
@@ -19,11 +18,11 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from flower_support import initial_head, initial_model, read_clients, read_records, simulator_run, small_config
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -31,7 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import fedbabu
 from fedbabu.algorithms import ALGORITHMS
-from fedbabu.config import Config, load_config
+from fedbabu.config import Config
 from fedbabu.data.datasets import load_digits
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
@@ -39,51 +38,13 @@ from fedbabu.files import load_tensors
 from fedbabu.flower import client as node_app
 from fedbabu.flower.certs import make_credentials
 from fedbabu.flower.client import app as client_app
-from fedbabu.flower.launch import flower_env, free_port, stop, stop_reason, wait_for_port
+from fedbabu.flower.launch import flower_env, stop, stop_reason
 from fedbabu.flower.server import run_on_grid
 from fedbabu.flower.wire import experiment_record
-from fedbabu.models import build_model, in_parts
+from fedbabu.models import in_parts
 from fedbabu.runner import partition_for, run_experiment
 
 pytestmark = pytest.mark.flower
-
-REPO = Path(__file__).resolve().parents[1]
-
-SMALL = ["num_clients=3", "partition=dirichlet", "dirichlet_alpha=1.0", "client_fraction=1.0", "rounds=2",
-         "local_epochs=1", "eval_every=0", "finetune.epochs=2", "fedetf.alternations=1"]
-"""Three clients (one per SuperNode), every client in every round, two rounds, two fine-tuning epochs
-(and one of FedETF's alternations, which its own evaluation runs 20 of)."""
-
-
-def small_config(*overrides: str) -> Config:
-    return load_config(None, [*SMALL, *overrides])
-
-
-def simulator_run(config: Config):
-    return run_experiment(config.model_copy(update={"workers": 1})).result
-
-
-def read_clients(folder: Path) -> list[dict[str, str]]:
-    with (folder / "clients.csv").open() as handle:
-        return list(csv.DictReader(handle))
-
-
-def initial_model(config: Config) -> dict[str, torch.Tensor]:
-    digits = load_digits()
-    model = build_model(config.resolved_model(), digits.channels, digits.image_size, digits.num_classes,
-                        config.head_init, config.seed)
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
-
-
-def initial_head(config: Config) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in initial_model(config).items() if k.startswith("head.")}
-
-
-def read_records(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-# --- in-process: the strategy and the ClientApp wired by a loopback grid -----------------------
 
 
 class LoopbackGrid(Grid):
@@ -412,6 +373,7 @@ def test_node_keeps_only_its_own_partition(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(fedbabu.runner, "prepare_data", watched)
     monkeypatch.setattr(node_app, "_SHARES", {})
+    monkeypatch.setattr(node_app, "_WHOLE", {})
     grid = LoopbackGrid(3)
     message = Message(RecordDict({"config": experiment_record(config)}), 7001, "evaluate")
     data = node_app.client_for(message, grid.contexts[7001]).data
@@ -428,6 +390,36 @@ def test_node_keeps_only_its_own_partition(monkeypatch: pytest.MonkeyPatch) -> N
     assert torch.equal(share.train_y, digits.train_y[torch.as_tensor(train)])
     assert torch.equal(share.test_x, digits.test_x[torch.as_tensor(test)])
     assert torch.equal(share.test_y, digits.test_y[torch.as_tensor(test)])
+
+
+def test_a_process_serving_several_clients_reads_the_dataset_twice_not_per_client(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a simulation-engine worker does: six virtual clients in one process, each with its own share."""
+    import fedbabu.runner
+
+    config = small_config("num_clients=6")
+    reads: list[int] = []
+    read = fedbabu.runner.prepare_data
+
+    def counted(cfg: Config):
+        reads.append(1)
+        return read(cfg)
+
+    monkeypatch.setattr(fedbabu.runner, "prepare_data", counted)
+    monkeypatch.setattr(node_app, "_SHARES", {})
+    monkeypatch.setattr(node_app, "_WHOLE", {})
+    grid = LoopbackGrid(6)
+    message = Message(RecordDict({"config": experiment_record(config)}), 7001, "evaluate")
+    shares = {node: node_app.client_for(message, context).data.dataset for node, context in grid.contexts.items()}
+    for node, context in grid.contexts.items():
+        assert node_app.client_for(message, context).data.dataset is shares[node]
+    assert len(reads) == 2
+    digits = load_digits()
+    partition = partition_for(config, digits)
+    for node, context in grid.contexts.items():
+        client = int(context.node_config["partition-id"])
+        assert torch.equal(shares[node].train_x, digits.train_x[torch.as_tensor(partition.train[client])])
+        assert torch.equal(shares[node].test_y, digits.test_y[torch.as_tensor(partition.test[client])])
 
 
 def test_certificates_and_keys(tmp_path: Path) -> None:
@@ -488,205 +480,3 @@ def test_stop_kills_a_descendant_in_its_own_session_that_ignores_sigterm(tmp_pat
         parent.wait()
 
 
-# --- Flower's simulation engine (Ray) -----------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedbabu", "fedper"])
-def test_ray_simulation_four_virtual_clients_equals_the_simulator(algorithm: str, tmp_path: Path) -> None:
-    """Two rounds on Ray equal ``fedbabu run`` bit for bit. FedPer's heads live only in each virtual
-    client's ``context.state``: the round-2 body (trained on top of them) and the personalization
-    curves (starting from them) can only match if that state survived between rounds."""
-    out = tmp_path / "run"
-    overrides = [f"algorithm={algorithm}", "num_clients=4", "partition=shards", "shards_per_client=5", "rounds=2",
-                 "client_fraction=1.0", "finetune.epochs=2", "eval_every=1"]
-    command = [sys.executable, "-m", "fedbabu", "flower", "sim", "--quiet", "--out", str(out)]
-    for override in overrides:
-        command += ["--set", override]
-    with (tmp_path / "sim.log").open("w+") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                   env=flower_env(tmp_path / "home"), start_new_session=True)
-        try:
-            returncode = process.wait(400)
-        finally:
-            stop(process, grace=10, group=True)
-        log.seek(0)
-        output = log.read()
-    flower_log = out / "flower.log"
-    assert returncode == 0, output + (flower_log.read_text() if flower_log.exists() else "")
-    summary = json.loads((out / "summary.json").read_text())
-    config = load_config(None, overrides)
-    state = load_tensors(out / "model.pt")
-    for name, tensor in initial_head(config).items():
-        assert torch.equal(state[name], tensor), f"{name} moved"
-    assert summary["initial_accuracy"]["mean"] > 0.5  # 5 of 10 classes per client: chance is 0.2
-    assert summary["personalized_accuracy"]["mean"] > 0.5
-    assert summary["flower"]["failures"] == [] and summary["flower"]["rejected"] == []
-    reference = simulator_run(config)
-    for name, tensor in reference.final_state.items():
-        assert torch.equal(state[name], tensor), name
-    curves = [[float(v) for v in list(row.values())[4:]] for row in read_clients(out)]
-    assert curves == [pytest.approx(c["accuracies"], abs=1e-6) for c in reference.clients]
-
-
-# --- real processes: SuperLink + SuperNodes with TLS and node authentication ---------------------
-
-
-class Deployment:
-    """A TLS SuperLink with SuperNode authentication and its nodes, all on 127.0.0.1, all stopped by PID."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.home = root / "flwr-home"
-        self.home.mkdir()
-        self.env = flower_env(self.home)
-        self.creds = make_credentials(root / "certs", nodes=5)
-        self.port = free_port()
-        self.processes: list[subprocess.Popen] = []
-        self.good: list[subprocess.Popen] = []
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.creds.ca_cert}"\n')
-
-    def _start(self, command: list[str], log_name: str) -> subprocess.Popen:
-        with (self.root / log_name).open("wb") as log:
-            process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, cwd=self.root)
-        self.processes.append(process)
-        return process
-
-    def start_superlink(self) -> None:
-        link = self._start(["flower-superlink", "--host", "127.0.0.1", "--port", str(self.port),
-                            "--ssl-ca-certfile", str(self.creds.ca_cert), "--ssl-certfile", str(self.creds.server_cert),
-                            "--ssl-keyfile", str(self.creds.server_key), "--enable-supernode-auth",
-                            "--disable-runtime-dependency-installation", "--database", str(self.root / "link.db")],
-                           "superlink.log")
-        wait_for_port(self.port, link, "flower-superlink")
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, cwd=REPO,
-                              timeout=timeout)
-
-    def register(self, node: int) -> None:
-        done = self.flwr("supernode", "register", str(self.creds.public_key(node)), "tls")
-        assert done.returncode == 0, done.stdout + done.stderr
-
-    def start_node(self, node: int, partition: int, *, key: bool = True, insecure: bool = False,
-                   max_wait: int = 20) -> subprocess.Popen:
-        command = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                   "--node-config", f"partition-id={partition} num-partitions=3", "--max-retries", "3",
-                   "--max-wait-time", str(max_wait)]
-        command += ["--insecure"] if insecure else ["--root-certificates", str(self.creds.ca_cert)]
-        if key:
-            command += ["--auth-supernode-private-key", str(self.creds.node_keys[node])]
-        return self._start(command, f"node-{node}.log")
-
-    def online_nodes(self) -> int:
-        done = self.flwr("supernode", "list", "tls", "--format", "json")
-        try:
-            nodes = json.loads(done.stdout).get("nodes", [])
-        except json.JSONDecodeError:
-            return 0
-        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
-
-    def wait_online(self, count: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.online_nodes() < count:
-            assert time.monotonic() < deadline, f"fewer than {count} nodes online after {timeout} s"
-            time.sleep(1)
-
-    def run(self, out: Path, log_name: str, *run_config: str) -> subprocess.Popen:
-        """``flwr run`` of the repository's app (pyproject [tool.flwr.app]), streaming to a log."""
-        config = " ".join([f"out='{out}'", *run_config])
-        return self._start(["flwr", "run", str(REPO), "tls", "--stream", "--run-config", config], log_name)
-
-    def status(self) -> str:
-        runs = json.loads(self.flwr("ls", "tls", "--format", "json").stdout)["runs"]
-        return str(runs[-1]["status"])
-
-    def log(self, name: str) -> str:
-        return (self.root / name).read_text(errors="replace")
-
-    def close(self) -> None:
-        """SIGTERM each process group, SIGKILL after 10 s; descendants in other sessions (the SuperExec) too."""
-        for process in reversed(self.processes):
-            stop(process, grace=10, group=True)
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """One SuperLink and three registered SuperNodes (clients 0, 1, 2) shared by the deployment tests.
-
-    The killed-node test must stay last in this file: it takes client 2 away.
-    """
-    federation = Deployment(tmp_path_factory.mktemp("deployment"))
-    try:
-        federation.start_superlink()
-        for node in range(3):
-            federation.register(node)
-        federation.good = [federation.start_node(node, partition=node) for node in range(3)]
-        federation.wait_online(3)
-        yield federation
-    finally:
-        federation.close()
-
-
-@pytest.mark.slow
-def test_real_deployment_tls_auth_equals_the_simulator(deployment: Deployment, tmp_path: Path) -> None:
-    plaintext = deployment.start_node(3, partition=0, key=False, insecure=True, max_wait=3)
-    unregistered = deployment.start_node(4, partition=1, max_wait=3)
-    out = tmp_path / "out"
-    run = deployment.run(out, "run-equal.log", f"set='{' '.join(SMALL)}'", "round-timeout=120.0")
-    assert run.wait(400) == 0, deployment.log("run-equal.log")
-    assert deployment.status() == "finished:completed", deployment.log("run-equal.log")
-
-    assert plaintext.wait(60) != 0 and unregistered.wait(60) != 0
-    assert "[code: 2004] Failed to activate SuperNode" in deployment.log("node-4.log")
-    assert "No SuperNode found with the given public key" in deployment.log("superlink.log")
-    assert "Connection attempt failed" in deployment.log("node-3.log")
-    assert all(node.poll() is None for node in deployment.good)
-    assert deployment.online_nodes() == 3
-
-    config = small_config()
-    reference = simulator_run(config)
-    state = load_tensors(out / "model.pt")
-    for name, tensor in reference.final_state.items():
-        assert torch.equal(state[name], tensor), name
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["flower"]["failures"] == []
-    assert summary["flower"]["clients_personalized"] == 3
-    assert summary["personalized_accuracy"]["mean"] == pytest.approx(
-        float(sum(c["accuracies"][-1] for c in reference.clients) / 3), abs=1e-12)
-    rows = read_clients(out)
-    assert [int(r["client"]) for r in rows] == [0, 1, 2]
-    for name in ("config.yaml", "partition.json", "metrics.jsonl", "report.md"):
-        assert (out / name).stat().st_size > 0
-
-
-@pytest.mark.slow
-def test_killed_supernode_run_completes_with_the_rest(deployment: Deployment, tmp_path: Path) -> None:
-    deployment.wait_online(3)
-    out = tmp_path / "out"
-    run = deployment.run(out, "run-kill.log", f"set='{' '.join(SMALL)}'", "min-nodes=2", "round-timeout=150.0")
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-        assert time.monotonic() < deadline and run.poll() is None, deployment.log("run-kill.log")
-        time.sleep(0.5)
-    victim = deployment.good[2]
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    assert run.wait(400) == 0, deployment.log("run-kill.log")
-    assert deployment.status() == "finished:completed", deployment.log("run-kill.log")
-
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["clients"] for r in records] == [[0, 1, 2], [0, 1]]
-    assert 2 in records[1]["failed"]
-    summary = json.loads((out / "summary.json").read_text())
-    failed_clients = {f["client"] for f in summary["flower"]["failures"]}
-    assert failed_clients == {2}
-    assert summary["flower"]["clients_personalized"] == 2
-    rows = read_clients(out)
-    assert math.isnan(float(rows[2]["initial_accuracy"]))
-    assert not math.isnan(float(rows[0]["initial_accuracy"]))
-    assert 0.0 < summary["personalized_accuracy"]["mean"] <= 1.0

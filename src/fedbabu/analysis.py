@@ -35,7 +35,6 @@ from fedbabu.engine.simulation import (
 )
 from fedbabu.errors import UserError
 from fedbabu.files import check_output_dir, prepare_output_dir
-from fedbabu.models import in_parts
 from fedbabu.personalization import FREE_KEYS, load_trained_run, personalization_config, restore_federation
 from fedbabu.personalization import default_out as default_personalization_out
 from fedbabu.results import representation as rep
@@ -125,16 +124,13 @@ class _Collector:
 
 
 def _global_head_weight(config: Config, dataset: Any, state: dict[str, Any]) -> np.ndarray:
-    """The class vectors the global model predicts with (classes x features).
-
-    A piece of the head that each client keeps for itself (FedRoD's personal head) is set to zero:
-    the global vector holds only its seeded start, which belongs to no client.
-    """
+    """The class vectors the global model predicts with (classes x features): the head's shared
+    pieces alone where it has per-client ones (FedRoD's personal head), whose global values are only
+    their seeded start."""
     model = network(config, dataset)
-    own = ALGORITHMS[config.algorithm].personal_parts
-    load_state(model, {n: v * 0 if n.startswith("head.") and in_parts(n, own) and "head" not in own else v
-                       for n, v in state.items()})
-    return model.head.weight.detach().float().numpy()
+    load_state(model, state)
+    head = model.head
+    return getattr(head, "shared_weight", head.weight).detach().float().numpy()
 
 
 def _between_clients(features: dict[int, np.ndarray]) -> tuple[list[int], np.ndarray]:

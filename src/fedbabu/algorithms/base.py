@@ -70,8 +70,6 @@ class Algorithm:
     shared_parts: ClassVar[tuple[str, ...]] = ("body", "head")
     trained_parts: ClassVar[tuple[str, ...]] = ("body", "head")
     personal_parts: ClassVar[tuple[str, ...]] = ()
-    personalization_unit: ClassVar[str] = "epoch"
-    """What one step of the accuracy curve returned by :meth:`personalize` stands for."""
     Settings: ClassVar[type[AlgorithmSettings]] = AlgorithmSettings
     """The algorithm's own settings, its section of the config (``ditto.lambda``); none by default."""
     warm_start: ClassVar[WarmStart | None] = None
@@ -100,7 +98,9 @@ class Algorithm:
 
         ``generator`` is seeded by the run's seed alone, so every party draws the same head. A head
         of its own names its pieces as modules or parameters (``head.prototypes``) so that parts can
-        select them, and exposes ``in_features``.
+        select them, and exposes ``in_features`` and ``weight``, the class matrix its logits are linear
+        in. A head with per-client pieces also exposes ``shared_weight``, the class matrix of its shared
+        pieces alone: the global model's, which the analysis reads.
         """
         return head
 
@@ -154,6 +154,11 @@ class Algorithm:
         sgd_epochs(model, data, parts, settings, generator,
                    after_epoch=lambda: accuracies.append(evaluate(model, data)))
         return accuracies
+
+    def personalization_unit(self) -> str:
+        """What one step of the accuracy curve returned by :meth:`personalize` stands for (an epoch
+        here): it names the columns of ``clients.csv`` and the x axis of the curves."""
+        return "epoch"
 
     def personalization_note(self) -> str:
         """How :meth:`personalize` adapts a client, as reports print it."""

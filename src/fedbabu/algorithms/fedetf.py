@@ -121,8 +121,6 @@ class FedETF(Algorithm):
     settings: Settings
     shared_parts = ("body", "head.projection", "head.temperature")
     trained_parts = ("body", "head.projection", "head.temperature")
-    personalization_unit = "stage"
-    """Own protocol: stage 1 is the adaptation, each later stage one alternation; common: fine-tuning epochs."""
 
     def make_head(self, head: nn.Linear, generator: torch.Generator) -> nn.Module:
         features, classes = head.in_features, head.out_features
@@ -177,6 +175,10 @@ class FedETF(Algorithm):
             sgd_epochs(model, data, ("head.projection",), projection, generator)
             accuracies.append(evaluate(model, data))
         return accuracies
+
+    def personalization_unit(self) -> str:
+        """Own protocol: stage 1 is the adaptation, each later stage one alternation."""
+        return "stage" if self.settings.evaluation == "own" else "epoch"
 
     def personalization_note(self) -> str:
         if self.settings.evaluation == "common":

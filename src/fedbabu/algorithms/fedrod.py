@@ -71,6 +71,12 @@ class RoDHead(nn.Module):
         """The class matrix (C x d) the personalized logits are linear in: what head geometry reads."""
         return self.generic.weight + self.personal.weight
 
+    @property
+    def shared_weight(self) -> torch.Tensor:
+        """The generic head's class matrix: what the global model predicts with, the personal head
+        being each client's own."""
+        return self.generic.weight
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.generic(features) + self.personal(features)
 

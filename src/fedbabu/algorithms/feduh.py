@@ -85,7 +85,6 @@ class FedUH(Algorithm):
                                   f"prototypes; this body gives {head.in_features} for {head.out_features} classes")
         return PrototypeHead(head.in_features, head.out_features, self.settings.scale, generator)
 
-    @property
     def personalization_unit(self) -> str:
         return "round" if self.settings.evaluation == "own" else "epoch"
 

@@ -91,7 +91,6 @@ class PerFedAvg(Algorithm):
                                                  ("variant", "alpha", "beta", "delta", "adapt_steps")}
 
     settings: Settings
-    personalization_unit = "step"
 
     def check_config(self, config: Config) -> None:
         if config.precision == "bf16" and self.settings.variant == "hf":
@@ -152,6 +151,9 @@ class PerFedAvg(Algorithm):
             accuracies.append(evaluate(model, data))
         set_trainable(model, ())
         return accuracies
+
+    def personalization_unit(self) -> str:
+        return "step"
 
     def personalization_note(self) -> str:
         own = self.settings

@@ -12,7 +12,9 @@ which client it is by ``--node-config "partition-id=I num-partitions=N"`` (the s
 sets both by itself).
 
 A node reads the dataset files once to cut the seeded partition (every node must cut the same one),
-then keeps in memory only its own client's training and test samples.
+then keeps in memory only its own client's training and test samples. A process that serves a
+second client (a simulation-engine worker serves many virtual clients in turn) keeps the dataset
+and its partition instead of reading the files again for every client it meets.
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ _SHARES: dict[tuple[str, int], Dataset] = {}
 A SuperNode serves one client, so it holds one share; a simulation-engine process serves several
 virtual clients in turn and keeps each one's share (together at most the whole dataset)."""
 
+_WHOLE: dict[str, tuple[Dataset, Partition]] = {}
+"""experiment -> its whole dataset and partition, once this process serves a second of its clients.
+
+A SuperNode never keeps them; a simulation-engine process reads the files twice, not once per
+virtual client (with 1,000 clients, reading them per client dominated an evaluation round)."""
+
 
 def partition_id(context: Context, config: Config) -> int:
     """Which client this node is, checked against the server's experiment."""
@@ -84,20 +92,25 @@ def partition_id(context: Context, config: Config) -> int:
 
 
 def node_share(config: Config, client: int) -> Dataset:
-    """This client's samples; the full dataset is read only to cut the seeded partition, then dropped."""
+    """This client's samples; the full dataset is read to cut the seeded partition, then dropped
+    unless this process already serves another client of the experiment."""
     experiment = json.dumps(config.to_plain(), sort_keys=True)
     if (experiment, client) not in _SHARES:
         if any(key[0] != experiment for key in _SHARES):
             _SHARES.clear()
-        _SHARES[experiment, client] = _read_share(config, client)
+            _WHOLE.clear()
+        if _SHARES and experiment not in _WHOLE:
+            _WHOLE[experiment] = _read_whole(config)
+        dataset, partition = _WHOLE[experiment] if experiment in _WHOLE else _read_whole(config)
+        _SHARES[experiment, client] = own_share(dataset, partition, client)
     return _SHARES[experiment, client]
 
 
-def _read_share(config: Config, client: int) -> Dataset:
+def _read_whole(config: Config) -> tuple[Dataset, Partition]:
     from fedbabu.runner import partition_for, prepare_data
 
     dataset = prepare_data(config)
-    return own_share(dataset, partition_for(config, dataset), client)
+    return dataset, partition_for(config, dataset)
 
 
 def own_share(dataset: Dataset, partition: Partition, client: int) -> Dataset:

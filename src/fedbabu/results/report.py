@@ -45,7 +45,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "finetune_curve": [float(v) for v in np.nanmean(curves, axis=0)],
         "finetune": c.finetune.model_dump(),
         "personalization": algorithm.personalization_note(),
-        "personalization_unit": algorithm.personalization_unit,
+        "personalization_unit": algorithm.personalization_unit(),
         "personalization_protocol": PERSONALIZATION_PROTOCOL,
         "final_global_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
         "never_sampled_clients": never_sampled(result.metrics, c.num_clients),
@@ -74,7 +74,7 @@ def never_sampled(metrics: list[dict[str, Any]], num_clients: int) -> int:
 
 def client_rows(result: RunResult) -> tuple[list[str], list[list[Any]]]:
     c = result.config
-    unit = ALGORITHMS[c.algorithm](c).personalization_unit
+    unit = ALGORITHMS[c.algorithm](c).personalization_unit()
     steps = len(result.clients[0]["accuracies"]) - 1 if result.clients else c.finetune.epochs
     header = ["client", "train_size", "test_size", "classes", "initial_accuracy"] + [
         f"accuracy_after_{unit}_{e}" for e in range(1, steps + 1)]
@@ -131,7 +131,7 @@ def write_plots(folder: Path, config: Config, metrics: list[dict[str, Any]], cur
         plot_rounds(metrics, folder / "rounds.png", label)
     if curves is not None:
         plot_clients(curves, folder / "clients.png", f"{label}: initial vs personalized accuracy per client")
-        unit = ALGORITHMS[config.algorithm](config).personalization_unit
+        unit = ALGORITHMS[config.algorithm](config).personalization_unit()
         plot_finetune_curves({config.algorithm: curves}, folder / "finetune.png",
                              f"{label}: accuracy vs personalization {unit}s", xlabel=f"personalization {unit}s")
 
