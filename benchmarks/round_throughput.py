@@ -236,8 +236,8 @@ def main() -> None:
                              "2 cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
     parser.add_argument("--pairs", type=int, default=None,
-                        help="pairs of (kernel ceiling, 2 engine rounds) measured back to back after the rows, for the "
-                             "engine's fraction of the ceiling (default 5; 2 with --quick)")
+                        help="pairs of (kernel ceiling, engine rounds: 2, 1 with --quick) measured back to back "
+                             "after the rows, for the engine's fraction of the ceiling (default 5; 2 with --quick)")
     args = parser.parse_args()
     if args.pairs is None:
         args.pairs = 2 if args.quick else 5
@@ -262,7 +262,7 @@ def main() -> None:
     seconds["ceiling"] = kernel_ceiling_seconds(40 if args.quick else 100, cores)
     # One engine row against one ceiling differs by the machine's drift between them (10-20% a minute
     # apart on shared virtual machines); pairs measured back to back, alternating, bound that.
-    fractions = [kernel_ceiling_seconds(40, cores) / engine_rounds(dataset, 2, "auto")
+    fractions = [kernel_ceiling_seconds(40, cores) / engine_rounds(dataset, 1 if args.quick else 2, "auto")
                  for _ in range(args.pairs)]
     names = {
         "reference": "reference (deep copy, DataLoader, default threads, NCHW)",
