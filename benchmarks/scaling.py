@@ -152,10 +152,10 @@ def random_data(clients: int) -> Any:
 
 def timings(folder: Path) -> dict[str, float]:
     """Round and evaluation seconds from the run's own records."""
-    seconds = {json.loads(line)["round"]: json.loads(line)["seconds"]
-               for line in (folder / "timing.jsonl").read_text().splitlines()}
-    evaluated = {json.loads(line)["round"] for line in (folder / "metrics.jsonl").read_text().splitlines()
-                 if "test_accuracy" in json.loads(line)}
+    timing = [json.loads(line) for line in (folder / "timing.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    seconds = {t["round"]: t["seconds"] for t in timing}
+    evaluated = {r["round"] for r in records if "test_accuracy" in r}
     plain = statistics.median(s for r, s in seconds.items() if r > 1 and r not in evaluated)
     evaluation = statistics.median(seconds[r] for r in evaluated) - plain
     return {"round_s": plain, "evaluation_s": evaluation}

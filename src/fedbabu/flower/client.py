@@ -99,10 +99,12 @@ def node_share(config: Config, client: int) -> Dataset:
         if any(key[0] != experiment for key in _SHARES):
             _SHARES.clear()
             _WHOLE.clear()
-        if _SHARES and experiment not in _WHOLE:
-            _WHOLE[experiment] = _read_whole(config)
-        dataset, partition = _WHOLE[experiment] if experiment in _WHOLE else _read_whole(config)
-        _SHARES[experiment, client] = own_share(dataset, partition, client)
+        whole = _WHOLE.get(experiment)
+        if whole is None:
+            whole = _read_whole(config)
+            if _SHARES:  # a second client of this experiment: this process serves several
+                _WHOLE[experiment] = whole
+        _SHARES[experiment, client] = own_share(*whole, client)
     return _SHARES[experiment, client]
 
 
