@@ -20,11 +20,13 @@ momentum 0.9, FedBABU):
    clocks). No engine can beat it; the engine is reported as a fraction of it.
 
 After the rows, ``--pairs`` pairs of (ceiling, engine default) measured back to back give the engine's
-fraction of the ceiling free of the machine's drift between rows. Then: personalization of 100
-clients (5 epochs), one ResNet-18 round, and the accuracy effect of bf16.
-Prints ``speedup: X.XX`` (row 3 over row 1) last and writes ``benchmarks/results.md``. ``--quick``
-measures one round per row and 4 personalized clients, and skips the vectorized row (a GPU executor)
-and the ResNet-18 and bf16 accuracy runs.
+fraction of the ceiling free of the machine's drift between rows, each side taking its best repeat,
+with the share of the workers' time spent in client tasks (what the engine loses to waiting for a
+round's last client). Then: personalization of 100 clients (5 epochs), one ResNet-18 round, and the
+accuracy effect of bf16. Prints ``speedup: X.XX`` (row 3 over row 1) last and writes
+``benchmarks/results.md``. ``--quick`` measures one round per row, takes rows 3 and 6 from its one
+pair, personalizes 2 clients, and skips the vectorized row (a GPU executor) and the ResNet-18 and
+bf16 accuracy runs.
 """
 
 from __future__ import annotations
@@ -131,13 +133,17 @@ def reference_round(global_model: nn.Module, dataset: Dataset, partition) -> flo
     return time.perf_counter() - start
 
 
-def engine_rounds(dataset: Dataset, rounds: int, workers: int | str, precision: str = "fp32",
-                  model: str = "4convnet", clients: int = 10, executor: str = "sequential") -> float:
-    """Median seconds per round of the engine (the first round, with worker start-up, is dropped)."""
+def engine_records(dataset: Dataset, rounds: int, workers: int | str, precision: str = "fp32",
+                   model: str = "4convnet", clients: int = 10, executor: str = "sequential") -> list[dict]:
+    """The engine's round records (seconds, workers' utilization), the first round (worker start-up) dropped."""
     config, partition = workload(dataset, clients, rounds=rounds + 1, workers=workers, precision=precision,
                                  model=model, executor=executor)
-    result = simulate(config, dataset, partition)
-    return float(np.median([m["seconds"] for m in result.metrics[1:]]))
+    return simulate(config, dataset, partition).metrics[1:]
+
+
+def engine_rounds(dataset: Dataset, rounds: int, workers: int | str, **settings: Any) -> float:
+    """Median seconds per round of the engine."""
+    return float(np.median([m["seconds"] for m in engine_records(dataset, rounds, workers, **settings)]))
 
 
 def _bare_steps(steps: int, repeats: int, start: Any, results: Any) -> None:
@@ -231,16 +237,18 @@ def bf16_is_native() -> bool | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="one measured round per row, 4 clients personalized; no vectorized row, no ResNet-18 "
-                             "or bf16 accuracy runs, and no bf16 row on a CPU that emulates bf16 (under 2 min on "
-                             "2 cores)")
+                        help="one measured round per row, the default engine and the ceiling measured once, as "
+                             "one pair; 2 clients personalized; no vectorized row, no ResNet-18 or bf16 accuracy "
+                             "runs, and no bf16 row on a CPU that emulates bf16 (under 2 min on 2 cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
     parser.add_argument("--pairs", type=int, default=None,
-                        help="pairs of (kernel ceiling, engine rounds: 2, 1 with --quick) measured back to back "
+                        help="pairs of (kernel ceiling, engine rounds: 3, 2 with --quick) measured back to back "
                              "after the rows, for the engine's fraction of the ceiling (default 5; 1 with --quick)")
     args = parser.parse_args()
     if args.pairs is None:
         args.pairs = 1 if args.quick else 5
+    if args.quick and args.pairs < 1:
+        parser.error("--quick needs --pairs 1 or more: its default-engine and ceiling rows are the first pair")
     began = time.perf_counter()
     rounds = 1 if args.quick else 5
     dataset, provenance = cifar_like(50000)
@@ -253,17 +261,27 @@ def main() -> None:
     reference_round(model, dataset, partition)  # warm-up
     reference = float(np.median([reference_round(model, dataset, partition) for _ in range(rounds)]))
     cores = core_count()
-    seconds = {"reference": reference, "workers=1": engine_rounds(dataset, rounds, 1),
-               "default": engine_rounds(dataset, rounds, "auto")}
+    seconds = {"reference": reference, "workers=1": engine_rounds(dataset, rounds, 1)}
+    if not args.quick:
+        seconds["default"] = engine_rounds(dataset, rounds, "auto")
     if not (args.quick and bf16_native is False):
-        seconds["bf16"] = engine_rounds(dataset, rounds, "auto", "bf16")
+        seconds["bf16"] = engine_rounds(dataset, rounds, "auto", precision="bf16")
     if not args.quick:
         seconds["vectorized"] = engine_rounds(dataset, rounds, 1, executor="vectorized")
-    seconds["ceiling"] = kernel_ceiling_seconds(40 if args.quick else 100, cores)
+        seconds["ceiling"] = kernel_ceiling_seconds(100, cores)
     # One engine row against one ceiling differs by the machine's drift between them (10-20% a minute
-    # apart on shared virtual machines); pairs measured back to back, alternating, bound that.
-    fractions = [kernel_ceiling_seconds(40, cores) / engine_rounds(dataset, 1 if args.quick else 2, "auto")
-                 for _ in range(args.pairs)]
+    # apart on shared virtual machines); pairs measured back to back, alternating, bound that. Both
+    # sides of a pair take their best repeat: the ceiling its best of 3 stretches, the engine its best
+    # of 3 rounds (2 with --quick, whose rows are then the pair's own measurements).
+    pairs = [(kernel_ceiling_seconds(40, cores), engine_records(dataset, 2 if args.quick else 3, "auto"))
+             for _ in range(args.pairs)]
+    fractions = [ceiling / min(r["seconds"] for r in records) for ceiling, records in pairs]
+    utilization = float(np.median([r["utilization"] for _, records in pairs for r in records])) if pairs else None
+    if args.quick:
+        seconds["default"] = float(np.median([r["seconds"] for r in pairs[0][1]]))
+        seconds["ceiling"] = pairs[0][0]
+    seconds = {key: seconds[key] for key in ("reference", "workers=1", "default", "bf16", "vectorized", "ceiling")
+               if key in seconds}
     names = {
         "reference": "reference (deep copy, DataLoader, default threads, NCHW)",
         "workers=1": "engine workers=1",
@@ -276,7 +294,7 @@ def main() -> None:
     table = ["| setting | images/s | s/round |", "|---|---|---|", *lines]
     print("\n".join(table))
 
-    personal_clients = 4 if args.quick else 100
+    personal_clients = 2 if args.quick else 100
     personal_s = personalization_seconds(dataset, personal_clients, 5)
     ceiling_personal_s = 100 * 5 * 500 * seconds["ceiling"] / images_per_round
     extra = [
@@ -288,7 +306,9 @@ def main() -> None:
         f"- workers=auto over workers=1: {seconds['workers=1'] / seconds['default']:.2f}x",
         f"- kernel ceiling: the engine default reaches {seconds['ceiling'] / seconds['default']:.0%} of it in the "
         f"rows above" + (f", and {np.median(fractions):.0%} (median; {min(fractions):.0%} to {max(fractions):.0%}) "
-                         f"in {len(fractions)} pairs of ceiling and engine measured back to back" if fractions else "")
+                         f"in {len(fractions)} pairs of ceiling and engine measured back to back, each side its best "
+                         f"repeat; in those rounds the workers spent {utilization:.0%} of their time in client tasks "
+                         "(the rest waiting for the round's last client and for the server)" if fractions else "")
         + "; the most "
         f"any engine could show against the reference on this machine in fp32 is "
         f"{seconds['reference'] / seconds['ceiling']:.2f}x, and personalizing 100 clients x 5 epochs needs at least "

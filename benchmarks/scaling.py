@@ -1,8 +1,8 @@
 """How a run's costs grow with the number of clients, measured in one invocation.
 
     python benchmarks/scaling.py [--clients 100,1000,10000] [--flower-clients 100,1000]
-                                 [--algorithms fedbabu,fedper,ditto] [--flower-algorithms fedbabu,ditto]
-                                 [--quick]
+                                 [--algorithms fedbabu,fedper,ditto] [--flower-algorithms fedbabu,fedper,ditto]
+                                 [--quick] [--out benchmarks/scaling.md]
 
 Simulator rows: for every N and algorithm, one ``fedbabu.run`` on random CIFAR-shaped images, 50
 training and 10 test images per client whatever N (so a round's work is the same for every N), IID,
@@ -25,8 +25,9 @@ process tree, sampled every 0.2 s. Next to the round time: a kernel ceiling meas
 process just before the run, the bare training step of one round's 500 images on every core (as
 ``round_throughput.py`` measures it), and the round time as a multiple of it.
 
-Writes ``benchmarks/scaling.md`` and ``benchmarks/scaling.png``. ``--quick``: N = 100 and 1,000,
-FedBABU only, Flower at 100.
+Writes ``benchmarks/scaling.md`` and ``benchmarks/scaling.png`` (``--out``: another Markdown file,
+the plot beside it). ``--quick``: N = 100 and 1,000, FedBABU only, Flower at 100. An empty list
+(``--clients ""``, ``--flower-clients ""``) leaves that engine's rows out.
 """
 
 from __future__ import annotations
@@ -276,10 +277,13 @@ def main() -> None:
     parser.add_argument("--clients", default="100,1000,10000")
     parser.add_argument("--flower-clients", default="100,1000")
     parser.add_argument("--algorithms", default="fedbabu,fedper,ditto")
-    parser.add_argument("--flower-algorithms", default="fedbabu,ditto",
-                        help="FedBABU (nothing kept per client) and Ditto (a model per client in each virtual "
-                             "node's state); a Flower evaluation of 1,000 clients takes minutes")
+    parser.add_argument("--flower-algorithms", default="fedbabu,fedper,ditto",
+                        help="FedBABU (nothing kept per client), FedPer (a head per client) and Ditto (a model per "
+                             "client) in each virtual node's state; a Flower evaluation of 1,000 clients takes "
+                             "about a minute")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=HERE / "scaling.md",
+                        help="the Markdown report; the plot is written beside it, as a .png of the same name")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
@@ -289,11 +293,11 @@ def main() -> None:
         args.clients, args.flower_clients, args.algorithms, args.flower_algorithms = "100,1000", "100", "fedbabu", \
             "fedbabu"
     algorithms = args.algorithms.split(",")
-    plan = [{"engine": "simulator", "algorithm": a, "clients": int(n)} for n in args.clients.split(",")
+    plan = [{"engine": "simulator", "algorithm": a, "clients": int(n)} for n in args.clients.split(",") if n
             for a in algorithms]
     if args.flower_clients and not (CIFAR_CACHE / "test_batch").exists():
         raise SystemExit(f"the Flower rows read CIFAR-10 from {CIFAR_CACHE}; build it first (make test does)")
-    for n in (args.flower_clients.split(",") if args.flower_clients else []):
+    for n in filter(None, args.flower_clients.split(",")):
         plan += [{"engine": e, "algorithm": a, "clients": int(n)} for a in args.flower_algorithms.split(",")
                  for e in ("simulator on CIFAR-10", "flower")]
     started, rows = time.strftime("%Y-%m-%d %H:%M"), []
@@ -321,8 +325,8 @@ def main() -> None:
         *(["Flower (Ray) against the simulator on the same config, measured side by side:", "",
            *[f"- {line}" for line in ratios], ""] if ratios else []),
     ])
-    (HERE / "scaling.md").write_text(text + "\n")
-    plot(rows, HERE / "scaling.png")
+    args.out.write_text(text + "\n")
+    plot(rows, args.out.with_suffix(".png"))
     print(text)
 
 

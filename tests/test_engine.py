@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import ctrl_c_as_in_a_terminal, small_config
 
+from fedbabu.engine.checkpoint import TIMING_KEYS
 from fedbabu.engine.pool import ClientPool, WorkerError
 from fedbabu.engine.simulation import simulate
 from fedbabu.runner import partition_for
@@ -37,8 +38,27 @@ def test_results_are_bit_identical_for_one_and_two_workers(digits):
     one, two = runs[1], runs[2]
     assert all(torch.equal(one.final_state[k], two.final_state[k]) for k in one.final_state)
     assert [c["accuracies"] for c in one.clients] == [c["accuracies"] for c in two.clients]
-    strip = [{k: v for k, v in m.items() if k != "seconds"} for m in one.metrics]
-    assert strip == [{k: v for k, v in m.items() if k != "seconds"} for m in two.metrics]
+    strip = [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in one.metrics]
+    assert strip == [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in two.metrics]
+
+
+def _sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_pool_counts_the_time_spent_inside_tasks_not_waiting(workers):
+    with ClientPool(_sleep, workers) as pool:
+        began = time.perf_counter()
+        assert pool.map([0.3, 0.3, 0.3]) == [0.3, 0.3, 0.3]
+        wall = time.perf_counter() - began
+        time.sleep(0.2)  # idle between maps: not counted
+        pool.map([0.1])
+    assert 1.0 <= pool.busy_seconds < 1.15
+    # with two workers the three tasks take 0.6 s of wall time, of which one worker waits 0.3 s: what
+    # counts is the 0.9 s spent inside tasks, whatever the workers
+    assert wall < 0.75 if workers == 2 else wall >= 0.9
 
 
 def _die_on_three(task):

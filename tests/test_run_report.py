@@ -79,9 +79,11 @@ def test_the_run_folder_of_a_plain_cli_run(cli_runs):
     assert all(math.isfinite(m["train_loss"]) and m["train_loss"] > 0 for m in metrics)
     assert ["test_accuracy" in m for m in metrics] == [False, True, True]  # every eval_every rounds, and the last
     assert metrics[-1]["test_accuracy"] == pytest.approx(summary["initial_accuracy"]["mean"], abs=1e-6)
-    assert not any("seconds" in m for m in metrics)
+    assert not any("seconds" in m or "utilization" in m for m in metrics)
     timing = _jsonl(folder / "timing.jsonl")
     assert [t["round"] for t in timing] == [1, 2, 3] and all(t["seconds"] > 0 for t in timing)
+    # the share of the (one, in-process) worker's time in client tasks: the server's own work is the rest
+    assert all(0 < t["utilization"] <= 1.0 for t in timing)
     assert summary["wall_time_s"] >= sum(t["seconds"] for t in timing) - 0.01
 
     state = torch.load(folder / "model.pt", weights_only=True)

@@ -63,7 +63,9 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 TIMING = "timing.jsonl"
 CONFIG = "config.yaml"
-TIMING_KEYS = ("seconds",)
+TIMING_KEYS = ("seconds", "utilization")
+"""Wall-clock values of a round record: ``utilization`` is the share of the workers' time spent in
+client tasks (1.0: no worker waited for the round's last client or for the server)."""
 FORMAT = "fedbabu-checkpoint"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)

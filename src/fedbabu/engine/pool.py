@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import multiprocessing
 import signal
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,7 +79,9 @@ def _serve(fn: Callable[[Any], Any], conn: Connection, threads: int, inherited: 
         if task is _STOP:
             return
         try:
-            reply = (True, fn(task))
+            began = time.perf_counter()
+            result = fn(task)
+            reply = (True, result, time.perf_counter() - began)
         except BaseException as exc:  # every failure goes back to the parent
             reply = (False, exc, traceback.format_exc())
         try:
@@ -102,11 +105,16 @@ class ClientPool:
     Each worker has its own pipe and takes the next task when it returns a result, so fast and
     slow clients balance out. No helper threads: a worker killed half-way through sending a result
     shows up as a closed pipe in the caller, and Ctrl-C at any moment leaves nothing to wait for.
+
+    ``busy_seconds`` adds up the time spent inside ``fn`` over every task so far, measured where
+    it ran: against the wall time times the workers it says how much of the workers' time went to
+    tasks rather than to waiting (for the round's last client, for the caller, for messages).
     """
 
     def __init__(self, fn: Callable[[Any], Any], workers: int, threads: int = 1) -> None:
         self.fn = fn
         self.workers = workers
+        self.busy_seconds = 0.0
         self._pool: list[_Worker] = []
         self._previous_threads = torch.get_num_threads()
         tune_process(threads)
@@ -123,7 +131,7 @@ class ClientPool:
     def map(self, tasks: Sequence[Any]) -> list[Any]:
         """Results in the order of ``tasks``; a dead worker becomes a :class:`WorkerError`, never a hang."""
         if not self._pool:
-            return [self.fn(task) for task in tasks]
+            return [self._run_here(task) for task in tasks]
         results: list[Any] = [None] * len(tasks)
         queue = iter(range(len(tasks)))
         running: dict[Connection, tuple[_Worker, int]] = {}
@@ -151,8 +159,16 @@ class ClientPool:
                     _, exc, text = reply
                     raise exc from RemoteTraceback(text)
                 results[index] = reply[1]
+                self.busy_seconds += reply[2]
                 give_next(worker)
         return results
+
+    def _run_here(self, task: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return self.fn(task)
+        finally:
+            self.busy_seconds += time.perf_counter() - began
 
     def _died(self, task: Any) -> WorkerError:
         self.close(force=True)

@@ -330,7 +330,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     try:
         with ClientPool(_run_task, config.resolved_workers()) as pool:
             for round_index in range(start_round, config.rounds):
-                tick = time.perf_counter()
+                tick, busy_before = time.perf_counter(), pool.busy_seconds
                 sampled = algorithm.training_clients(
                     sample_clients(config.seed, round_index, partition.num_clients, config.client_fraction),
                     partition.num_clients)
@@ -374,6 +374,9 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
                     accuracies = list(_map_in_chunks(pool, evaluated, lambda c: EvalTask(c, personal.get(c))))
                     record["test_accuracy"] = float(np.nanmean(accuracies))
                 record["seconds"] = round(time.perf_counter() - tick, 4)
+                if not vectorized:
+                    record["utilization"] = round(
+                        (pool.busy_seconds - busy_before) / (pool.workers * max(record["seconds"], 1e-9)), 4)
                 metrics.append(record)
                 observer.on_round(record)
                 if checkpoints:

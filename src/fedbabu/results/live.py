@@ -13,7 +13,8 @@ from fedbabu.engine.simulation import Observer
 from fedbabu.errors import UserError
 
 SCALARS = {"train_loss": "train/loss", "lr": "train/lr", "test_accuracy": "global/test_accuracy",
-           "rejected": "faults/rejected_updates", "dropped": "faults/dropped_clients", "seconds": "time/round_seconds"}
+           "rejected": "faults/rejected_updates", "dropped": "faults/dropped_clients", "seconds": "time/round_seconds",
+           "utilization": "time/worker_utilization"}
 """Round-record keys logged to TensorBoard, and their tags."""
 
 
