@@ -373,10 +373,11 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
                 if config.eval_every and ((round_index + 1) % config.eval_every == 0 or last):
                     accuracies = list(_map_in_chunks(pool, evaluated, lambda c: EvalTask(c, personal.get(c))))
                     record["test_accuracy"] = float(np.nanmean(accuracies))
-                record["seconds"] = round(time.perf_counter() - tick, 4)
+                elapsed = time.perf_counter() - tick
+                record["seconds"] = round(elapsed, 4)
                 if not vectorized:
                     record["utilization"] = round(
-                        (pool.busy_seconds - busy_before) / (pool.workers * max(record["seconds"], 1e-9)), 4)
+                        (pool.busy_seconds - busy_before) / (pool.workers * max(elapsed, 1e-9)), 4)
                 metrics.append(record)
                 observer.on_round(record)
                 if checkpoints:
