@@ -25,6 +25,7 @@ from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, build_config, merge_dicts, read_yaml
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
+from fedbabu.engine import hardware
 from fedbabu.engine.checkpoint import CHECKPOINT, CONFIG, METRICS, load_checkpoint
 from fedbabu.engine.params import Layout, flatten_tensors
 from fedbabu.engine.simulation import (
@@ -175,7 +176,7 @@ def restore_federation(run: TrainedRun, config: Config) -> tuple[Dataset, Partit
     if config.dataset == "custom" or config.model == "custom":
         raise UserError(f"{run.folder}: the run trained on data or a network given in Python, which its folder "
                         "does not hold; work from the Results object of fedbabu.run instead")
-    config.resolved_device()
+    hardware.warn_if_kernels_differ(run.summary.get("environment", {}).get("cpu_kernels"), config.resolved_device())
     dataset = prepare_data(config)
     partition = _partition(run, config, dataset)
     layout = Layout(network(config, dataset))

@@ -1,16 +1,28 @@
-"""What the CPU computes natively, for the one setting whose speed depends on it: ``precision: bf16``.
+"""What the CPU computes natively, for the two things that depend on it: bf16's speed and fp32's rounding.
 
 bf16 autocast pays on CPUs with bf16 instructions (AVX512-BF16, or AMX's bf16 tiles) and on GPUs.
 Elsewhere PyTorch emulates bf16 with fp32 arithmetic plus conversions, and a run is several times
 slower than in fp32 (4convNet on one AVX2 core: 58 against 481 img/s), which a user would otherwise
 find only by timing it; so a run on such a CPU says so when it starts.
+
+Runs are bit-identical on one machine, but an AVX-512 CPU rounds fp32 differently from an AVX2 one
+because PyTorch's own kernels (ATen) and oneDNN's convolutions each pick the widest instructions
+they find. Both can be held to AVX2 (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, set
+before Python starts): an AVX-512 machine then reproduces an AVX2 machine's training to the last
+bit (measured: the first round's training loss of the results page's FedBABU run equal to all 16
+digits, against a difference in the third decimal without them). So every run records the kernels
+it computed with (:func:`cpu_kernels`), and work that redoes part of a run elsewhere (personalizing
+it again, analyzing it) says in one line when its kernels differ.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+import torch
 
 from fedbabu.training import Runtime
 
@@ -54,5 +66,64 @@ def bf16_warning(precision: str, device: str, flags: Iterable[str] | None) -> st
 def warn_if_bf16_is_emulated(runtime: Runtime) -> None:
     """Log :func:`bf16_warning` for this machine's CPU when it applies (the CLI shows it as one line)."""
     message = bf16_warning(runtime.precision, runtime.device, cpu_flags())
+    if message is not None:
+        log.warning(message)
+
+
+AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+"""The AVX-512 subsets oneDNN needs before it uses AVX-512 kernels (its ``avx512_core``)."""
+AVX512_CAPS = ("AVX512", "AVX10", "ALL", "DEFAULT")
+"""Values of ``ONEDNN_MAX_CPU_ISA`` that let oneDNN use AVX-512 where the CPU has it."""
+MATCH_KERNELS = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"
+
+
+def onednn_isa(flags: Iterable[str] | None, cap: str | None) -> str | None:
+    """The instruction set oneDNN's fp32 kernels use: the CPU's widest, lowered by ``ONEDNN_MAX_CPU_ISA``.
+
+    Coarse on purpose: AVX512 or AVX2 (or the cap's own name below those), which is what changes
+    fp32 rounding for the networks here. None where the CPU's flags are unknown.
+    """
+    if flags is None:
+        return None
+    flags = set(flags)
+    native = "AVX512" if flags >= AVX512_CORE else "AVX2" if "avx2" in flags else "older than AVX2"
+    cap = (cap or "").strip().upper()
+    if not cap or native != "AVX512" or cap.startswith(AVX512_CAPS):
+        return native
+    return "AVX2" if cap.startswith("AVX2") else cap
+
+
+def cpu_kernels(flags: Iterable[str] | None = None, cap: str | None = None) -> dict[str, str | None]:
+    """The kernels this process computes fp32 with on the CPU: ATen's capability and oneDNN's ISA.
+
+    ``flags`` and ``cap`` default to this machine's ``/proc/cpuinfo`` and ``$ONEDNN_MAX_CPU_ISA``.
+    """
+    flags = cpu_flags() if flags is None else flags
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") if cap is None else cap
+    return {"aten": torch.backends.cpu.get_cpu_capability(), "onednn": onednn_isa(flags, cap)}
+
+
+def kernels_warning(recorded: Mapping[str, str | None] | None, current: Mapping[str, str | None],
+                    device: str) -> str | None:
+    """One line when a run recorded other CPU kernels than this process has, or None.
+
+    Nothing is claimed for CUDA, for a run of an earlier build (nothing recorded) or for a part
+    either side does not know.
+    """
+    if device != "cpu" or not recorded:
+        return None
+    differ = [f"{name} {recorded[name]} then, {current[name]} now" for name in ("aten", "onednn")
+              if recorded.get(name) and current.get(name) and recorded[name] != current[name]]
+    if not differ:
+        return None
+    hint = f"; on an AVX-512 machine, {MATCH_KERNELS} (set before starting) computes as an AVX2 machine does" \
+        if recorded.get("aten") == "AVX2" or recorded.get("onednn") == "AVX2" else ""
+    return (f"the run was trained with other CPU kernels ({'; '.join(differ)}): results will match it only to "
+            f"rounding, not bit for bit{hint}")
+
+
+def warn_if_kernels_differ(recorded: Mapping[str, str | None] | None, device: str) -> None:
+    """Log :func:`kernels_warning` for this process against what a run recorded, when it applies."""
+    message = kernels_warning(recorded, cpu_kernels(), device)
     if message is not None:
         log.warning(message)

@@ -13,6 +13,7 @@ import torch
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
 from fedbabu.config import Config, dump_config
+from fedbabu.engine import hardware
 from fedbabu.engine.checkpoint import METRICS, TIMING, metrics_line, timing_line
 from fedbabu.engine.simulation import RunResult, seeded_clients
 from fedbabu.files import atomic_write_text, save_tensors, write_csv, write_json
@@ -59,6 +60,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
             "threads_per_worker": 1,
             "device": c.resolved_device(),
             "precision": c.precision,
+            "cpu_kernels": hardware.cpu_kernels() if c.resolved_device() == "cpu" else None,
         },
     }
 
