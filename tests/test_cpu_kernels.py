@@ -31,6 +31,7 @@ AVX512 = AVX2_ONLY | hardware.AVX512_CORE
         (AVX512, "avx2_vnni", "AVX2"),
         (AVX512, "AVX512_CORE_AMX", "AVX512"),
         (AVX512, "SSE41", "SSE41"),
+        (AVX2_ONLY, "SSE41", "SSE41"),  # a cap below the CPU lowers an AVX2 CPU too
         (AVX2_ONLY | {"avx512f"}, None, "AVX2"),  # AVX-512 without the subsets oneDNN needs
         (None, "AVX2", None),  # flags unknown: no claim
     ],

@@ -88,9 +88,11 @@ def onednn_isa(flags: Iterable[str] | None, cap: str | None) -> str | None:
     flags = set(flags)
     native = "AVX512" if flags >= AVX512_CORE else "AVX2" if "avx2" in flags else "older than AVX2"
     cap = (cap or "").strip().upper()
-    if not cap or native != "AVX512" or cap.startswith(AVX512_CAPS):
+    if not cap or cap.startswith(AVX512_CAPS):
         return native
-    return "AVX2" if cap.startswith("AVX2") else cap
+    if cap.startswith("AVX2"):
+        return "AVX2" if native in ("AVX512", "AVX2") else native
+    return cap
 
 
 def cpu_kernels(flags: Iterable[str] | None = None, cap: str | None = None) -> dict[str, str | None]:
