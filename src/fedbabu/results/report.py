@@ -31,6 +31,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
     curves = result.accuracy_curve()
     evaluated = [m for m in result.metrics if "test_accuracy" in m]
     algorithm = ALGORITHMS[c.algorithm](c)
+    device = c.resolved_device()
     return {
         "algorithm": c.algorithm,
         "dataset": c.dataset,
@@ -58,9 +59,9 @@ def summarize(result: RunResult) -> dict[str, Any]:
             "machine": platform.machine(),
             "workers": c.resolved_workers(),
             "threads_per_worker": 1,
-            "device": c.resolved_device(),
+            "device": device,
             "precision": c.precision,
-            "cpu_kernels": hardware.cpu_kernels() if c.resolved_device() == "cpu" else None,
+            "cpu_kernels": hardware.cpu_kernels() if device == "cpu" else None,
         },
     }
 
