@@ -13,7 +13,15 @@ import yaml
 
 from fedbabu.config import build_config, merge_dicts
 from fedbabu.errors import UserError
-from fedbabu.reproduce import PRESET_DIR, cells, list_presets, load_preset, parse_selection, run_preset
+from fedbabu.reproduce import (
+    PRESET_DIR,
+    cells,
+    list_presets,
+    load_preset,
+    parse_selection,
+    personalize_preset,
+    run_preset,
+)
 
 
 def test_cifar100_grid_is_the_papers():
@@ -141,12 +149,38 @@ def test_only_runs_the_selected_cells_and_the_table_keeps_the_others(tmp_path, m
     assert second[1].summaries == first[1].summaries
 
 
+def test_only_algorithm_runs_those_algorithms_and_the_table_keeps_the_others(tmp_path, monkeypatch):
+    _digits_preset(tmp_path, monkeypatch, "pick", "fedavg, fedbabu", 2)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    first = run_preset("pick", out, only=["algorithm=fedbabu"], log=lines.append)
+    assert [(o.algorithm, o.seeds) for o in first] == [("fedavg", []), ("fedbabu", [0])]
+    assert len(lines) == 1 and "fedbabu seed 0: running" in lines[0]
+    assert not (out / "default" / "fedavg").exists()
+    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| default"))
+    assert "not run" in row
+    lines.clear()
+    second = run_preset("pick", out, only=["algorithm=fedavg,fedbabu"], log=lines.append)
+    assert [o.seeds for o in second] == [[0], [0]]
+    assert "fedavg seed 0: running" in lines[0] and "fedbabu seed 0: already complete, skipped" in lines[1]
+    assert second[1].summaries == first[1].summaries
+    lines.clear()
+    again = personalize_preset("pick", out, settings={"finetune": {"epochs": 2}}, only=["algorithm=fedavg"],
+                               log=lines.append)
+    assert [o.seeds for o in again] == [[0], []]
+    assert (out / "default" / "fedavg" / "seed-0" / "personalize").is_dir()
+    assert not (out / "default" / "fedbabu" / "seed-0" / "personalize").exists()
+
+
 def test_a_bad_selection_or_setting_stops_before_any_run(tmp_path, monkeypatch):
     _digits_preset(tmp_path, monkeypatch, "bad", "fedavg", 2, "grid: {shards_per_client: [2, 3]}\n")
     preset = load_preset("bad")
     assert parse_selection(preset, ["shards_per_client=3, 2"]) == {"shards_per_client": [3, 2]}
-    with pytest.raises(UserError, match="'lr' is not a grid key of this preset \\(grid keys: shards_per_client\\)"):
+    with pytest.raises(UserError, match="'lr' is not a grid key of this preset \\(grid keys: shards_per_client; or"):
         parse_selection(preset, ["lr=0.1"])
+    assert parse_selection(preset, ["algorithm=fedavg"]) == {"algorithm": ["fedavg"]}
+    with pytest.raises(UserError, match="algorithm takes one of fedavg in this preset"):
+        parse_selection(preset, ["algorithm=fedbabu"])
     with pytest.raises(UserError, match="shards_per_client takes one of 2, 3"):
         parse_selection(preset, ["shards_per_client=4"])
     with pytest.raises(UserError, match=r"\[shards_per_client=3\]: finetune.epochs"):

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a config value in every cell (e.g. data_dir=/data)")
     reproduce.add_argument("--only", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
-                           help="run only the cells with these grid values (e.g. local_epochs=1,10); repeatable")
+                           help="run only the cells with these grid values (e.g. local_epochs=1,10), or only "
+                                "these algorithms (algorithm=fedavg,fedbabu); repeatable")
     reproduce.add_argument("--out", type=Path, help="output folder (default: runs/reproduce/<name>-<scale>)")
     reproduce.add_argument("--personalize-only", action="store_true",
                            help="train nothing: personalize every finished run in the folder again (the cells' "

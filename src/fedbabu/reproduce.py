@@ -156,27 +156,31 @@ def _quick(preset: Preset, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_selection(preset: Preset, pairs: list[str]) -> dict[str, list[Any]]:
-    """``["local_epochs=1,10"]`` as ``{"local_epochs": [1, 10]}``, checked against the grid: a typo
-    must stop the command rather than quietly select no cell at all."""
+    """``["local_epochs=1,10"]`` as ``{"local_epochs": [1, 10]}``, checked against the grid (and
+    ``algorithm`` against the preset's algorithms): a typo must stop the command rather than quietly
+    select no run at all."""
     selection: dict[str, list[Any]] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or not key:
             raise UserError(f"--only {pair!r}: expected key=value[,value...], e.g. --only local_epochs=10")
-        if key not in preset.grid:
+        choices = preset.algorithms if key == "algorithm" else preset.grid.get(key)
+        if choices is None:
             keys = ", ".join(preset.grid) or "none, the preset is a single cell"
-            raise UserError(f"--only {pair!r}: {key!r} is not a grid key of this preset (grid keys: {keys})")
-        values = [parse_value(part.strip()) for part in raw.split(",")]
-        if any(value not in preset.grid[key] for value in values):
-            choices = ", ".join(map(str, preset.grid[key]))
-            raise UserError(f"--only {pair!r}: {key} takes one of {choices} in this preset")
+            raise UserError(f"--only {pair!r}: {key!r} is not a grid key of this preset "
+                            f"(grid keys: {keys}; or algorithm)")
+        values = [part.strip() if key == "algorithm" else parse_value(part.strip()) for part in raw.split(",")]
+        if any(value not in choices for value in values):
+            raise UserError(f"--only {pair!r}: {key} takes one of {', '.join(map(str, choices))} in this preset")
         selection.setdefault(key, []).extend(values)
     return selection
 
 
-def _selected(cell: Cell, selection: dict[str, list[Any]]) -> bool:
-    return all(cell.point[key] in values for key, values in selection.items())
+def _selected(cell: Cell, algorithm: str, selection: dict[str, list[Any]]) -> bool:
+    """Whether ``--only`` picks this algorithm's runs on this cell."""
+    return algorithm in selection.get("algorithm", [algorithm]) and \
+        all(cell.point[key] in values for key, values in selection.items() if key != "algorithm")
 
 
 EVALUATION_KEYS = ("finetune", "eval_batch_size", "workers", "device", "data_dir", "download", "personal_memory")
@@ -246,9 +250,10 @@ def run_preset(
 ) -> list[CellResult]:
     """Run (or continue) the cells of a preset and write ``results.md`` beside the run folders.
 
-    ``settings`` change every cell (a data folder, a device); ``only`` (``key=value[,value]``) runs a
-    subset of the grid, so a grid can be split across machines or continued one cell at a time. The
-    table still covers every cell: those not selected show what their folders already hold. The
+    ``settings`` change every cell (a data folder, a device); ``only`` (``key=value[,value]``, a grid
+    key or ``algorithm``) runs a subset of the grid or of the algorithms, so a preset can be split
+    across machines or processes or continued one cell at a time. The table still covers every cell
+    and algorithm: those not selected show what their folders already hold. The
     config of every run to do is built before the first one starts, so a bad value in the last cell
     stops the command at once rather than hours into the grid. An algorithm that starts from another
     one's run (LG-FedAvg from FedAvg's) starts from the cell's run of it, which goes first, or from
@@ -259,9 +264,10 @@ def run_preset(
     selection = parse_selection(preset, only or [])
     extra = settings or {}
     grid = cells(preset, scale)
-    to_run = {cell.name: seeds if _selected(cell, selection) else [] for cell in grid}
+    to_run = {(cell.name, algorithm): seeds if _selected(cell, algorithm, selection) else []
+              for cell in grid for algorithm in preset.algorithms}
     configs = {(cell.name, algorithm, seed): _planned_config(preset, name, out, cell, extra, algorithm, seed)
-               for cell in grid for algorithm in preset.algorithms for seed in to_run[cell.name]}
+               for cell in grid for algorithm in preset.algorithms for seed in to_run[cell.name, algorithm]}
     by_name = {cell.name: cell for cell in grid}
     phases = {key: phase for key in configs
               if (phase := _phase(preset, name, out, by_name[key[0]], extra, key[1], key[2])) is not None}
@@ -272,7 +278,7 @@ def run_preset(
     for index, cell in enumerate(grid, 1):
         for algorithm in order:
             outcome = CellResult(cell, algorithm, [], [])
-            for seed in to_run[cell.name]:
+            for seed in to_run[cell.name, algorithm]:
                 config = configs[cell.name, algorithm, seed]
                 folder = out / _slug(cell.name) / algorithm / f"seed-{seed}"
                 label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
@@ -289,7 +295,7 @@ def run_preset(
                     outcome.diverged += 1
                     continue
                 outcome.add(results_folder(folder, config, label, log, observer))
-            for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, to_run[cell.name]):
+            for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, to_run[cell.name, algorithm]):
                 other = _planned_config(preset, name, out, cell, extra, algorithm, seed)
                 state = _state(folder, other)
                 if state == "done":
@@ -373,7 +379,7 @@ def personalize_preset(
         for algorithm in preset.algorithms:
             outcome = CellResult(cell, algorithm, [], [])
             for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, []):
-                if not _selected(cell, selection) or (seeds and seed not in seeds):
+                if not _selected(cell, algorithm, selection) or (seeds and seed not in seeds):
                     continue
                 label = f"[{index}/{len(grid)}] {cell.name} {algorithm} seed {seed}"
                 if not (folder / "summary.json").is_file():
