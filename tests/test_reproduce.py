@@ -280,3 +280,19 @@ def test_lg_fedavg_starts_from_the_cells_fedavg_run_or_from_a_fedavg_phase(tmp_p
     saved = yaml.safe_load((out / "default" / "lg_fedavg" / "seed-0" / "config.yaml").read_text())
     assert saved["lg_fedavg"]["warm_start"] == str(phase.resolve())
     assert [o.seeds for o in outcomes] == [[0], [0]], "the phase is not a seed of the table"
+
+
+def test_a_checkpointed_run_resumes_with_another_number_of_workers(tmp_path, monkeypatch):
+    """Results never depend on the worker count, so asking for more workers must continue an
+    interrupted run, not train it again from round 0 over its checkpoint."""
+    _digits_preset(tmp_path, monkeypatch, "tiny", "fedavg", 4, "")
+    out = tmp_path / "out"
+    run_preset("tiny", out, log=lambda line: None)
+    run = out / "default" / "fedavg" / "seed-0"
+    model_bytes = (run / "model.pt").read_bytes()
+    (run / "summary.json").unlink()  # as if killed after its last checkpoint
+    lines: list[str] = []
+    run_preset("tiny", out, settings={"workers": 2}, log=lines.append)
+    assert "resuming from its checkpoint" in lines[0]
+    assert (run / "model.pt").read_bytes() == model_bytes
+    assert yaml.safe_load((run / "config.yaml").read_text())["workers"] == 2

@@ -199,7 +199,10 @@ def training_values(config: Config) -> dict[str, Any]:
 
 def _state(folder: Path, config: Config) -> str:
     """``done`` (finished, trained as this config trains), ``diverged`` (stopped by divergence, same
-    config), ``resumable`` (checkpointed, same config) or ``new``."""
+    config), ``resumable`` (checkpointed, same config up to the keys a resume may change, such as
+    the number of workers) or ``new``."""
+    from fedbabu.runner import config_differences
+
     saved = folder / "config.yaml"
     if not saved.exists():
         return "new"
@@ -211,7 +214,7 @@ def _state(folder: Path, config: Config) -> str:
         return "new"
     if (folder / "summary.json").exists():
         return "done"
-    if saved_config != config:
+    if config_differences(saved_config, config):
         return "new"
     events = folder / "events.log"
     if events.exists() and "training diverged" in events.read_text():
@@ -437,7 +440,7 @@ def _complete(folder: Path, config: Config, observer: Any, label: str, log: Call
         log(f"{label}: already complete, skipped")
     elif state == "resumable":
         log(f"{label}: resuming from its checkpoint")
-        resume_experiment(folder, config, observer)
+        resume_experiment(folder, config, observer, overrides=config.to_plain())
     else:
         log(f"{label}: running")
         run_experiment(config, folder, observer, overwrite=True)
