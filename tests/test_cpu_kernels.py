@@ -56,6 +56,28 @@ def test_a_difference_in_either_kernel_is_one_line_and_nothing_else_is():
     assert hardware.MATCH_KERNELS not in only_onednn  # nothing can raise the kernels above what the run had
 
 
+def test_another_maker_of_cpu_is_named_even_with_the_same_kernels():
+    amd = {"aten": "AVX2", "onednn": "AVX2", "vendor": "AuthenticAMD"}
+    intel = {**amd, "vendor": "GenuineIntel"}
+    message = hardware.kernels_warning(amd, intel, "cpu")
+    assert message.startswith("the run was trained with other CPU kernels (vendor AuthenticAMD then, GenuineIntel "
+                              "now): results will match it only to rounding")
+    assert "another maker" in message and hardware.MATCH_KERNELS not in message and "\n" not in message
+    assert hardware.kernels_warning(amd, amd, "cpu") is None
+    assert hardware.kernels_warning({"aten": "AVX2", "onednn": "AVX2"}, intel, "cpu") is None  # maker not recorded
+    both = hardware.kernels_warning(amd, {**intel, "aten": "AVX512", "onednn": "AVX512"}, "cpu")
+    assert hardware.MATCH_KERNELS in both and "another maker" in both
+
+
+def test_the_cpu_maker_is_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2\n\nprocessor\t: 1\n"
+                       "vendor_id\t: GenuineIntel\n")
+    assert hardware.cpuinfo_field("vendor_id", cpuinfo) == "GenuineIntel"
+    assert hardware.cpu_flags(cpuinfo) == frozenset({"fpu", "avx2"})
+    assert hardware.cpuinfo_field("vendor_id", tmp_path / "absent") is None
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("kernels") / "run"
@@ -97,4 +119,5 @@ def test_the_documented_variables_hold_both_kernels_to_avx2(tmp_path):
                     "--set", "rounds=1", "--set", "num_clients=5", "--set", "finetune.epochs=1"],
                    env=env, check=True, capture_output=True)
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["environment"]["cpu_kernels"] == {"aten": "AVX2", "onednn": "AVX2"}
+    assert summary["environment"]["cpu_kernels"] == {"aten": "AVX2", "onednn": "AVX2",
+                                                     "vendor": hardware.cpuinfo_field("vendor_id")}

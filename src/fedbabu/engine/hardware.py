@@ -10,9 +10,12 @@ because PyTorch's own kernels (ATen) and oneDNN's convolutions each pick the wid
 they find. Both can be held to AVX2 (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, set
 before Python starts): an AVX-512 machine then reproduces an AVX2 machine's training to the last
 bit (measured: the first round's training loss of the results page's FedBABU run equal to all 16
-digits, against a difference in the third decimal without them). So every run records the kernels
-it computed with (:func:`cpu_kernels`), and work that redoes part of a run elsewhere (personalizing
-it again, analyzing it) says in one line when its kernels differ.
+digits, against a difference in the third decimal without them). That held between two AMD CPUs;
+an Intel CPU held to the same kernels still rounds differently from them (measured: the first
+round's loss differs in the fourth digit, with or without MKL held to AVX2 as well), since the
+libraries also choose code paths and blockings by the CPU's maker and caches. So every run records
+the kernels it computed with and the CPU's maker (:func:`cpu_kernels`), and work that redoes part
+of a run elsewhere (personalizing it again, analyzing it) says in one line when either differs.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ log = logging.getLogger("fedbabu")
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_flags(path: Path = CPUINFO) -> frozenset[str] | None:
-    """The CPU's feature flags as Linux lists them (``flags`` in ``/proc/cpuinfo``); None where unknown.
+def cpuinfo_field(name: str, path: Path = CPUINFO) -> str | None:
+    """The first value of one field of ``/proc/cpuinfo`` (``flags``, ``vendor_id``); None where unknown.
 
-    Other systems, and Linux on CPUs that list ``Features`` instead (ARM), give None: the caller
-    then knows nothing and warns about nothing.
+    Other systems, and Linux on CPUs that lack the field (ARM lists ``Features``, not ``flags``), give
+    None: the caller then knows nothing and warns about nothing.
     """
     try:
         text = path.read_text()
@@ -43,9 +46,15 @@ def cpu_flags(path: Path = CPUINFO) -> frozenset[str] | None:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
+        if key.strip() == name:
+            return value.strip()
     return None
+
+
+def cpu_flags(path: Path = CPUINFO) -> frozenset[str] | None:
+    """The CPU's feature flags as Linux lists them (``flags`` in ``/proc/cpuinfo``); None where unknown."""
+    flags = cpuinfo_field("flags", path)
+    return None if flags is None else frozenset(flags.split())
 
 
 def native_bf16(flags: Iterable[str]) -> bool:
@@ -96,13 +105,15 @@ def onednn_isa(flags: Iterable[str] | None, cap: str | None) -> str | None:
 
 
 def cpu_kernels(flags: Iterable[str] | None = None, cap: str | None = None) -> dict[str, str | None]:
-    """The kernels this process computes fp32 with on the CPU: ATen's capability and oneDNN's ISA.
+    """What this process's fp32 rounding on the CPU depends on: ATen's capability, oneDNN's ISA, the CPU's maker.
 
-    ``flags`` and ``cap`` default to this machine's ``/proc/cpuinfo`` and ``$ONEDNN_MAX_CPU_ISA``.
+    ``flags`` and ``cap`` default to this machine's ``/proc/cpuinfo`` and ``$ONEDNN_MAX_CPU_ISA``;
+    the maker is ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``), None where unknown.
     """
     flags = cpu_flags() if flags is None else flags
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") if cap is None else cap
-    return {"aten": torch.backends.cpu.get_cpu_capability(), "onednn": onednn_isa(flags, cap)}
+    return {"aten": torch.backends.cpu.get_cpu_capability(), "onednn": onednn_isa(flags, cap),
+            "vendor": cpuinfo_field("vendor_id")}
 
 
 def kernels_warning(recorded: Mapping[str, str | None] | None, current: Mapping[str, str | None],
@@ -110,18 +121,24 @@ def kernels_warning(recorded: Mapping[str, str | None] | None, current: Mapping[
     """One line when a run recorded other CPU kernels than this process has, or None.
 
     Nothing is claimed for CUDA, for a run of an earlier build (nothing recorded) or for a part
-    either side does not know.
+    either side does not know (runs of earlier builds did not record the CPU's maker).
     """
     if device != "cpu" or not recorded:
         return None
-    differ = [f"{name} {recorded[name]} then, {current[name]} now" for name in ("aten", "onednn")
+    differ = [f"{name} {recorded[name]} then, {current[name]} now" for name in ("aten", "onednn", "vendor")
               if recorded.get(name) and current.get(name) and recorded[name] != current[name]]
     if not differ:
         return None
-    hint = f"; on an AVX-512 machine, {MATCH_KERNELS} (set before starting) computes as an AVX2 machine does" \
-        if recorded.get("aten") == "AVX2" or recorded.get("onednn") == "AVX2" else ""
+    maker_differs = any(line.startswith("vendor") for line in differ)
+    kernels_differ = len(differ) > maker_differs
+    hints = []
+    if kernels_differ and "AVX2" in (recorded.get("aten"), recorded.get("onednn")):
+        hints.append(f"on an AVX-512 machine of the same maker, {MATCH_KERNELS} (set before starting) computes as "
+                     "an AVX2 machine does")
+    if maker_differs:
+        hints.append("a CPU of another maker rounds differently even with the same kernels")
     return (f"the run was trained with other CPU kernels ({'; '.join(differ)}): results will match it only to "
-            f"rounding, not bit for bit{hint}")
+            f"rounding, not bit for bit" + "".join(f"; {hint}" for hint in hints))
 
 
 def warn_if_kernels_differ(recorded: Mapping[str, str | None] | None, device: str) -> None:
