@@ -125,19 +125,18 @@ def kernels_warning(recorded: Mapping[str, str | None] | None, current: Mapping[
     """
     if device != "cpu" or not recorded:
         return None
-    differ = [f"{name} {recorded[name]} then, {current[name]} now" for name in ("aten", "onednn", "vendor")
+    differ = [name for name in ("aten", "onednn", "vendor")
               if recorded.get(name) and current.get(name) and recorded[name] != current[name]]
     if not differ:
         return None
-    maker_differs = any(line.startswith("vendor") for line in differ)
-    kernels_differ = len(differ) > maker_differs
     hints = []
-    if kernels_differ and "AVX2" in (recorded.get("aten"), recorded.get("onednn")):
+    if set(differ) - {"vendor"} and "AVX2" in (recorded.get("aten"), recorded.get("onednn")):
         hints.append(f"on an AVX-512 machine of the same maker, {MATCH_KERNELS} (set before starting) computes as "
                      "an AVX2 machine does")
-    if maker_differs:
+    if "vendor" in differ:
         hints.append("a CPU of another maker rounds differently even with the same kernels")
-    return (f"the run was trained with other CPU kernels ({'; '.join(differ)}): results will match it only to "
+    changes = "; ".join(f"{name} {recorded[name]} then, {current[name]} now" for name in differ)
+    return (f"the run was trained with other CPU kernels ({changes}): results will match it only to "
             f"rounding, not bit for bit" + "".join(f"; {hint}" for hint in hints))
 
 
