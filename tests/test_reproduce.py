@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -170,6 +171,23 @@ def test_only_algorithm_runs_those_algorithms_and_the_table_keeps_the_others(tmp
     assert [o.seeds for o in again] == [[0], []]
     assert (out / "default" / "fedavg" / "seed-0" / "personalize").is_dir()
     assert not (out / "default" / "fedbabu" / "seed-0" / "personalize").exists()
+
+
+def test_the_table_has_the_runs_another_process_finished_while_this_one_trained(tmp_path, monkeypatch):
+    _digits_preset(tmp_path, monkeypatch, "split", "fedavg, fedbabu", 2)
+    elsewhere = tmp_path / "elsewhere"
+    run_preset("split", elsewhere, only=["algorithm=fedavg"], log=lambda line: None)
+    out = tmp_path / "out"
+
+    def finish_fedavg_meanwhile(line: str) -> None:
+        """What the other process (``--only algorithm=fedavg``) does while this one trains FedBABU."""
+        if "fedbabu seed 0: running" in line:
+            shutil.copytree(elsewhere / "default" / "fedavg", out / "default" / "fedavg")
+
+    outcomes = run_preset("split", out, only=["algorithm=fedbabu"], log=finish_fedavg_meanwhile)
+    assert [(o.algorithm, o.seeds) for o in outcomes] == [("fedavg", [0]), ("fedbabu", [0])]
+    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| default"))
+    assert "not run" not in row and row.count(" | ") == 6
 
 
 def test_a_bad_selection_or_setting_stops_before_any_run(tmp_path, monkeypatch):

@@ -277,10 +277,10 @@ def run_preset(
     starts = {phase[1].algorithm for phase in phases.values()}
     order = sorted(preset.algorithms, key=lambda a: a not in starts)  # a run others start from goes first
     out.mkdir(parents=True, exist_ok=True)
-    outcomes: list[CellResult] = []
+    trained: dict[tuple[str, str], CellResult] = {}
     for index, cell in enumerate(grid, 1):
         for algorithm in order:
-            outcome = CellResult(cell, algorithm, [], [])
+            outcome = trained[cell.name, algorithm] = CellResult(cell, algorithm, [], [])
             for seed in to_run[cell.name, algorithm]:
                 config = configs[cell.name, algorithm, seed]
                 folder = out / _slug(cell.name) / algorithm / f"seed-{seed}"
@@ -298,6 +298,12 @@ def run_preset(
                     outcome.diverged += 1
                     continue
                 outcome.add(results_folder(folder, config, label, log, observer))
+    # The runs this call did not make are read only now, after its training, so that the table has
+    # those another process (the other algorithm, with --only) finished in the meantime.
+    outcomes: list[CellResult] = []
+    for index, cell in enumerate(grid, 1):
+        for algorithm in order:
+            outcome = trained[cell.name, algorithm]
             for seed, folder in _other_seeds(out / _slug(cell.name) / algorithm, to_run[cell.name, algorithm]):
                 other = _planned_config(preset, name, out, cell, extra, algorithm, seed)
                 state = _state(folder, other)
