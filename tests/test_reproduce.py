@@ -118,11 +118,11 @@ def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypa
     _digits_preset(tmp_path, monkeypatch, "pair", "fedavg, fedbabu", 2)
     out = tmp_path / "out"
     run_preset("pair", out, log=lambda line: None)
-    row = (out / "results.md").read_text().splitlines()[-5]
+    row = _row(out, "| default")
     assert row.startswith("| default | 0 |") and "±" not in row
     outcomes = run_preset("pair", out, seeds=[1], log=lambda line: None)
     assert [o.seeds for o in outcomes] == [[1, 0], [1, 0]]
-    cells = (out / "results.md").read_text().splitlines()[-5].strip("| ").split(" | ")
+    cells = _row(out, "| default").strip("| ").split(" | ")
     assert cells[:2] == ["default", "0, 1"]
     personalized = {a: [json.loads((out / "default" / a / f"seed-{k}" / "summary.json").read_text())
                         ["personalized_accuracy"]["mean"] for k in (0, 1)] for a in ("fedavg", "fedbabu")}
@@ -130,6 +130,15 @@ def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypa
     fedavg = np.array(personalized["fedavg"])
     assert cells[3] == f"{100 * fedavg.mean():.2f} ± {100 * fedavg.std(ddof=1):.2f}"
     assert cells[6] == f"{100 * diffs.mean():+.2f} ± {100 * diffs.std(ddof=1):.2f}"
+    assert cells[7] == f"{100 * diffs[0]:+.2f} / {100 * diffs[1]:+.2f}"
+    results = (out / "results.md").read_text()
+    for plot in ("finetune.png", "seeds.png", "differences.png"):
+        assert f"]({plot})" in results
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _row(out: Path, prefix: str) -> str:
+    return next(line for line in (out / "results.md").read_text().splitlines() if line.startswith(prefix))
 
 
 def test_only_runs_the_selected_cells_and_the_table_keeps_the_others(tmp_path, monkeypatch):
@@ -158,7 +167,7 @@ def test_only_algorithm_runs_those_algorithms_and_the_table_keeps_the_others(tmp
     assert [(o.algorithm, o.seeds) for o in first] == [("fedavg", []), ("fedbabu", [0])]
     assert len(lines) == 1 and "fedbabu seed 0: running" in lines[0]
     assert not (out / "default" / "fedavg").exists()
-    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| default"))
+    row = _row(out, "| default")
     assert "not run" in row
     lines.clear()
     second = run_preset("pick", out, only=["algorithm=fedavg,fedbabu"], log=lines.append)
@@ -186,8 +195,8 @@ def test_the_table_has_the_runs_another_process_finished_while_this_one_trained(
 
     outcomes = run_preset("split", out, only=["algorithm=fedbabu"], log=finish_fedavg_meanwhile)
     assert [(o.algorithm, o.seeds) for o in outcomes] == [("fedavg", [0]), ("fedbabu", [0])]
-    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| default"))
-    assert "not run" not in row and row.count(" | ") == 6
+    row = _row(out, "| default")
+    assert "not run" not in row and row.count(" | ") == 7
 
 
 def test_a_bad_selection_or_setting_stops_before_any_run(tmp_path, monkeypatch):

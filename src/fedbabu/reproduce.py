@@ -26,7 +26,7 @@ from fedbabu.engine.checkpoint import CHECKPOINT
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_text
-from fedbabu.results.plots import plot_finetune_curves
+from fedbabu.results.plots import plot_comparison, plot_finetune_curves, plot_paired_differences
 from fedbabu.results.rebuild import read_curves
 from fedbabu.results.report import seed_spread
 
@@ -479,22 +479,34 @@ def _means(outcome: CellResult, key: str) -> dict[int, float]:
     return {s["seed"]: s[key]["mean"] for s in outcome.summaries}
 
 
-def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResult], out: Path) -> None:
-    """A Markdown table over every finished seed of each cell, and a fine-tuning plot.
+def _seed_bar(outcome: CellResult, label: str) -> dict[str, Any]:
+    """A bar of the over-seeds plot: the mean of the per-seed means, with the spread over seeds as its
+    error bar (none for a single seed, whose spread is unknown)."""
+    bar: dict[str, Any] = {"algorithm": label}
+    for key, column in (("initial", "initial_accuracy"), ("personalized", "personalized_accuracy")):
+        means = list(_means(outcome, column).values())
+        bar[f"{key}_mean"], bar[f"{key}_std"] = float(np.mean(means)), seed_spread(means)
+    return bar
 
-    The difference column pairs the two algorithms seed by seed (same partition, same initial
-    body), which is the comparison the paper makes.
+
+def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResult], out: Path) -> None:
+    """A Markdown table over every finished seed of each cell, and its plots.
+
+    The difference columns pair the two algorithms seed by seed (same partition, same initial
+    body), which is the comparison the paper makes; every seed's difference is listed and drawn,
+    since their spread is what a reader needs to judge a lead.
     """
     algorithms = preset.algorithms
     paired = algorithms[:2] == ["fedavg", "fedbabu"]
     header = "| cell | seeds | " + " | ".join(f"{a} initial | {a} personalized" for a in algorithms)
     if paired:
-        header += " | fedbabu − fedavg (personalized)"
+        header += " | fedbabu − fedavg (personalized) | per seed"
     lines = [f"# {preset.title}", "",
              f"Scale: {scale}. Accuracy in %: the mean over clients of each run, then mean ± std over seeds "
              "(a single value where one seed has finished).", "",
              header + " |", "|" + "---|" * (header.count("|"))]
     by_cell: dict[str, dict[str, CellResult]] = {}
+    differences: dict[str, list[float]] = {}
     for outcome in outcomes:
         by_cell.setdefault(outcome.cell.name, {})[outcome.algorithm] = outcome
     for cell_name, results in by_cell.items():
@@ -515,9 +527,21 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
             both = sorted(fedavg.keys() & fedbabu.keys())
             diffs = [fedbabu[seed] - fedavg[seed] for seed in both]
             row.append(_over_seeds(diffs, signed=True) if diffs else "–")
+            row.append(" / ".join(f"{100 * diff:+.2f}" for diff in diffs) or "–")
+            if diffs:
+                differences[cell_name] = diffs
         lines.append("| " + " | ".join(row) + " |")
     wall = sum(s["wall_time_s"] for o in outcomes for s in o.summaries)
-    lines += ["", f"Total wall time of the runs: {wall / 60:.1f} min.", "", "![fine-tuning](finetune.png)", ""]
+    lines += ["", f"Total wall time of the runs: {wall / 60:.1f} min.", "", "![fine-tuning](finetune.png)"]
     curves = {f"{o.algorithm} {o.cell.name}": np.concatenate(o.curves) for o in outcomes if o.curves}
     plot_finetune_curves(curves, out / "finetune.png", f"{name}: accuracy vs fine-tuning epochs")
+    bars = [_seed_bar(o, f"{o.algorithm} {o.cell.name}") for o in outcomes if o.summaries]
+    if bars:
+        plot_comparison(bars, out / "seeds.png", f"{name}: mean ± std over seeds")
+        lines.append("![over seeds](seeds.png)")
+    if differences:
+        plot_paired_differences(differences, out / "differences.png",
+                                f"{name}: fedbabu − fedavg, personalized, per seed")
+        lines.append("![paired differences](differences.png)")
+    lines.append("")
     atomic_write_text(out / "results.md", "\n".join(lines))

@@ -79,6 +79,28 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
     _save(fig, path)
 
 
+def plot_paired_differences(differences: dict[str, Sequence[float]], path: Path, title: str) -> None:
+    """One dot per seed and a bar at the mean, per cell: how far a lead moves with the seed.
+
+    The spread over seeds is what tells a measured lead from a lucky one, so every seed is drawn
+    rather than a mean and an error bar.
+    """
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(differences) + 2), 4))
+    for x, values in enumerate(differences.values()):
+        points = 100 * np.asarray(values, dtype=np.float64)
+        ax.scatter(np.full(points.size, x), points, color="tab:blue", zorder=3,
+                   label="one seed" if x == 0 else None)
+        ax.hlines(points.mean(), x - 0.25, x + 0.25, color="tab:red", label="mean over seeds" if x == 0 else None)
+    ax.axhline(0, color="black", linewidth=0.8)
+    labels = list(differences)
+    crowded = len(labels) > 4 or max((len(label) for label in labels), default=0) > 12
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    ax.set(ylabel="difference (points)", title=title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
 def plot_head_cosines(heads: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path) -> None:
     """Heat maps of the head's class-by-class cosines: the global head, and personalized heads on average.
 
