@@ -20,6 +20,12 @@ def _save(fig: plt.Figure, path: Path) -> None:
     tmp.replace(path)
 
 
+def _label_columns(ax: plt.Axes, labels: Sequence[str]) -> None:
+    """One x tick per column, slanted when the labels would overlap upright."""
+    crowded = len(labels) > 4 or max((len(label) for label in labels), default=0) > 12
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+
+
 def plot_rounds(metrics: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """Mean training loss per round, and the global model's accuracy where it was evaluated."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -70,9 +76,7 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
     for offset, key, label in ((-0.2, "initial", "initial"), (0.2, "personalized", "personalized")):
         ax.bar(x + offset, [100 * r[f"{key}_mean"] for r in rows], width=0.4,
                yerr=[100 * r[f"{key}_std"] for r in rows], capsize=3, label=label)
-    labels = [r["algorithm"] for r in rows]
-    crowded = len(rows) > 4 or max((len(label) for label in labels), default=0) > 12
-    ax.set_xticks(x, labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    _label_columns(ax, [r["algorithm"] for r in rows])
     ax.set(ylabel="accuracy (%)", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3, axis="y")
@@ -92,9 +96,7 @@ def plot_paired_differences(differences: dict[str, Sequence[float]], path: Path,
                    label="one seed" if x == 0 else None)
         ax.hlines(points.mean(), x - 0.25, x + 0.25, color="tab:red", label="mean over seeds" if x == 0 else None)
     ax.axhline(0, color="black", linewidth=0.8)
-    labels = list(differences)
-    crowded = len(labels) > 4 or max((len(label) for label in labels), default=0) > 12
-    ax.set_xticks(range(len(labels)), labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    _label_columns(ax, list(differences))
     ax.set(ylabel="difference (points)", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3, axis="y")
