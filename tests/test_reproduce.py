@@ -23,6 +23,7 @@ from fedbabu.reproduce import (
     personalize_preset,
     run_preset,
 )
+from fedbabu.results.rebuild import read_curves
 
 
 def test_cifar100_grid_is_the_papers():
@@ -119,7 +120,8 @@ def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypa
     out = tmp_path / "out"
     run_preset("pair", out, log=lambda line: None)
     row = _row(out, "| default")
-    assert row.startswith("| default | 0 |") and "±" not in row
+    over_seeds, per_seed = row.rsplit(" | ", 1)
+    assert row.startswith("| default | 0 |") and "±" not in over_seeds and " ± " in per_seed  # one seed: no spread
     outcomes = run_preset("pair", out, seeds=[1], log=lambda line: None)
     assert [o.seeds for o in outcomes] == [[1, 0], [1, 0]]
     cells = _row(out, "| default").strip("| ").split(" | ")
@@ -130,7 +132,16 @@ def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypa
     fedavg = np.array(personalized["fedavg"])
     assert cells[3] == f"{100 * fedavg.mean():.2f} ± {100 * fedavg.std(ddof=1):.2f}"
     assert cells[6] == f"{100 * diffs.mean():+.2f} ± {100 * diffs.std(ddof=1):.2f}"
-    assert cells[7] == f"{100 * diffs[0]:+.2f} / {100 * diffs[1]:+.2f}"
+    clients = {a: [read_curves(out / "default" / a / f"seed-{k}" / "clients.csv")[:, -1] for k in (0, 1)]
+               for a in ("fedavg", "fedbabu")}
+    per_seed = []
+    for k, diff in enumerate(diffs):
+        per_client = clients["fedbabu"][k] - clients["fedavg"][k]
+        error = per_client.std(ddof=1) / np.sqrt(per_client.size)
+        counts = [(per_client > 1e-9).sum(), (per_client < -1e-9).sum(), (np.abs(per_client) <= 1e-9).sum()]
+        per_seed.append(f"{100 * diff:+.2f} ± {100 * error:.2f} ({counts[0]} higher, {counts[1]} lower, "
+                        f"{counts[2]} tied)")
+    assert cells[7] == "; ".join(per_seed)
     results = (out / "results.md").read_text()
     for plot in ("finetune.png", "seeds.png", "differences.png"):
         assert f"]({plot})" in results

@@ -76,7 +76,8 @@ def test_the_results_table_keeps_entries_and_headers_whole(piped_compare, width)
     flower sim (one run's summary.json)."""
     out = piped_compare[0]
     with (out / "comparison.csv").open() as f:
-        compared = [{**r, **{k: float(r[k]) for k in r if k.endswith(("_mean", "_std", "_s")) and r[k]},
+        compared = [{**r, **{k: float(r[k]) for k in r if k.endswith(("_mean", "_std", "_s", "_difference", "_error"))
+                             and r[k]},
                      "bytes_per_round_per_client": int(r["bytes_per_round_per_client"])} for r in csv.DictReader(f)]
     assert [r["algorithm"] for r in compared] == ALGORITHMS
     one = summary_row(json.loads((out / "fedavg" / "summary.json").read_text()))
@@ -89,6 +90,7 @@ def test_the_results_table_keeps_entries_and_headers_whole(piped_compare, width)
         assert {"initial", "personalized", "gain", "bytes/client", "time"} <= tokens(output)
         for r in rows:
             assert f"{r['bytes_per_round_per_client']:,}" in output
+        assert ("reference" in tokens(output)) == (rows is compared)
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -26,6 +26,7 @@ from fedbabu.engine.checkpoint import CHECKPOINT
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_text
+from fedbabu.results.paired import paired_difference
 from fedbabu.results.plots import plot_comparison, plot_finetune_curves, plot_paired_differences
 from fedbabu.results.rebuild import read_curves
 from fedbabu.results.report import seed_spread
@@ -479,6 +480,11 @@ def _means(outcome: CellResult, key: str) -> dict[int, float]:
     return {s["seed"]: s[key]["mean"] for s in outcome.summaries}
 
 
+def _personalized(outcome: CellResult) -> dict[int, np.ndarray]:
+    """Each seed's per-client personalized accuracies, in client order."""
+    return {s["seed"]: curve[:, -1] for s, curve in zip(outcome.summaries, outcome.curves, strict=True)}
+
+
 def _seed_bar(outcome: CellResult, label: str) -> dict[str, Any]:
     """A bar of the over-seeds plot: the mean of the per-seed means, with the spread over seeds as its
     error bar (none for a single seed, whose spread is unknown)."""
@@ -494,7 +500,8 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
 
     The difference columns pair the two algorithms seed by seed (same partition, same initial
     body), which is the comparison the paper makes; every seed's difference is listed and drawn,
-    since their spread is what a reader needs to judge a lead.
+    since their spread is what a reader needs to judge a lead, with its paired per-client standard
+    error and the clients it favours, which say whether one seed's lead is measured at all.
     """
     algorithms = preset.algorithms
     paired = algorithms[:2] == ["fedavg", "fedbabu"]
@@ -503,7 +510,10 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
         header += " | fedbabu − fedavg (personalized) | per seed"
     lines = [f"# {preset.title}", "",
              f"Scale: {scale}. Accuracy in %: the mean over clients of each run, then mean ± std over seeds "
-             "(a single value where one seed has finished).", "",
+             "(a single value where one seed has finished)."
+             + (" Per seed: fedbabu − fedavg client by client (same partition and test sets), its mean ± the "
+                "standard error of that mean, and on how many clients fedbabu is higher, lower or tied; "
+                "the seeds both algorithms finished, in increasing order, separated by `;`." if paired else ""), "",
              header + " |", "|" + "---|" * (header.count("|"))]
     by_cell: dict[str, dict[str, CellResult]] = {}
     differences: dict[str, list[float]] = {}
@@ -527,7 +537,10 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
             both = sorted(fedavg.keys() & fedbabu.keys())
             diffs = [fedbabu[seed] - fedavg[seed] for seed in both]
             row.append(_over_seeds(diffs, signed=True) if diffs else "–")
-            row.append(" / ".join(f"{100 * diff:+.2f}" for diff in diffs) or "–")
+            clients = {a: _personalized(results[a]) for a in ("fedavg", "fedbabu")}
+            pairs = [paired_difference([clients["fedavg"][seed]], [clients["fedbabu"][seed]]) for seed in both]
+            row.append("; ".join(f"{100 * diff:+.2f}" if pair is None else pair.text()
+                                 for diff, pair in zip(diffs, pairs, strict=True)) or "–")
             if diffs:
                 differences[cell_name] = diffs
         lines.append("| " + " | ".join(row) + " |")

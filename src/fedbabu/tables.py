@@ -7,6 +7,7 @@ wrapped into the width left; otherwise each row is listed as one entry, continue
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -153,15 +154,32 @@ def print_results(console: Console, title: str, rows: Sequence[dict]) -> None:
     """The results table of ``run``, ``resume``, ``personalize``, ``compare`` and ``flower sim``.
 
     ``rows`` are comparison rows (``algorithm``, ``initial_mean``/``_std``, ``personalized_mean``/``_std``,
-    ``bytes_per_round_per_client``, ``wall_time_s``); accuracies in %, mean ± std over clients.
+    ``bytes_per_round_per_client``, ``wall_time_s``); accuracies in %, mean ± std over clients. Rows of a
+    comparison (with ``paired_against``) get one more column: the paired per-client difference against
+    that entry, mean ± its standard error.
     """
     def pct(mean: float, std: float) -> str:
         return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
-    print_table(console, title, RESULT_COLUMNS, [
-        (r["algorithm"], pct(r["initial_mean"], r["initial_std"]), pct(r["personalized_mean"], r["personalized_std"]),
-         f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f}", f"{r['bytes_per_round_per_client']:,}",
-         f"{r['wall_time_s']:.1f}") for r in rows])
+    def paired(row: dict) -> str:
+        if row["algorithm"] == row["paired_against"]:
+            return "reference"
+        if row.get("paired_difference") is None:
+            return "–"
+        error = row["paired_standard_error"]
+        return f"{100 * row['paired_difference']:+.2f}" + ("" if math.isnan(error) else f" ± {100 * error:.2f}")
+
+    reference = rows[0].get("paired_against") if rows else None
+    columns = RESULT_COLUMNS if reference is None else (
+        *RESULT_COLUMNS[:4], Column(f"vs {reference}\n(paired)", "number"), *RESULT_COLUMNS[4:])
+    table = []
+    for r in rows:
+        cells = [r["algorithm"], pct(r["initial_mean"], r["initial_std"]),
+                 pct(r["personalized_mean"], r["personalized_std"]),
+                 f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f}", f"{r['bytes_per_round_per_client']:,}",
+                 f"{r['wall_time_s']:.1f}"]
+        table.append(cells if reference is None else [*cells[:4], paired(r), *cells[4:]])
+    print_table(console, title, columns, table)
 
 
 def summary_row(summary: dict) -> dict:

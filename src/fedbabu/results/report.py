@@ -17,6 +17,7 @@ from fedbabu.engine import hardware
 from fedbabu.engine.checkpoint import METRICS, TIMING, metrics_line, timing_line
 from fedbabu.engine.simulation import RunResult, seeded_clients
 from fedbabu.files import atomic_write_text, save_tensors, write_csv, write_json
+from fedbabu.results.paired import PairedDifference, paired_difference
 from fedbabu.results.plots import plot_clients, plot_comparison, plot_finetune_curves, plot_rounds
 
 
@@ -204,12 +205,34 @@ def seed_spread(means: list[float]) -> float:
     return float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
 
 
+PAIRED_KEYS = ("paired_difference", "paired_standard_error", "clients_higher", "clients_lower", "clients_tied")
+
+
+def _paired_fields(pair: PairedDifference | None) -> dict[str, float | int | None]:
+    if pair is None:
+        return dict.fromkeys(PAIRED_KEYS)
+    return {"paired_difference": pair.mean, "paired_standard_error": pair.standard_error,
+            "clients_higher": pair.higher, "clients_lower": pair.lower, "clients_tied": pair.tied}
+
+
+def paired_reference(algorithms: list[str]) -> str:
+    """The entry every other is paired against: FedBABU, this library's subject, where it is compared,
+    otherwise the first entry."""
+    return "fedbabu" if "fedbabu" in algorithms else algorithms[0]
+
+
 def comparison_rows(summaries: dict[str, list[dict[str, Any]]],
                     curves: dict[str, list[np.ndarray]]) -> list[dict[str, Any]]:
-    """One row per algorithm: accuracies pooled over clients and seeds, plus the spread of seed means."""
+    """One row per algorithm: accuracies pooled over clients and seeds, plus the spread of seed means,
+    and its personalized accuracy minus the reference's (:func:`paired_reference`) client by client
+    (``paired_*`` and ``clients_*``; None for the reference and where the runs did not test the same
+    clients)."""
     rows = []
+    reference = paired_reference(list(summaries))
     for algorithm, runs in summaries.items():
         stacked = np.concatenate(curves[algorithm], axis=0)
+        pair = None if algorithm == reference else paired_difference(
+            [curve[:, -1] for curve in curves[reference]], [curve[:, -1] for curve in curves[algorithm]])
         rows.append({
             "algorithm": algorithm,
             "initial_mean": float(np.nanmean(stacked[:, 0])),
@@ -223,13 +246,15 @@ def comparison_rows(summaries: dict[str, list[dict[str, Any]]],
             "wall_time_s": float(sum(r["wall_time_s"] for r in runs)),
             "personalization": runs[0]["personalization"],
             "personalization_unit": runs[0]["personalization_unit"],
+            "paired_against": reference,
+            **_paired_fields(pair),
         })
     return rows
 
 
 COMPARISON_HEADER = ["algorithm", "initial_mean", "initial_std", "personalized_mean", "personalized_std",
                      "personalized_seed_std", "seeds", "bytes_per_round_per_client", "wall_time_s",
-                     "initial_seed_std", "personalization"]
+                     "initial_seed_std", "personalization", "paired_against", *PAIRED_KEYS]
 
 
 def write_comparison(rows: list[dict[str, Any]], curves: dict[str, list[np.ndarray]], folder: Path,
@@ -244,7 +269,10 @@ def write_comparison(rows: list[dict[str, Any]], curves: dict[str, list[np.ndarr
 
 
 def _csv_value(value: Any) -> Any:
-    """Floats with six decimals; an unknown value (a one-seed spread) as an empty cell."""
+    """Floats with six decimals; an unknown value (a one-seed spread, the reference's own pairing) as an
+    empty cell."""
+    if value is None:
+        return ""
     if not isinstance(value, float):
         return value
     return "" if math.isnan(value) else f"{value:.6f}"
@@ -254,7 +282,17 @@ def _seed_bracket(spread: float) -> str:
     return "" if math.isnan(spread) else f" [{100 * spread:.2f}]"
 
 
+def _paired_cell(row: dict[str, Any]) -> str:
+    if row["algorithm"] == row.get("paired_against"):
+        return "reference"
+    if row.get("paired_difference") is None:
+        return "–"
+    return PairedDifference(mean=row["paired_difference"], standard_error=row["paired_standard_error"],
+                            higher=row["clients_higher"], lower=row["clients_lower"], tied=row["clients_tied"]).text()
+
+
 def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    reference = rows[0].get("paired_against", "") if rows else ""
     lines = [
         f"# {title}",
         "",
@@ -263,10 +301,13 @@ def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
         "on the same partition and "
         "seed. Initial = what each client holds when training ends (global model plus its personal parts), "
         "before personalization. Bytes = down + up per participating client per round. Wall time summed "
-        "over seeds.",
+        f"over seeds. Paired: personalized accuracy minus {reference}'s on the same client (same test set), "
+        "mean ± the standard error of that mean over the clients of all seeds, and on how many clients "
+        "the algorithm is higher, lower or tied.",
         "",
-        "| algorithm | initial | personalized | gain | bytes/round/client | wall time (s) | personalization |",
-        "|---|---|---|---|---|---|---|",
+        f"| algorithm | initial | personalized | gain | paired vs {reference} | bytes/round/client | wall time (s) "
+        "| personalization |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -274,7 +315,8 @@ def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
             f"{_seed_bracket(r['initial_seed_std'])} | "
             f"{100 * r['personalized_mean']:.2f} ± {100 * r['personalized_std']:.2f}"
             f"{_seed_bracket(r['personalized_seed_std'])} | "
-            f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f} | {r['bytes_per_round_per_client']:,} | "
+            f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f} | {_paired_cell(r)} | "
+            f"{r['bytes_per_round_per_client']:,} | "
             f"{r['wall_time_s']:.1f} | {r['personalization']} |"
         )
     lines += ["", "![comparison](comparison.png)", "", "![personalization curves](finetune.png)", ""]
