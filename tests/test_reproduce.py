@@ -23,6 +23,7 @@ from fedbabu.reproduce import (
     personalize_preset,
     run_preset,
 )
+from fedbabu.results.paired import paired_difference
 from fedbabu.results.rebuild import read_curves
 
 
@@ -146,6 +147,19 @@ def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypa
     for plot in ("finetune.png", "seeds.png", "differences.png"):
         assert f"]({plot})" in results
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_many_method_preset_pairs_each_method_against_fedbabu_seed_by_seed(tmp_path, monkeypatch):
+    _digits_preset(tmp_path, monkeypatch, "many", "fedavg, fedbabu, fedper", 2)
+    out = tmp_path / "out"
+    run_preset("many", out, log=lambda line: None)
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| default | ")]
+    assert len(rows) == 3  # the accuracies, then fedavg and fedper against fedbabu
+    babu = read_curves(out / "default" / "fedbabu" / "seed-0" / "clients.csv")[:, -1]
+    for row, algorithm in zip(rows[1:], ("fedavg", "fedper"), strict=True):
+        other = read_curves(out / "default" / algorithm / "seed-0" / "clients.csv")[:, -1]
+        assert row == f"| default | {algorithm} | {paired_difference([babu], [other]).text()} |"
+    assert "Paired against fedbabu:" in (out / "results.md").read_text()
 
 
 def _row(out: Path, prefix: str) -> str:

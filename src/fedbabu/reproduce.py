@@ -29,7 +29,7 @@ from fedbabu.files import atomic_write_text
 from fedbabu.results.paired import paired_difference
 from fedbabu.results.plots import plot_comparison, plot_finetune_curves, plot_paired_differences
 from fedbabu.results.rebuild import read_curves
-from fedbabu.results.report import seed_spread
+from fedbabu.results.report import paired_reference, seed_spread
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 """Shipped with the package, so `reproduce` works from an installed wheel; `configs/paper` links here."""
@@ -485,6 +485,32 @@ def _personalized(outcome: CellResult) -> dict[int, np.ndarray]:
     return {s["seed"]: curve[:, -1] for s, curve in zip(outcome.summaries, outcome.curves, strict=True)}
 
 
+def _per_seed_pairs(reference: CellResult, other: CellResult) -> str:
+    """``other − reference`` client by client for every seed both finished, in seed order; ``–`` for none."""
+    first, second = _personalized(reference), _personalized(other)
+    texts = []
+    for seed in sorted(first.keys() & second.keys()):
+        pair = paired_difference([first[seed]], [second[seed]])
+        texts.append(pair.text() if pair is not None else "other clients")
+    return "; ".join(texts) or "–"
+
+
+def _paired_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[str]) -> list[str]:
+    """Every algorithm of a many-method preset against the reference (FedBABU), seed by seed, as a
+    second table: one column per algorithm would not fit beside the accuracies."""
+    reference = paired_reference(algorithms)
+    lines = ["", f"Paired against {reference}: personalized accuracy minus {reference}'s on the same client "
+             "(same partition and test set), per seed: its mean ± the standard error of that mean, and on how "
+             "many clients the algorithm is higher, lower or tied; the seeds both finished, in increasing order, "
+             "separated by `;`.", "", "| cell | algorithm | per seed |", "|---|---|---|"]
+    for cell_name, results in by_cell.items():
+        for algorithm in algorithms:
+            if algorithm != reference:
+                lines.append(f"| {cell_name} | {algorithm} | "
+                             f"{_per_seed_pairs(results[reference], results[algorithm])} |")
+    return lines
+
+
 def _seed_bar(outcome: CellResult, label: str) -> dict[str, Any]:
     """A bar of the over-seeds plot: the mean of the per-seed means, with the spread over seeds as its
     error bar (none for a single seed, whose spread is unknown)."""
@@ -537,13 +563,12 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
             both = sorted(fedavg.keys() & fedbabu.keys())
             diffs = [fedbabu[seed] - fedavg[seed] for seed in both]
             row.append(_over_seeds(diffs, signed=True) if diffs else "–")
-            clients = {a: _personalized(results[a]) for a in ("fedavg", "fedbabu")}
-            pairs = [paired_difference([clients["fedavg"][seed]], [clients["fedbabu"][seed]]) for seed in both]
-            row.append("; ".join(f"{100 * diff:+.2f}" if pair is None else pair.text()
-                                 for diff, pair in zip(diffs, pairs, strict=True)) or "–")
+            row.append(_per_seed_pairs(results["fedavg"], results["fedbabu"]))
             if diffs:
                 differences[cell_name] = diffs
         lines.append("| " + " | ".join(row) + " |")
+    if len(algorithms) > 2 or (len(algorithms) == 2 and not paired):
+        lines += _paired_table(by_cell, algorithms)
     wall = sum(s["wall_time_s"] for o in outcomes for s in o.summaries)
     lines += ["", f"Total wall time of the runs: {wall / 60:.1f} min.", "", "![fine-tuning](finetune.png)"]
     curves = {f"{o.algorithm} {o.cell.name}": np.concatenate(o.curves) for o in outcomes if o.curves}
