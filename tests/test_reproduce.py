@@ -320,6 +320,11 @@ def test_lg_fedavg_starts_from_the_cells_fedavg_run_or_from_a_fedavg_phase(tmp_p
     lines.clear()
     run_preset("lg", out, log=lines.append)
     assert len(lines) == 2 and all("already complete, skipped" in line for line in lines)
+    moved = tmp_path / "moved" / "with"  # a preset folder copied elsewhere (into a repository) is still complete
+    shutil.copytree(out, moved)
+    lines.clear()
+    run_preset("lg", moved, log=lines.append)
+    assert len(lines) == 2 and all("already complete, skipped" in line for line in lines)
 
     _digits_preset(tmp_path / "b", monkeypatch, "alone", "lg_fedavg, fedbabu", 2, lg_settings)
     out = tmp_path / "alone"
@@ -332,6 +337,11 @@ def test_lg_fedavg_starts_from_the_cells_fedavg_run_or_from_a_fedavg_phase(tmp_p
     saved = yaml.safe_load((out / "default" / "lg_fedavg" / "seed-0" / "config.yaml").read_text())
     assert saved["lg_fedavg"]["warm_start"] == str(phase.resolve())
     assert [o.seeds for o in outcomes] == [[0], [0]], "the phase is not a seed of the table"
+    moved = tmp_path / "moved" / "alone"
+    shutil.copytree(out, moved)
+    lines.clear()
+    run_preset("alone", moved, log=lines.append)
+    assert len(lines) == 2 and all("already complete, skipped" in line for line in lines)
 
 
 def test_a_checkpointed_run_resumes_with_another_number_of_workers(tmp_path, monkeypatch):

@@ -198,6 +198,29 @@ def training_values(config: Config) -> dict[str, Any]:
     return values
 
 
+def _moved_warm_start(saved: Config, planned: Config, folder: Path) -> Config:
+    """``saved`` starting from the planned warm-start run when it started from the run at the same place
+    of a preset folder that has moved since (copied into a repository, onto another disk).
+
+    A run records its warm start as an absolute path, but within a preset the start is the cell's own
+    run (``<cell>/fedavg/seed-N``, or ``<cell>/<algorithm>/fedavg-phase/seed-N``): the path's place in
+    the preset folder, not where that folder lies, is what shaped the training. A warm start outside the
+    preset folder (one a user named) is still compared by its path.
+    """
+    warm = ALGORITHMS[saved.algorithm].warm_start
+    if warm is None or saved.algorithm != planned.algorithm:
+        return saved
+    old, new = warm.folder(saved), warm.folder(planned)
+    if old is None or new is None:
+        return saved
+    cell = folder.resolve().parents[1]  # a run folder is <out>/<cell>/<algorithm>/seed-N
+    try:
+        place = (cell.name, *Path(new).resolve().relative_to(cell).parts)
+    except ValueError:
+        return saved
+    return warm.with_folder(saved, Path(new)) if Path(old).parts[-len(place):] == place else saved
+
+
 def _state(folder: Path, config: Config) -> str:
     """``done`` (finished, trained as this config trains), ``diverged`` (stopped by divergence, same
     config), ``resumable`` (checkpointed, same config up to the keys a resume may change, such as
@@ -208,7 +231,7 @@ def _state(folder: Path, config: Config) -> str:
     if not saved.exists():
         return "new"
     try:
-        saved_config = build_config(yaml.safe_load(saved.read_text()), str(saved))
+        saved_config = _moved_warm_start(build_config(yaml.safe_load(saved.read_text()), str(saved)), config, folder)
     except (UserError, yaml.YAMLError):
         return "new"
     if training_values(saved_config) != training_values(config):
