@@ -26,10 +26,10 @@ from fedbabu.engine.checkpoint import CHECKPOINT
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_text
-from fedbabu.results.paired import paired_difference
+from fedbabu.results.paired import paired_difference, paired_reference
 from fedbabu.results.plots import plot_comparison, plot_finetune_curves, plot_paired_differences
 from fedbabu.results.rebuild import read_curves
-from fedbabu.results.report import paired_reference, seed_spread
+from fedbabu.results.report import seed_spread
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 """Shipped with the package, so `reproduce` works from an installed wheel; `configs/paper` links here."""

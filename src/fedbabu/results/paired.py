@@ -36,6 +36,12 @@ class PairedDifference:
         return f"{100 * self.mean:+.2f}{error} ({self.higher} higher, {self.lower} lower, {self.tied} tied)"
 
 
+def paired_reference(algorithms: list[str]) -> str:
+    """The entry every other is paired against: FedBABU, this library's subject, where it is compared,
+    otherwise the first entry."""
+    return "fedbabu" if "fedbabu" in algorithms else algorithms[0]
+
+
 def paired_difference(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> PairedDifference | None:
     """``other − reference`` per client, pooled over runs given in the same seed order.
 

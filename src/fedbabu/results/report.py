@@ -17,7 +17,7 @@ from fedbabu.engine import hardware
 from fedbabu.engine.checkpoint import METRICS, TIMING, metrics_line, timing_line
 from fedbabu.engine.simulation import RunResult, seeded_clients
 from fedbabu.files import atomic_write_text, save_tensors, write_csv, write_json
-from fedbabu.results.paired import PairedDifference, paired_difference
+from fedbabu.results.paired import PairedDifference, paired_difference, paired_reference
 from fedbabu.results.plots import plot_clients, plot_comparison, plot_finetune_curves, plot_rounds
 
 
@@ -213,12 +213,6 @@ def _paired_fields(pair: PairedDifference | None) -> dict[str, float | int | Non
         return dict.fromkeys(PAIRED_KEYS)
     return {"paired_difference": pair.mean, "paired_standard_error": pair.standard_error,
             "clients_higher": pair.higher, "clients_lower": pair.lower, "clients_tied": pair.tied}
-
-
-def paired_reference(algorithms: list[str]) -> str:
-    """The entry every other is paired against: FedBABU, this library's subject, where it is compared,
-    otherwise the first entry."""
-    return "fedbabu" if "fedbabu" in algorithms else algorithms[0]
 
 
 def comparison_rows(summaries: dict[str, list[dict[str, Any]]],
