@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from fedbabu.results.paired import paired_difference
+from fedbabu.results.paired import paired_cell, paired_difference
 from fedbabu.results.report import comparison_markdown, comparison_rows, write_comparison
 
 
@@ -30,6 +30,15 @@ def test_paired_difference_pools_seeds_and_refuses_runs_of_other_clients():
     assert paired_difference([first, second], [first]) is None
     single = paired_difference([np.array([0.5])], [np.array([0.6])])
     assert math.isnan(single.standard_error) and single.text() == "+10.00 (1 higher, 0 lower, 0 tied)"
+
+
+def test_the_paired_cell_reads_the_same_in_the_terminal_and_in_written_tables():
+    row = {"algorithm": "fedavg", "paired_against": "fedbabu", "paired_difference": -0.0123,
+           "paired_standard_error": 0.0045, "clients_higher": 3, "clients_lower": 40, "clients_tied": 7}
+    assert paired_cell(row) == "-1.23 ± 0.45 (3 higher, 40 lower, 7 tied)"
+    assert paired_cell(row, counts=False) == "-1.23 ± 0.45"
+    assert paired_cell({**row, "algorithm": "fedbabu"}) == "reference"
+    assert paired_cell({**row, "paired_difference": None}, counts=False) == "–"
 
 
 def _summary(initial: float, personalized: float) -> dict:

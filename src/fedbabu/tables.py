@@ -7,7 +7,6 @@ wrapped into the width left; otherwise each row is listed as one entry, continue
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +14,8 @@ from typing import Literal
 from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
+
+from fedbabu.results.paired import paired_cell
 
 Kind = Literal["key", "keys", "number", "text"]
 Cell = str | Sequence[str]
@@ -161,14 +162,6 @@ def print_results(console: Console, title: str, rows: Sequence[dict]) -> None:
     def pct(mean: float, std: float) -> str:
         return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
-    def paired(row: dict) -> str:
-        if row["algorithm"] == row["paired_against"]:
-            return "reference"
-        if row.get("paired_difference") is None:
-            return "–"
-        error = row["paired_standard_error"]
-        return f"{100 * row['paired_difference']:+.2f}" + ("" if math.isnan(error) else f" ± {100 * error:.2f}")
-
     reference = rows[0].get("paired_against") if rows else None
     columns = RESULT_COLUMNS if reference is None else (
         *RESULT_COLUMNS[:4], Column(f"vs {reference}\n(paired)", "number"), *RESULT_COLUMNS[4:])
@@ -178,7 +171,7 @@ def print_results(console: Console, title: str, rows: Sequence[dict]) -> None:
                  pct(r["personalized_mean"], r["personalized_std"]),
                  f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f}", f"{r['bytes_per_round_per_client']:,}",
                  f"{r['wall_time_s']:.1f}"]
-        table.append(cells if reference is None else [*cells[:4], paired(r), *cells[4:]])
+        table.append(cells if reference is None else [*cells[:4], paired_cell(r, counts=False), *cells[4:]])
     print_table(console, title, columns, table)
 
 

@@ -10,8 +10,9 @@ needs none of it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,10 +31,12 @@ class PairedDifference:
     lower: int
     tied: int
 
-    def text(self) -> str:
-        """``+0.50 ± 0.11 (40 higher, 6 lower, 54 tied)``, in points, as results tables print it."""
+    def text(self, counts: bool = True) -> str:
+        """``+0.50 ± 0.11 (40 higher, 6 lower, 54 tied)``, in points, as results tables print it; without
+        ``counts`` only ``+0.50 ± 0.11``, for a terminal column that has no room for the counts."""
         error = "" if math.isnan(self.standard_error) else f" ± {100 * self.standard_error:.2f}"
-        return f"{100 * self.mean:+.2f}{error} ({self.higher} higher, {self.lower} lower, {self.tied} tied)"
+        wins = f" ({self.higher} higher, {self.lower} lower, {self.tied} tied)" if counts else ""
+        return f"{100 * self.mean:+.2f}{error}{wins}"
 
 
 def paired_reference(algorithms: list[str]) -> str:
@@ -63,3 +66,16 @@ def paired_difference(reference: Sequence[np.ndarray], other: Sequence[np.ndarra
     return PairedDifference(mean=float(differences.mean()), standard_error=error,
                             higher=int((differences > TIE).sum()), lower=int((differences < -TIE).sum()),
                             tied=int((np.abs(differences) <= TIE).sum()))
+
+
+def paired_cell(row: Mapping[str, Any], counts: bool = True) -> str:
+    """The paired column of a comparison row (``paired_against``, ``paired_difference``, ...): the text
+    of its difference, ``reference`` on the entry the others are paired against, ``–`` where the two
+    could not be paired. One function, so the terminal and the written tables never read differently."""
+    if row["algorithm"] == row.get("paired_against"):
+        return "reference"
+    if row.get("paired_difference") is None:
+        return "–"
+    return PairedDifference(mean=row["paired_difference"], standard_error=row["paired_standard_error"],
+                            higher=row["clients_higher"], lower=row["clients_lower"],
+                            tied=row["clients_tied"]).text(counts)

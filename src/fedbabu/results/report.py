@@ -17,7 +17,7 @@ from fedbabu.engine import hardware
 from fedbabu.engine.checkpoint import METRICS, TIMING, metrics_line, timing_line
 from fedbabu.engine.simulation import RunResult, seeded_clients
 from fedbabu.files import atomic_write_text, save_tensors, write_csv, write_json
-from fedbabu.results.paired import PairedDifference, paired_difference, paired_reference
+from fedbabu.results.paired import PairedDifference, paired_cell, paired_difference, paired_reference
 from fedbabu.results.plots import plot_clients, plot_comparison, plot_finetune_curves, plot_rounds
 
 
@@ -276,15 +276,6 @@ def _seed_bracket(spread: float) -> str:
     return "" if math.isnan(spread) else f" [{100 * spread:.2f}]"
 
 
-def _paired_cell(row: dict[str, Any]) -> str:
-    if row["algorithm"] == row.get("paired_against"):
-        return "reference"
-    if row.get("paired_difference") is None:
-        return "–"
-    return PairedDifference(mean=row["paired_difference"], standard_error=row["paired_standard_error"],
-                            higher=row["clients_higher"], lower=row["clients_lower"], tied=row["clients_tied"]).text()
-
-
 def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
     reference = rows[0].get("paired_against", "") if rows else ""
     lines = [
@@ -309,7 +300,7 @@ def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
             f"{_seed_bracket(r['initial_seed_std'])} | "
             f"{100 * r['personalized_mean']:.2f} ± {100 * r['personalized_std']:.2f}"
             f"{_seed_bracket(r['personalized_seed_std'])} | "
-            f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f} | {_paired_cell(r)} | "
+            f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f} | {paired_cell(r)} | "
             f"{r['bytes_per_round_per_client']:,} | "
             f"{r['wall_time_s']:.1f} | {r['personalization']} |"
         )
