@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from fedbabu.results.paired import paired_cell, paired_difference
+from fedbabu.results import plots
+from fedbabu.results.paired import PairedDifference, paired_cell, paired_difference
 from fedbabu.results.report import comparison_markdown, comparison_rows, write_comparison
 
 
@@ -39,6 +40,21 @@ def test_the_paired_cell_reads_the_same_in_the_terminal_and_in_written_tables():
     assert paired_cell(row, counts=False) == "-1.23 ± 0.45"
     assert paired_cell({**row, "algorithm": "fedbabu"}) == "reference"
     assert paired_cell({**row, "paired_difference": None}, counts=False) == "–"
+
+
+def test_the_differences_plot_draws_every_seed_with_its_paired_standard_error(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.setdefault("axes", fig.axes[0]))
+    seed = [PairedDifference(0.015, 0.004, 60, 20, 20), PairedDifference(0.025, 0.002, 70, 10, 20)]
+    single = [PairedDifference(-0.01, math.nan, 0, 1, 0)]
+    plots.plot_paired_differences({"s=2": seed, "s=10": single}, tmp_path / "d.png", "title")
+    ax = drawn["axes"]
+    spans = sorted((round(lo[1], 6), round(hi[1], 6)) for container in ax.containers
+                   for lo, hi in container.lines[2][0].get_segments())
+    assert spans == [(-1.0, -1.0), (1.1, 1.9), (2.3, 2.7)]  # mean ± SE in points; one client: no SE
+    means = [segment[0][1] for c in ax.collections if c not in [x.lines[2][0] for x in ax.containers]
+             for segment in c.get_segments()]
+    assert sorted(round(m, 6) for m in means) == [-1.0, 2.0]
 
 
 def _summary(initial: float, personalized: float) -> dict:

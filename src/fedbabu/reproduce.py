@@ -26,7 +26,7 @@ from fedbabu.engine.checkpoint import CHECKPOINT
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_text
-from fedbabu.results.paired import paired_difference, paired_reference
+from fedbabu.results.paired import PairedDifference, paired_difference, paired_reference
 from fedbabu.results.plots import plot_comparison, plot_finetune_curves, plot_paired_differences
 from fedbabu.results.rebuild import read_curves
 from fedbabu.results.report import seed_spread
@@ -508,13 +508,16 @@ def _personalized(outcome: CellResult) -> dict[int, np.ndarray]:
     return {s["seed"]: curve[:, -1] for s, curve in zip(outcome.summaries, outcome.curves, strict=True)}
 
 
-def _per_seed_pairs(reference: CellResult, other: CellResult) -> str:
-    """``other − reference`` client by client for every seed both finished, in seed order; ``–`` for none."""
+def _seed_pairs(reference: CellResult, other: CellResult) -> list[PairedDifference | None]:
+    """``other − reference`` client by client for every seed both finished, in seed order (None where
+    the two runs tested other clients)."""
     first, second = _personalized(reference), _personalized(other)
-    texts = []
-    for seed in sorted(first.keys() & second.keys()):
-        pair = paired_difference([first[seed]], [second[seed]])
-        texts.append(pair.text() if pair is not None else "other clients")
+    return [paired_difference([first[seed]], [second[seed]]) for seed in sorted(first.keys() & second.keys())]
+
+
+def _per_seed_pairs(reference: CellResult, other: CellResult) -> str:
+    """The per-seed pairs as one table cell, ``;`` between seeds; ``–`` for none."""
+    texts = [pair.text() if pair is not None else "other clients" for pair in _seed_pairs(reference, other)]
     return "; ".join(texts) or "–"
 
 
@@ -565,7 +568,7 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
                 "the seeds both algorithms finished, in increasing order, separated by `;`." if paired else ""), "",
              header + " |", "|" + "---|" * (header.count("|"))]
     by_cell: dict[str, dict[str, CellResult]] = {}
-    differences: dict[str, list[float]] = {}
+    differences: dict[str, list[PairedDifference]] = {}
     for outcome in outcomes:
         by_cell.setdefault(outcome.cell.name, {})[outcome.algorithm] = outcome
     for cell_name, results in by_cell.items():
@@ -587,8 +590,9 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
             diffs = [fedbabu[seed] - fedavg[seed] for seed in both]
             row.append(_over_seeds(diffs, signed=True) if diffs else "–")
             row.append(_per_seed_pairs(results["fedavg"], results["fedbabu"]))
-            if diffs:
-                differences[cell_name] = diffs
+            pairs = [pair for pair in _seed_pairs(results["fedavg"], results["fedbabu"]) if pair is not None]
+            if pairs:
+                differences[cell_name] = pairs
         lines.append("| " + " | ".join(row) + " |")
     if len(algorithms) > 2 or (len(algorithms) == 2 and not paired):
         lines += _paired_table(by_cell, algorithms)

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fedbabu.results.paired import PairedDifference
+
 
 def _save(fig: plt.Figure, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -83,20 +85,23 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path, title: str) -> N
     _save(fig, path)
 
 
-def plot_paired_differences(differences: dict[str, Sequence[float]], path: Path, title: str) -> None:
-    """One dot per seed and a bar at the mean, per cell: how far a lead moves with the seed.
+def plot_paired_differences(pairs: dict[str, Sequence[PairedDifference]], path: Path, title: str) -> None:
+    """Per cell, each seed's paired difference as a dot with its standard error, and a bar at the mean.
 
-    The spread over seeds is what tells a measured lead from a lucky one, so every seed is drawn
-    rather than a mean and an error bar.
+    Two kinds of noise decide whether a lead is measured: the clients within a seed (the error bar,
+    the standard error of the per-client mean) and the seed itself (how far the dots lie apart), so
+    every seed is drawn rather than one mean and one error bar.
     """
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(differences) + 2), 4))
-    for x, values in enumerate(differences.values()):
-        points = 100 * np.asarray(values, dtype=np.float64)
-        ax.scatter(np.full(points.size, x), points, color="tab:blue", zorder=3,
-                   label="one seed" if x == 0 else None)
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(pairs) + 2), 4))
+    for x, cell in enumerate(pairs.values()):
+        points = 100 * np.array([pair.mean for pair in cell])
+        errors = 100 * np.nan_to_num(np.array([pair.standard_error for pair in cell]))
+        offsets = np.linspace(-0.12, 0.12, points.size) if points.size > 1 else np.zeros(1)
+        ax.errorbar(x + offsets, points, yerr=errors, fmt="o", color="tab:blue", capsize=3, zorder=3,
+                    label="one seed ± paired standard error" if x == 0 else None)
         ax.hlines(points.mean(), x - 0.25, x + 0.25, color="tab:red", label="mean over seeds" if x == 0 else None)
     ax.axhline(0, color="black", linewidth=0.8)
-    _label_columns(ax, list(differences))
+    _label_columns(ax, list(pairs))
     ax.set(ylabel="difference (points)", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(alpha=0.3, axis="y")
