@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import weakref
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -480,3 +482,15 @@ def test_stop_kills_a_descendant_in_its_own_session_that_ignores_sigterm(tmp_pat
         parent.wait()
 
 
+
+
+def test_the_flower_app_bundle_ships_the_package_without_the_results_page():
+    """`flwr run` bundles the project folder for every SuperNode; the trained runs kept for the
+    results page (megabytes of summaries and metrics) have no business there."""
+    from flwr.cli.build import build_fab_from_disk
+
+    project = Path(__file__).resolve().parents[1]
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(project))).namelist()
+    assert "src/fedbabu/flower/server.py" in names and "src/fedbabu/flower/client.py" in names
+    assert any(name.startswith("configs/") for name in names)
+    assert not [name for name in names if name.split("/")[0] in {"docs", "tests", "benchmarks", "examples"}]
