@@ -482,8 +482,6 @@ def test_stop_kills_a_descendant_in_its_own_session_that_ignores_sigterm(tmp_pat
         parent.wait()
 
 
-
-
 def test_the_flower_app_bundle_ships_the_package_without_the_results_page():
     """`flwr run` bundles the project folder for every SuperNode; the trained runs kept for the
     results page (megabytes of summaries and metrics) have no business there."""

@@ -515,10 +515,9 @@ def _seed_pairs(reference: CellResult, other: CellResult) -> list[PairedDifferen
     return [paired_difference([first[seed]], [second[seed]]) for seed in sorted(first.keys() & second.keys())]
 
 
-def _per_seed_pairs(reference: CellResult, other: CellResult) -> str:
+def _pairs_cell(pairs: list[PairedDifference | None]) -> str:
     """The per-seed pairs as one table cell, ``;`` between seeds; ``–`` for none."""
-    texts = [pair.text() if pair is not None else "other clients" for pair in _seed_pairs(reference, other)]
-    return "; ".join(texts) or "–"
+    return "; ".join(pair.text() if pair is not None else "other clients" for pair in pairs) or "–"
 
 
 def _paired_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[str]) -> list[str]:
@@ -533,7 +532,7 @@ def _paired_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[st
         for algorithm in algorithms:
             if algorithm != reference:
                 lines.append(f"| {cell_name} | {algorithm} | "
-                             f"{_per_seed_pairs(results[reference], results[algorithm])} |")
+                             f"{_pairs_cell(_seed_pairs(results[reference], results[algorithm]))} |")
     return lines
 
 
@@ -589,10 +588,10 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
             both = sorted(fedavg.keys() & fedbabu.keys())
             diffs = [fedbabu[seed] - fedavg[seed] for seed in both]
             row.append(_over_seeds(diffs, signed=True) if diffs else "–")
-            row.append(_per_seed_pairs(results["fedavg"], results["fedbabu"]))
-            pairs = [pair for pair in _seed_pairs(results["fedavg"], results["fedbabu"]) if pair is not None]
-            if pairs:
-                differences[cell_name] = pairs
+            pairs = _seed_pairs(results["fedavg"], results["fedbabu"])
+            row.append(_pairs_cell(pairs))
+            if paired_seeds := [pair for pair in pairs if pair is not None]:
+                differences[cell_name] = paired_seeds
         lines.append("| " + " | ".join(row) + " |")
     if len(algorithms) > 2 or (len(algorithms) == 2 and not paired):
         lines += _paired_table(by_cell, algorithms)
