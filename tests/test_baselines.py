@@ -26,7 +26,7 @@ from fedbabu.files import load_tensors
 from fedbabu.models import build_model, count_parameters
 from fedbabu.results.report import comparison_markdown, comparison_rows, write_comparison
 from fedbabu.runner import run_comparison, run_experiment
-from fedbabu.training import evaluate, load_state, set_trainable, state_of
+from fedbabu.training import OPTIMIZER_STATE, evaluate, load_state, set_trainable, state_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,12 +139,14 @@ def test_ditto_large_lambda_pulls_the_personal_model_onto_the_global_one(digits)
 
 
 def test_ditto_with_lambda_zero_is_local_training_and_is_evaluated_on_personal_models(digits):
-    ditto = run(tiny(algorithm="ditto", ditto={"lambda": 0.0}), digits)
-    local = run(tiny(algorithm="local"), digits)
+    """Without momentum: local keeps its optimizer's momentum from round to round, Ditto's personal
+    model gets a new optimizer every round, and with no momentum the two are the same training."""
+    ditto = run(tiny(algorithm="ditto", ditto={"lambda": 0.0}, momentum=0.0), digits)
+    local = run(tiny(algorithm="local", momentum=0.0), digits)
     for c in range(5):
         assert same(ditto.personal[c], local.personal[c]), f"client {c}"
     assert ditto.accuracy_curve()[:, 0].tolist() == local.accuracy_curve()[:, 0].tolist()
-    with_lambda = run(tiny(algorithm="ditto", ditto={"lambda": 0.5}), digits)
+    with_lambda = run(tiny(algorithm="ditto", ditto={"lambda": 0.5}, momentum=0.0), digits)
     assert not same(with_lambda.personal[0], local.personal[0])
 
 
@@ -227,17 +229,49 @@ def test_local_communicates_nothing_and_trains_every_client_alone(digits):
     for a, b in itertools.combinations(range(5), 2):
         assert not torch.equal(torch.from_numpy(result.personal[a]["body.0.0.weight"]),
                                torch.from_numpy(result.personal[b]["body.0.0.weight"]))
-    assert same(_trained_alone(config, digits, 2), result.personal[2]), "exactly training alone"
+    assert same(_trained_alone(config, digits, 2), weights(result.personal[2])), "exactly training alone"
+
+
+def weights(personal):
+    """A personal state without the optimizer buffers local training keeps beside its model."""
+    return {k: v for k, v in personal.items() if not k.startswith(OPTIMIZER_STATE)}
 
 
 def _trained_alone(config, digits, client):
-    """A client's model after every round of local training, by hand: its own data, its own batches."""
+    """A client's model after local training, by hand as the authors' main_local.py trains it: one SGD
+    optimizer through every epoch, its lr stepped by the schedule, each round's batches drawn from
+    that round's generator."""
     model = initial_model(config, digits)
-    algorithm = ALGORITHMS["local"](config)
+    data = client_data(config, digits, client)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    model.train()
     for r in range(config.rounds):
-        algorithm.client_update(model, client_data(config, digits, client), {}, config.lr_at(r),
-                                client_generator(config.seed, r, client, TRAIN_STREAM))
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(r)
+        generator = client_generator(config.seed, r, client, TRAIN_STREAM)
+        for _ in range(config.local_epochs):
+            for x, y in data.train_batches(config.batch_size, generator):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     return state_of(model, ("body", "head"))
+
+
+def test_local_keeps_one_optimizer_across_rounds_and_its_momentum_only_beside_the_model(digits):
+    """Two-epoch rounds under a decaying lr: still one optimizer. The buffers travel in the personal
+    state but never into a model: evaluation, personalization and the API read only weights."""
+    config = tiny(algorithm="local", rounds=4, local_epochs=2, client_fraction=0.4)
+    result = run(config, digits)
+    assert len({config.lr_at(r) for r in range(4)}) == 3, "the lr steps down twice"
+    assert same(_trained_alone(config, digits, 3), weights(result.personal[3]))
+    names = [n for n, _ in initial_model(config, digits).named_parameters()]
+    assert sorted(result.personal[3]) == sorted(names + [OPTIMIZER_STATE + n for n in names])
+    model = initial_model(config, digits)
+    load_state(model, {k: torch.from_numpy(v) for k, v in result.personal[3].items()})
+    assert same(state_of(model, ("body", "head")), weights(result.personal[3]))
+    assert evaluate(model, client_data(config, digits, 3)) == result.accuracy_curve()[3, 0]
 
 
 @pytest.mark.parametrize("part", ["body", "head", "full"])
@@ -420,7 +454,7 @@ def test_local_trains_every_client_every_round_whatever_the_sampling(digits):
     result = run(config, digits)
     assert [m["clients"] for m in result.metrics] == [[0, 1, 2, 3, 4]] * 2
     assert sorted(result.personal) == [0, 1, 2, 3, 4]
-    assert same(_trained_alone(config, digits, 4), result.personal[4]), "every round, not only when sampled"
+    assert same(_trained_alone(config, digits, 4), weights(result.personal[4])), "every round, not only when sampled"
 
 
 def test_perfedavg_inner_step_follows_the_rounds_lr_and_outer_step_is_beta(digits, monkeypatch):

@@ -139,7 +139,7 @@ def test_the_algorithms_the_readme_lists_as_vectorizable(digits):
     model = model_for(digits)
     plain = {name for name, algorithm in ALGORITHMS.items()
              if choose_executor("auto", "cuda", algorithm(small_config(algorithm=name)), model) == "vectorized"}
-    assert plain == {"fedavg", "fedbabu", "fedper", "lg_fedavg", "local", "feduh"}
+    assert plain == {"fedavg", "fedbabu", "fedper", "lg_fedavg", "feduh"}
 
 
 def test_an_impossible_vectorized_request_is_refused_with_the_reason(digits):

@@ -22,7 +22,8 @@ from fedbabu.models import in_parts
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """The optimizer settings of one stretch of local SGD (the optimizer is new every time)."""
+    """The optimizer settings of one stretch of local SGD (the optimizer is new every time, unless an
+    algorithm restores its buffers with :func:`restore_momentum`)."""
 
     epochs: int
     batch_size: int
@@ -213,9 +214,36 @@ def state_of(model: nn.Module, parts: Sequence[str]) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if in_parts(n, parts)}
 
 
+OPTIMIZER_STATE = "optimizer."
+"""Prefix of the entries of a personal state that are an optimizer's momentum buffers, not weights
+(``optimizer.<parameter name>``). A client that keeps one optimizer from round to round (local
+training, as its authors run it) stores them beside its model; :func:`load_state` leaves them out, so
+everything that loads a client's model (evaluation, ``personalize``, ``analyze``) reads only weights."""
+
+
 def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy tensors into the model in place (keeps the memory format and the optimizer-free model)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            if not name.startswith(OPTIMIZER_STATE):
+                params[name].copy_(value)
+
+
+def momentum_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's momentum buffers, named after their parameters with the ``optimizer.`` prefix."""
+    buffers = {id(p): state["momentum_buffer"] for p, state in optimizer.state.items()
+               if state.get("momentum_buffer") is not None}
+    return {OPTIMIZER_STATE + n: buffers[id(p)].detach().clone()
+            for n, p in model.named_parameters() if id(p) in buffers}
+
+
+def restore_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, torch.Tensor]) -> None:
+    """Give a new optimizer the momentum buffers a personal state kept, so that it continues where the
+    previous round's optimizer stopped: SGD's buffer does not depend on the lr, so restoring it and
+    setting the round's lr is one optimizer under a step schedule."""
+    params = dict(model.named_parameters())
+    for key, value in state.items():
+        if key.startswith(OPTIMIZER_STATE):
+            param = params[key.removeprefix(OPTIMIZER_STATE)]
+            optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(value)

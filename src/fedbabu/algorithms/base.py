@@ -12,6 +12,8 @@ An algorithm says these things and nothing else:
   together by the vectorized executor);
 * how a client personalizes and is evaluated at the end (:meth:`Algorithm.personalize`, by default
   fine-tuning ``finetune.part``);
+* what a client keeps across rounds besides its personal parts (:meth:`Algorithm.personal_shapes`,
+  by default nothing; local training keeps its optimizer's momentum);
 * which clients train in a round (:meth:`Algorithm.training_clients`, by default the sampled ones)
   and where the initial global model comes from (:meth:`Algorithm.initialize`, by default the seed);
 * what the server does after averaging (:meth:`Algorithm.server_update`, by default nothing), from
@@ -25,6 +27,7 @@ sees them, which is why the same class runs in the simulator and in the Flower a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -34,7 +37,9 @@ from torch import nn
 from fedbabu.algorithms.warm_start import WarmStart
 from fedbabu.config import AlgorithmSettings, Config
 from fedbabu.errors import UserError
+from fedbabu.models import in_parts
 from fedbabu.training import (
+    OPTIMIZER_STATE,
     ClientData,
     LocalTraining,
     Regularizer,
@@ -75,6 +80,9 @@ class Algorithm:
     warm_start: ClassVar[WarmStart | None] = None
     """A finished run whose final model this algorithm starts from (LG-FedAvg: FedAvg's); ``compare`` and
     ``reproduce`` run that phase first when the config names none."""
+    keeps_momentum: ClassVar[bool] = False
+    """Whether a client keeps its optimizer's momentum from round to round (``optimizer.<name>``
+    entries of its personal state, see :data:`fedbabu.training.OPTIMIZER_STATE`)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -113,6 +121,19 @@ class Algorithm:
         By default the average is the new state.
         """
         return aggregated
+
+    def personal_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Every tensor a client keeps across rounds, with its shape, given the model's parameter shapes.
+
+        Its personal parts and, where it keeps its optimizer (:attr:`keeps_momentum`, with momentum on),
+        a momentum buffer per trained parameter. The engine refuses an update whose personal state
+        holds anything else, so a client cannot smuggle other tensors into the next round.
+        """
+        kept = {name: shape for name, shape in shapes.items() if in_parts(name, self.personal_parts)}
+        if self.keeps_momentum and self.config.momentum > 0:
+            kept |= {OPTIMIZER_STATE + name: shape for name, shape in shapes.items()
+                     if in_parts(name, self.trained_parts)}
+        return kept
 
     def training_clients(self, sampled: list[int], num_clients: int) -> list[int]:
         """The clients that train in a round, given the round's sample: by default exactly the sampled ones.

@@ -4,7 +4,7 @@ In a round a client first trains its personal model ``v`` on ``loss + lambda/2 |
 ``w`` is the global model it just received, then trains ``w`` as FedAvg does. The personal model
 (the whole network) is the client's personal state and is what evaluation and fine-tuning use.
 A client's personal model starts from the global model of its first round. ``ditto.lambda = 0``
-is local training; a large lambda pulls the personal models onto the global one.
+is local training with a new optimizer every round; a large lambda pulls the personal models onto the global one.
 """
 
 from typing import ClassVar

@@ -321,8 +321,7 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     start_round = checkpoints.restore_into(global_vector, personal, metrics) if checkpoints else 0
     # a resumed run reports its whole time: the restored records carry their rounds' seconds
     seconds_before = sum(m.get("seconds", 0.0) for m in metrics)
-    personal_shapes = {name: shape for name, shape in zip(layout.names, layout.shapes, strict=True)
-                       if in_parts(name, algorithm.personal_parts)}
+    personal_shapes = algorithm.personal_shapes(dict(zip(layout.names, layout.shapes, strict=True)))
     observer.on_start(config, partition, algorithm)
     hardware.warn_if_bf16_is_emulated(runtime)
     evaluated = seeded_clients(config.seed, partition.num_clients, config.eval_clients)
