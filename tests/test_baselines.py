@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -17,7 +18,7 @@ import yaml
 from conftest import client_data, run, same
 
 from fedbabu.algorithms import ALGORITHMS
-from fedbabu.algorithms.perfedavg import gradients, hessian_vector_product
+from fedbabu.algorithms.perfedavg import hessian_vector_product
 from fedbabu.config import DIGITS_DEFAULT, Config, build_config
 from fedbabu.engine.params import Layout
 from fedbabu.engine.simulation import TRAIN_STREAM, client_generator, preflight
@@ -184,20 +185,34 @@ def test_perfedavg_fo_and_hf_both_train_and_differ(digits):
     assert not same(results["fo"].final_state, results["hf"].final_state)
 
 
-def test_perfedavg_personalization_is_its_adaptation_step(digits):
-    config = tiny(algorithm="perfedavg", perfedavg={"adapt_steps": 1, "alpha": 0.05})
-    model = initial_model(config, digits)
+def test_perfedavg_personalization_is_the_authors_one_sgd_step(digits):
+    """one_sgd_step by hand: one new momentum SGD, a step at the final round's lr, then one at beta,
+    each on the next batch and without going back to the starting weights (on training data here)."""
+    config = tiny(algorithm="perfedavg", rounds=4, lr=0.05)
+    algorithm = ALGORITHMS["perfedavg"](config)
     data = client_data(config, digits, 0)
-    accuracies = ALGORITHMS["perfedavg"](config).personalize(model, data, {}, torch.Generator().manual_seed(0))
+    model = initial_model(config, digits)
+    accuracies = algorithm.personalize(model, data, {}, torch.Generator().manual_seed(0))
     expected = initial_model(config, digits)
-    params = set_trainable(expected, ("body", "head"))
-    batch = next(data.train_batches(config.batch_size, torch.Generator().manual_seed(0)))
-    _, grads = gradients(expected, params, batch, data)
-    with torch.no_grad():
-        for p, g in zip(params, grads, strict=True):
-            p.add_(g, alpha=-0.05)
+    optimizer = torch.optim.SGD(expected.parameters(), lr=1.0, momentum=config.momentum)
+    stream = _shuffled_stream(data, config.batch_size, torch.Generator().manual_seed(0))
+    expected.train()
+    for lr in (config.lr_at(3), 0.1):
+        x, y = next(stream)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(expected(x), y).backward()
+        optimizer.step()
     assert same(state_of(model, ("body", "head")), state_of(expected, ("body", "head")))
-    assert len(accuracies) == 2
+    assert len(accuracies) == 3 and config.lr_at(3) == pytest.approx(0.0005)
+    assert algorithm.personalization_note() == ("Per-FedAvg adaptation (fo), 2 momentum SGD step(s) at lr "
+                                                "0.0005 then 0.1, alternately")
+
+
+def _shuffled_stream(data, batch_size, generator):
+    """Batches of one shuffle after another, as a DataLoader iterator restarted when it runs out."""
+    return itertools.chain.from_iterable(data.train_batches(batch_size, generator) for _ in itertools.count())
 
 
 def test_perfedavg_hessian_free_product_matches_autograd(digits):
@@ -372,7 +387,7 @@ def test_compare_all_algorithms_end_to_end_on_digits(tmp_path, digits):
     summary = json.loads((out / "perfedavg_variant-hf" / "summary.json").read_text())
     assert summary["seed"] == 1 and summary["personalization_unit"] == "step"
     header = (out / "perfedavg" / "clients.csv").read_text().splitlines()[0]
-    assert header.endswith("initial_accuracy,accuracy_after_step_1")
+    assert header.endswith("initial_accuracy,accuracy_after_step_1,accuracy_after_step_2")
     partitions = {(out / name / "partition.json").read_text() for name in ("fedavg", "local", "ditto")}
     assert len(partitions) == 1, "every algorithm of a seed runs on the identical partition"
 
@@ -457,35 +472,36 @@ def test_local_trains_every_client_every_round_whatever_the_sampling(digits):
     assert same(_trained_alone(config, digits, 4), weights(result.personal[4])), "every round, not only when sampled"
 
 
-def test_perfedavg_inner_step_follows_the_rounds_lr_and_outer_step_is_beta(digits, monkeypatch):
-    import fedbabu.algorithms.perfedavg as perfedavg
-
-    config = tiny(algorithm="perfedavg", rounds=4, lr=0.05)
-    scales, optimizers = [], []
-    original_shift, original_sgd = perfedavg.shift, torch.optim.SGD
-
-    def spy_shift(params, direction, scale):
-        scales.append(scale)
-        return original_shift(params, direction, scale)
-
-    def spy_sgd(params, **settings):
-        optimizers.append(settings["lr"])
-        return original_sgd(params, **settings)
-
-    monkeypatch.setattr(perfedavg, "shift", spy_shift)
-    monkeypatch.setattr(torch.optim, "SGD", spy_sgd)
-    algorithm = ALGORITHMS["perfedavg"](config)
+@pytest.mark.parametrize(("alpha", "inner_lr"), [(None, 0.005), (0.02, 0.02)])
+def test_perfedavg_round_is_the_authors_train_loop(digits, alpha, inner_lr):
+    """LocalUpdatePerFedAvg.train by hand: one momentum SGD whose lr switches between the inner step
+    (alpha: the round's lr unless set) and the outer step (beta = 0.1), the weights put back before the
+    outer step, and per epoch a new shuffle of floor(batches / local_epochs) + 1 iterations."""
+    config = tiny(algorithm="perfedavg", local_epochs=2, perfedavg={"alpha": alpha})
     data = client_data(config, digits, 0)
-    algorithm.client_update(initial_model(config, digits), data, {}, 0.005, torch.Generator().manual_seed(0))
-    assert optimizers == [0.1] and set(scales) == {-0.005}, "alpha = the round's lr, beta = 0.1"
-    scales.clear()
-    algorithm.personalize(initial_model(config, digits), data, {}, torch.Generator().manual_seed(0))
-    assert scales == [pytest.approx(-config.lr_at(3))] and config.lr_at(3) == pytest.approx(0.0005)
-    assert algorithm.personalization_note().endswith("lr 0.0005")
-    fixed = ALGORITHMS["perfedavg"](tiny(algorithm="perfedavg", perfedavg={"alpha": 0.02}))
-    scales.clear()
-    fixed.client_update(initial_model(config, digits), data, {}, 0.005, torch.Generator().manual_seed(0))
-    assert set(scales) == {-0.02} and fixed.adaptation_alpha() == 0.02
+    model = initial_model(config, digits)
+    ALGORITHMS["perfedavg"](config).client_update(model, data, {}, 0.005, torch.Generator().manual_seed(0))
+    expected = initial_model(config, digits)
+    optimizer = torch.optim.SGD(expected.parameters(), lr=1.0, momentum=config.momentum)
+    generator = torch.Generator().manual_seed(0)
+    iterations = math.ceil(data.num_train / config.batch_size) // 2 + 1
+    expected.train()
+    for _ in range(2):
+        stream = _shuffled_stream(data, config.batch_size, generator)
+        for _ in range(iterations):
+            start = [p.detach().clone() for p in expected.parameters()]
+            for lr, outer in ((inner_lr, False), (0.1, True)):
+                x, y = next(stream)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(expected(x), y).backward()
+                if outer:
+                    with torch.no_grad():
+                        for p, value in zip(expected.parameters(), start, strict=True):
+                            p.copy_(value)
+                optimizer.step()
+    assert same(state_of(model, ("body", "head")), state_of(expected, ("body", "head")))
 
 
 def test_perfedavg_hf_is_refused_in_bf16():

@@ -1,17 +1,21 @@
 """Per-FedAvg (Fallah et al., 2020): FedAvg on the MAML objective ``f(w - alpha * grad f(w))``.
 
-Each outer step takes one batch for the inner step ``w' = w - alpha * g(w)`` and one for the outer
-gradient ``g(w')``. The first-order variant (``fo``) applies ``g(w')`` directly; the Hessian-free
-variant (``hf``) applies ``(I - alpha * H(w)) g(w')``, the Hessian-vector product taken by central
-finite differences of the gradient on a third batch (step ``perfedavg.delta``). As in the FedBABU
-authors' ``main_per_fedavg.py``, alpha is the round's lr (it follows the schedule) unless
-``perfedavg.alpha`` fixes it, and outer steps use ``perfedavg.beta`` (default 0.1) with the run's
-momentum and weight decay. A round consumes ``local_epochs`` passes over the client's data, two (fo)
-or three (hf) batches per step.
+Each iteration takes one batch for the inner step ``w' = w - alpha * g(w)`` and one for the outer
+gradient ``g(w')``, then steps from ``w`` with it. The first-order variant (``fo``) applies ``g(w')``
+directly; the Hessian-free variant (``hf``, ours: the authors' code has none) applies
+``(I - alpha * H(w)) g(w')``, the Hessian-vector product taken by central finite differences of the
+gradient on a third batch (step ``perfedavg.delta``).
 
-Personalization is Per-FedAvg's own: ``perfedavg.adapt_steps`` plain gradient steps of size alpha
-(the final round's lr, as the authors adapt after training), one *training* batch each (the
-authors adapt on test data; we do not), so its accuracy curve is indexed by adaptation steps.
+The round runs as the FedBABU authors' ``LocalUpdatePerFedAvg.train`` runs it. Both steps go
+through one momentum SGD per round: the inner one at alpha (the round's lr unless
+``perfedavg.alpha`` fixes it), the outer one at ``perfedavg.beta`` (0.1), so the momentum buffer
+mixes inner and outer gradients. An epoch is ``floor(batches / local_epochs) + 1`` iterations on a
+new shuffle of the client's data: 20 iterations a round for 10 batches at tau = 10, 11 at tau = 1.
+
+Personalization is their ``one_sgd_step``: ``perfedavg.adapt_steps`` steps (2) through one new
+momentum SGD, alternately at alpha (the final round's lr) and beta, without going back to the
+starting weights, one *training* batch each (the authors adapt on test data; we do not), so its
+accuracy curve is indexed by adaptation steps.
 """
 
 from __future__ import annotations
@@ -51,6 +55,17 @@ def shift(params: Sequence[nn.Parameter], direction: Sequence[torch.Tensor], sca
         p.add_(d, alpha=scale)
 
 
+def step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], direction: Sequence[torch.Tensor],
+         lr: float) -> None:
+    """One step of the optimizer along ``direction`` at ``lr``: the authors run the inner and the outer
+    step through one momentum SGD, changing its lr between them."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for p, d in zip(params, direction, strict=True):
+        p.grad = d
+    optimizer.step()
+
+
 @torch.no_grad()
 def restore(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
     for p, v in zip(params, values, strict=True):
@@ -85,8 +100,8 @@ class PerFedAvg(Algorithm):
         """Outer step size (the authors' main_per_fedavg.py: 0.1); unset = the round's lr."""
         delta: float = Field(0.001, gt=0)
         """Finite-difference step of the ``hf`` Hessian-vector product."""
-        adapt_steps: int = Field(1, ge=0)
-        """Gradient steps of evaluation-time adaptation."""
+        adapt_steps: int = Field(2, ge=0)
+        """Steps of evaluation-time adaptation, alternately at alpha and beta (the authors' one_sgd_step: 2)."""
         legacy_keys: ClassVar[dict[str, str]] = {f"perfedavg_{key}": key for key in
                                                  ("variant", "alpha", "beta", "delta", "adapt_steps")}
 
@@ -97,42 +112,42 @@ class PerFedAvg(Algorithm):
             raise refuse("perfedavg.variant", "hf cannot run with precision bf16: the finite-difference Hessian "
                                               "product divides bf16 rounding noise by a tiny step; use fo or fp32")
 
-    def adaptation_alpha(self) -> float:
-        """The step size of evaluation-time adaptation: ``perfedavg.alpha``, else the final round's lr."""
+    def adaptation_lrs(self) -> tuple[float, float]:
+        """Alpha and beta of evaluation-time adaptation: the settings, where unset the final round's lr."""
         c, own = self.config, self.settings
-        return own.alpha if own.alpha is not None else c.lr_at(max(c.rounds - 1, 0))
+        final = c.lr_at(max(c.rounds - 1, 0))
+        return (own.alpha if own.alpha is not None else final, own.beta if own.beta is not None else final)
+
+    def iterations_per_epoch(self, data: ClientData) -> int:
+        """The authors' count: ``floor(batches / local_epochs) + 1`` iterations of two (fo) or three (hf) batches."""
+        return math.ceil(data.num_train / self.config.batch_size) // self.config.local_epochs + 1
 
     def client_update(self, model: nn.Module, data: ClientData, personal: PersonalState, lr: float,
                       generator: torch.Generator) -> ClientUpdate:
         c, own = self.config, self.settings
         if data.num_train == 0:
             return ClientUpdate(float("nan"))
-        hessian_free = own.variant == "hf"
-        per_step = 3 if hessian_free else 2
-        steps = max(1, c.local_epochs * math.ceil(data.num_train / c.batch_size) // per_step)
         alpha = lr if own.alpha is None else own.alpha
         beta = lr if own.beta is None else own.beta
-        delta = own.delta
         params = set_trainable(model, self.trained_parts)
-        optimizer = torch.optim.SGD(params, lr=beta, momentum=c.momentum, weight_decay=c.weight_decay)
-        batches = endless_batches(data, c.batch_size, generator)
+        optimizer = torch.optim.SGD(params, lr=alpha, momentum=c.momentum, weight_decay=c.weight_decay)
         model.train()
-        total = 0.0
-        for _ in range(steps):
-            start = [p.detach().clone() for p in params]
-            _, inner = gradients(model, params, next(batches), data)
-            shift(params, inner, -alpha)
-            loss, outer = gradients(model, params, next(batches), data)
-            restore(params, start)
-            if hessian_free:
-                hv = hessian_vector_product(model, params, next(batches), data, outer, delta)
-                outer = tuple(o - alpha * h for o, h in zip(outer, hv, strict=True))
-            for p, g in zip(params, outer, strict=True):
-                p.grad = g
-            optimizer.step()
-            total += loss
+        losses = []
+        for _ in range(c.local_epochs):
+            batches = endless_batches(data, c.batch_size, generator)
+            for _ in range(self.iterations_per_epoch(data)):
+                start = [p.detach().clone() for p in params]
+                _, inner = gradients(model, params, next(batches), data)
+                step(optimizer, params, inner, alpha)
+                loss, outer = gradients(model, params, next(batches), data)
+                restore(params, start)
+                if own.variant == "hf":
+                    hv = hessian_vector_product(model, params, next(batches), data, outer, own.delta)
+                    outer = tuple(o - alpha * h for o, h in zip(outer, hv, strict=True))
+                step(optimizer, params, outer, beta)
+                losses.append(loss)
         set_trainable(model, ())
-        return ClientUpdate(total / steps)
+        return ClientUpdate(sum(losses) / len(losses))
 
     def personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
                     generator: torch.Generator) -> list[float]:
@@ -143,11 +158,12 @@ class PerFedAvg(Algorithm):
             return accuracies * (self.settings.adapt_steps + 1)
         params = set_trainable(model, self.trained_parts)
         batches = endless_batches(data, c.batch_size, generator)
-        alpha = self.adaptation_alpha()
-        for _ in range(self.settings.adapt_steps):
+        lrs = self.adaptation_lrs()
+        optimizer = torch.optim.SGD(params, lr=lrs[0], momentum=c.momentum, weight_decay=c.weight_decay)
+        for index in range(self.settings.adapt_steps):
             model.train()
             _, grads = gradients(model, params, next(batches), data)
-            shift(params, grads, -alpha)
+            step(optimizer, params, grads, lrs[index % 2])
             accuracies.append(evaluate(model, data))
         set_trainable(model, ())
         return accuracies
@@ -156,6 +172,6 @@ class PerFedAvg(Algorithm):
         return "step"
 
     def personalization_note(self) -> str:
-        own = self.settings
-        return (f"Per-FedAvg adaptation ({own.variant}), {own.adapt_steps} step(s) of lr "
-                f"{self.adaptation_alpha():g}")
+        alpha, beta = self.adaptation_lrs()
+        return (f"Per-FedAvg adaptation ({self.settings.variant}), {self.settings.adapt_steps} momentum "
+                f"SGD step(s) at lr {alpha:g} then {beta:g}, alternately")
