@@ -18,7 +18,7 @@ from fedbabu.algorithms.fedrod import ABSENT_CLASS_COUNT, FedRoD, RoDHead
 from fedbabu.config import DIGITS_DEFAULT, build_config
 from fedbabu.engine.checkpoint import load_checkpoint
 from fedbabu.engine.params import Layout
-from fedbabu.engine.simulation import client_model, runtime_for
+from fedbabu.engine.simulation import client_model, personalize_generator, runtime_for
 from fedbabu.errors import UserError
 from fedbabu.files import load_tensors
 from fedbabu.personalization import personalization_config
@@ -213,12 +213,13 @@ def test_a_client_without_training_data_keeps_its_head_and_reports_no_loss(digit
 def test_personal_heads_persist_across_rounds_differ_and_never_leave_the_client(recorded, digits):
     result, calls = recorded
     config = tiny()
-    assert len(calls) == 2 * 5, "every client in both rounds, in client order"
-    first, second = calls[:5], calls[5:]
+    assert len(calls) == 3 * 5, "every client in both rounds, then once more in its own evaluation"
+    first, second, evaluation = calls[:5], calls[5:10], calls[10:]
     for c in range(5):
         assert first[c][0] == {}, "a client's first round starts from the initial personal head"
         assert same(second[c][0], first[c][1]), f"client {c} resumes the head it ended round 1 with"
         assert same(result.personal[c], second[c][1])
+        assert same(evaluation[c][0], second[c][1]), "the evaluation's local round starts from the kept head"
     for a, b in itertools.combinations(range(5), 2):
         assert not torch.equal(torch.from_numpy(result.personal[a]["head.personal.weight"]),
                                torch.from_numpy(result.personal[b]["head.personal.weight"]))
@@ -249,11 +250,18 @@ def test_own_evaluation_is_the_personalized_logits_and_common_changes_only_the_p
     for c in range(5):
         model = model_for(config, digits)
         load_state(model, own.final_state)
-        load_state(model, {k: torch.from_numpy(v) for k, v in own.personal[c].items()})
-        assert own.clients[c]["accuracies"] == [evaluate(model, client_data(config, digits, c))]
+        kept = {k: torch.from_numpy(v) for k, v in own.personal[c].items()}
+        load_state(model, kept)
+        data = client_data(config, digits, c)
+        before = evaluate(model, data)
+        FedRoD(config).client_update(model, data, kept, config.lr_at(config.rounds - 1),
+                                     personalize_generator(config, c))
+        assert own.clients[c]["accuracies"] == [before, evaluate(model, data)], \
+            "the kept head as trained, then after one more local round from the final model at the final lr"
         curve = common.clients[c]["accuracies"]
         assert len(curve) == 1 + config.finetune.epochs and curve[0] == own.clients[c]["accuracies"][0]
-    assert FedRoD(config).personalization_note() == "FedRoD's own: generic + personal logits, no fine-tuning"
+    assert FedRoD(config).personalization_note() == ("FedRoD's own: generic + personal logits after one local "
+                                                     "round (1 epochs at the final lr 0.0005), no fine-tuning")
     assert FedRoD(common.config).personalization_note().startswith("common protocol: full fine-tuning, 1 epochs")
 
 

@@ -263,8 +263,13 @@ def test_the_baselines_presets_run_each_baseline_as_the_authors_scripts(name):
         (32, 10, 0.1, 0.1, 100)
     assert (lg.rounds, lg.local_epochs, lg.lr, lg.resolved_milestones()) == (8, 10, 0.001, [])
     assert (local.rounds, local.local_epochs, local.lr, local.resolved_milestones()) == (160, 1, 0.1, [80, 120])
+    assert local.batch_size == 10, "run_local.sh passes no --local_bs: options.py's 10"
     fedrep, perfedavg = configs["fedrep"].settings_for("fedrep"), configs["perfedavg"].settings_for("perfedavg")
     assert (fedrep.head_epochs, fedrep.body_epochs) == (None, 1)
+    assert configs["fedrep"].momentum == 0.5, "run_fedrep.sh passes no --momentum: options.py's 0.5"
+    assert {a: c.momentum for a, c in configs.items() if a != "fedrep"} == dict.fromkeys(set(configs) - {"fedrep"}, 0.9)
+    assert configs["fedper"].settings_for("fedper").keep_head is False, "main_fed.py discards the trained head"
+    assert {c.batch_size for a, c in configs.items() if a != "local"} == {50}
     assert (perfedavg.alpha, perfedavg.beta) == (None, 0.1)
     ditto, fedprox = configs["ditto"].settings_for("ditto"), configs["fedprox"].settings_for("fedprox")
     assert (ditto.lambda_, fedprox.mu) == (0.75, 1.0)

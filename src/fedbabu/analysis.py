@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedbabu.algorithms import ALGORITHMS
-from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
+from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL, recorded_versions
 from fedbabu.config import Config
 from fedbabu.engine.simulation import (
     ClientInspection,
@@ -149,7 +149,8 @@ def _reference(folder: Path, summary: dict[str, Any], config: Config) -> tuple[P
     if (again / "summary.json").is_file():
         candidates.append((again, json.loads((again / "summary.json").read_text())))
     for where, facts in candidates:
-        current = int(facts.get("personalization_protocol", 1)) == PERSONALIZATION_PROTOCOL
+        current = (int(facts.get("personalization_protocol", 1)) == PERSONALIZATION_PROTOCOL
+                   and recorded_versions(facts)["evaluation"] == ALGORITHMS[config.algorithm].evaluation_version)
         if current and (where / "clients.csv").is_file():
             return where, facts
     return None

@@ -47,7 +47,7 @@ def parse_size(value: Any) -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class AlgorithmSettings(_Strict):
@@ -58,11 +58,17 @@ class AlgorithmSettings(_Strict):
     older builds (``fedprox_mu``) to the section's fields, so older run folders still load.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, frozen=True,
+                              use_attribute_docstrings=True)
     legacy_keys: ClassVar[dict[str, str]] = {}
     evaluation_keys: ClassVar[tuple[str, ...]] = ()
     """Settings that change only how clients are evaluated at the end, never the training: like
     ``finetune.*`` they may differ in ``fedbabu personalize`` and do not make a finished run stale."""
+    training_options: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Named sets of shared training values (``lr``, ``batch_size``, ...) a method's own authors train
+    with, chosen by the section's ``training`` field (``fednh.training: authors``). The chosen set is
+    written over the config's values when the config is built, so the run's ``config.yaml`` shows
+    what it trained with; to vary one of those values, keep ``training: common`` and set them all."""
 
 
 _ALGORITHMS: dict[str, type[AlgorithmSettings]] = {}
@@ -140,19 +146,26 @@ class Config(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     lr_milestones: list[int] | None = None
     lr_decay: float = Field(0.1, gt=0, le=1)
+    lr_schedule: Literal["step", "exponential"] = "step"
+    """step: lr x lr_decay at each milestone (the paper's); exponential: lr x lr_decay**round, every round"""
+    clip_grad_norm: float | None = Field(None, gt=0)
+    """Clip each local step's gradient to this L2 norm (none by default, as in the paper's code)"""
     augment: Literal["auto", "on", "off"] = "auto"
     eval_every: int = Field(10, ge=0)
-    eval_batch_size: int = Field(2000, ge=1)  # a memory bound: a client's test set is one batch up to it
-    # Large federations: the global model is evaluated on, and the final model personalized by, all
-    # clients or a seeded sample of N (engine.simulation.seeded_clients).
+    eval_batch_size: int = Field(2000, ge=1)
+    """a memory bound: a client's test set is one batch up to it"""
     eval_clients: int | Literal["all"] = "all"
+    """Large federations: the global model is evaluated on all clients or a seeded sample of N
+    (engine.simulation.seeded_clients)."""
     personalize_clients: int | Literal["all"] = "all"
+    """Large federations: the final model is personalized by all clients or a seeded sample of N
+    (engine.simulation.seeded_clients)."""
 
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
-    # Each algorithm's own settings, one section per algorithm (``fedprox: {mu: 1.0}``, ``--set
-    # fedprox.mu=1``): the run's algorithm always has one; others are kept when given (compare's base).
     settings: dict[str, AlgorithmSettings] = Field(default_factory=dict, exclude=True)
+    """Each algorithm's own settings, one section per algorithm (``fedprox: {mu: 1.0}``, ``--set
+    fedprox.mu=1``): the run's algorithm always has one; others are kept when given (compare's base)."""
 
     seed: int = Field(0, ge=0)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -160,11 +173,11 @@ class Config(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: Literal["auto", "on", "off"] = "auto"
     executor: Literal["auto", "sequential", "vectorized"] = "auto"
-    # Memory for the clients' personal states (Ditto's models, FedPer's heads): beyond it they live in
-    # files of the run folder (engine.personal), bit-identical when read back. The default holds the
-    # paper's scale in memory (100 clients of the largest built-in model, ResNet-50 at 90 MiB: 9 GiB)
-    # and caps a 10,000-client federation at 10 GiB, leaving the rest of a 24 GiB machine to the run.
     personal_memory: int | str = "10GiB"
+    """Memory for the clients' personal states (Ditto's models, FedPer's heads): beyond it they live in
+    files of the run folder (engine.personal), bit-identical when read back. The default holds the
+    paper's scale in memory (100 clients of the largest built-in model, ResNet-50 at 90 MiB: 9 GiB)
+    and caps a 10,000-client federation at 10 GiB, leaving the rest of a 24 GiB machine to the run."""
 
     # Reliability: checkpoints, update screening and simulated client failures.
     checkpoint_every: int = Field(10, ge=0)
@@ -199,6 +212,10 @@ class Config(_Strict):
                             given[name].setdefault(new, value)
         given.setdefault(algorithm, {})
         data["settings"] = {name: _algorithm_section(catalog, name, values) for name, values in given.items()}
+        own = data["settings"][algorithm]
+        chosen = getattr(own, "training", None)
+        if chosen in own.training_options:
+            data = merge_dicts(data, own.training_options[chosen])
         return data
 
     @field_validator("workers")
@@ -258,6 +275,8 @@ class Config(_Strict):
 
     def lr_at(self, round_index: int) -> float:
         """The local learning rate of a 0-based round."""
+        if self.lr_schedule == "exponential":
+            return self.lr * self.lr_decay**round_index
         passed = sum(1 for m in self.resolved_milestones() if round_index >= m)
         return self.lr * self.lr_decay**passed
 

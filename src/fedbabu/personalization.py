@@ -87,7 +87,7 @@ def load_trained_run(folder: Path) -> TrainedRun:
     except json.JSONDecodeError:
         raise UserError(f"{folder / 'summary.json'}: not valid JSON") from None
     personal: Mapping[int, Personal] = {}
-    if ALGORITHMS[config.algorithm].personal_parts:
+    if ALGORITHMS[config.algorithm](config).keeps_client_state():
         if "flower" in summary:
             raise UserError(f"{folder}: a Flower run of {config.algorithm}, whose per-client parts stay on the "
                             "nodes; only Flower runs of algorithms without them can be personalized again here")

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedbabu.algorithms import ALGORITHMS
-from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
+from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL, recorded_versions
 from fedbabu.config import Config, build_config, merge_dicts, nested, parse_value, read_yaml
 from fedbabu.engine.checkpoint import CHECKPOINT
 from fedbabu.engine.faults import TrainingDiverged
@@ -221,10 +221,19 @@ def _moved_warm_start(saved: Config, planned: Config, folder: Path) -> Config:
     return warm.with_folder(saved, Path(new)) if Path(old).parts[-len(place):] == place else saved
 
 
+def _recorded(folder: Path) -> dict[str, int]:
+    """The algorithm versions a finished run records (1 for a run of a build that recorded none)."""
+    try:
+        return recorded_versions(json.loads((folder / "summary.json").read_text()))
+    except (OSError, json.JSONDecodeError):
+        return {"training": 0, "evaluation": 0}
+
+
 def _state(folder: Path, config: Config) -> str:
-    """``done`` (finished, trained as this config trains), ``diverged`` (stopped by divergence, same
-    config), ``resumable`` (checkpointed, same config up to the keys a resume may change, such as
-    the number of workers) or ``new``."""
+    """``done`` (finished, trained as this config trains), ``stale`` (finished with this config by a
+    build whose algorithm trained differently), ``diverged`` (stopped by divergence, same config),
+    ``resumable`` (checkpointed, same config up to the keys a resume may change, such as the number of
+    workers) or ``new``."""
     from fedbabu.runner import config_differences
 
     saved = folder / "config.yaml"
@@ -237,7 +246,8 @@ def _state(folder: Path, config: Config) -> str:
     if training_values(saved_config) != training_values(config):
         return "new"
     if (folder / "summary.json").exists():
-        return "done"
+        current = ALGORITHMS[config.algorithm].training_version
+        return "done" if _recorded(folder)["training"] == current else "stale"
     if config_differences(saved_config, config):
         return "new"
     events = folder / "events.log"
@@ -359,7 +369,8 @@ def results_folder(run: Path, config: Config, label: str, log: Callable[[str], N
     evaluation = {key: getattr(config.settings_for(saved.algorithm), key) for key in keys}
     same = saved.finetune == config.finetune and all(getattr(saved.settings_for(saved.algorithm), key) == value
                                                      for key, value in evaluation.items())
-    if not always and protocol == PERSONALIZATION_PROTOCOL and same:
+    evaluated_now = _recorded(run)["evaluation"] == ALGORITHMS[saved.algorithm].evaluation_version
+    if not always and protocol == PERSONALIZATION_PROTOCOL and same and evaluated_now:
         return run
     overrides = {"finetune": config.finetune.model_dump(),
                  **{key: value for key, value in config.to_plain().items() if key in ("workers", "device", "data_dir")},
@@ -367,11 +378,13 @@ def results_folder(run: Path, config: Config, label: str, log: Callable[[str], N
     wanted = personalization_config(saved, overrides, f"--set (for {run})")
     target = default_out(run, wanted)
     made = saved_config(target)
-    if made is not None and _without_free_keys(made) == _without_free_keys(wanted):
+    if made is not None and _without_free_keys(made) == _without_free_keys(wanted) and \
+            _recorded(target)["evaluation"] == ALGORITHMS[saved.algorithm].evaluation_version:
         if always:
             log(f"{label}: already personalized with these settings, skipped")
         return target
-    reason = "" if always else " (made under an older personalization protocol or other fine-tuning settings)"
+    reason = "" if always else (" (made under an older personalization protocol or evaluation, or other fine-tuning "
+                                "settings)")
     log(f"{label}: personalizing again{reason}")
     personalize_run(run, overrides, target, overwrite=True, observer=observer)
     return target
@@ -468,6 +481,10 @@ def _complete(folder: Path, config: Config, observer: Any, label: str, log: Call
         raise TrainingDiverged(f"diverged in an earlier attempt (see {folder / 'events.log'})")
     if state == "done":
         log(f"{label}: already complete, skipped")
+    elif state == "stale":
+        log(f"{label}: trained by an older build of {config.algorithm} (training version "
+            f"{_recorded(folder)['training']}, now {ALGORITHMS[config.algorithm].training_version}): training again")
+        run_experiment(config, folder, observer, overwrite=True)
     elif state == "resumable":
         log(f"{label}: resuming from its checkpoint")
         resume_experiment(folder, config, observer, overrides=config.to_plain())

@@ -45,6 +45,8 @@ from fedbabu.training import (
     Regularizer,
     evaluate,
     load_state,
+    restore_momentum,
+    set_trainable,
     sgd_epochs,
     state_of,
 )
@@ -83,6 +85,13 @@ class Algorithm:
     keeps_momentum: ClassVar[bool] = False
     """Whether a client keeps its optimizer's momentum from round to round (``optimizer.<name>``
     entries of its personal state, see :data:`fedbabu.training.OPTIMIZER_STATE`)."""
+    training_version: ClassVar[int] = 1
+    """Raised whenever this algorithm trains differently under the same config. Runs record it
+    (``summary.json``, ``algorithm_version``), so ``reproduce`` trains again a run an older build made
+    instead of reusing it; a run that records none was made by version 1."""
+    evaluation_version: ClassVar[int] = 1
+    """Raised whenever :meth:`personalize` gives other results under the same settings, so that a
+    finished run's clients are personalized again (no training) rather than read from its old files."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -91,6 +100,16 @@ class Algorithm:
 
     def check_config(self, config: Config) -> None:
         """Refuse settings under which the algorithm cannot work (raise :class:`UserError`)."""
+
+    @classmethod
+    def versions(cls) -> dict[str, int]:
+        """The training and evaluation versions a run of this build records (see :attr:`training_version`)."""
+        return {"training": cls.training_version, "evaluation": cls.evaluation_version}
+
+    def keeps_client_state(self) -> bool:
+        """Whether clients carry anything from round to round (personal parts or optimizer momentum),
+        which only the run's checkpoint then holds."""
+        return bool(self.personal_parts) or (self.keeps_momentum and self.config.momentum > 0)
 
     def initialize(self, model: nn.Module) -> None:
         """Set the initial global model in place: the seeded one, or the warm start's final model.
@@ -142,10 +161,24 @@ class Algorithm:
         """
         return sampled
 
+    def final_lr(self) -> float:
+        """The last round's lr: what a client's own evaluation pass after training runs at."""
+        return self.config.lr_at(max(self.config.rounds - 1, 0))
+
     def local_training(self, lr: float) -> LocalTraining:
         """The round's optimizer settings (the lr comes from the engine's schedule)."""
         c = self.config
-        return LocalTraining(c.local_epochs, c.batch_size, lr, c.momentum, c.weight_decay)
+        return LocalTraining(c.local_epochs, c.batch_size, lr, c.momentum, c.weight_decay, c.clip_grad_norm)
+
+    def continued_optimizer(self, model: nn.Module, personal: PersonalState,
+                            settings: LocalTraining) -> torch.optim.Optimizer:
+        """A new SGD over the trained parts that continues the momentum the client kept (``keeps_momentum``):
+        SGD's buffer does not depend on the lr, so this is one optimizer for the whole run, as an
+        author's code that builds it once per client has."""
+        optimizer = torch.optim.SGD(set_trainable(model, self.trained_parts), lr=settings.lr,
+                                    momentum=settings.momentum, weight_decay=settings.weight_decay)
+        restore_momentum(model, optimizer, personal)
+        return optimizer
 
     def client_update(self, model: nn.Module, data: ClientData, personal: PersonalState, lr: float,
                       generator: torch.Generator) -> ClientUpdate:
@@ -190,6 +223,13 @@ class Algorithm:
         return (f"{self.name}: trains {'+'.join(self.trained_parts) or 'nothing'}, aggregates "
                 f"{'+'.join(self.shared_parts) or 'nothing'}, keeps {'+'.join(self.personal_parts) or 'nothing'} "
                 f"per client")
+
+
+def recorded_versions(summary: Mapping[str, object]) -> dict[str, int]:
+    """The algorithm versions a run's ``summary.json`` records; 1 for a run of a build that recorded none."""
+    recorded = summary.get("algorithm_version")
+    recorded = recorded if isinstance(recorded, Mapping) else {}
+    return {key: int(recorded.get(key, 1)) for key in ("training", "evaluation")}
 
 
 def refuse(key: str, message: str) -> UserError:

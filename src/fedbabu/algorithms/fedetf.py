@@ -22,10 +22,19 @@ Where we differ, and why:
   personalization carry it. It is neither trained nor shared during federation, so it stays
   bit-identical to the one every party draws from the run's seed (the authors push the server's copy
   to every client each round, which is the same thing).
-* Their client optimizer is made once and keeps its momentum from round to round and into the
-  personalization; ours is new every round and every phase, like every other algorithm here.
-* Their adaptation epochs use their constant lr; ours use the final round's lr (``lr_at``) with the
-  run's momentum and weight decay, as a client would at the end of our schedule.
+* Training: ``fedetf.training: common`` (the default) trains with the run's shared settings, in the
+  presets FedBABU's (lr 0.1 stepped, batch 50, no weight decay): untuned for this method, and the
+  client's optimizer is new every round, as for every other algorithm here. ``training: authors``
+  sets their values (``args.py``, ``main.py`` for CIFAR-10): lr 0.04, constant (their scheduler call
+  is commented out), batch 128, momentum 0.9, weight decay 5e-4, and keeps each client's optimizer
+  for the whole run as their ``Node`` does: its momentum carries from one of the client's rounds to
+  the next and into the adaptation epochs of the personalization.
+* The adaptation epochs run at the final round's lr with the run's momentum and weight decay (under
+  their training: their constant 0.04). The alternations' lrs are theirs relative to it: M at 2.5x
+  and the projection at 1.25x the adaptation lr (their 0.1 and 0.05 over 0.04), unless
+  ``fedetf.etf_lr`` or ``fedetf.projection_lr`` is set. Under the common training that is 0.0025
+  and 0.00125, rather than their fixed 0.1 and 0.05, which would be 100 and 50 times the
+  adaptation lr of 0.001.
 * They predict with the argmax of the cosines without beta; ours keeps beta in the logits, the same
   prediction while beta is positive (``fedetf.temperature`` must start positive, and training would
   have to drive it through zero to change a prediction).
@@ -39,15 +48,26 @@ Where we differ, and why:
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState, refuse
-from fedbabu.config import AlgorithmSettings
-from fedbabu.training import ClientData, LocalTraining, Loss, balanced_softmax, evaluate, sgd_epochs
+from fedbabu.config import AlgorithmSettings, Config
+from fedbabu.training import ClientData, LocalTraining, Loss, balanced_softmax, evaluate, momentum_of, sgd_epochs
+
+ETF_LR_RATIO = 0.1 / 0.04
+"""The authors' lr for fitting M over their training (and adaptation) lr."""
+PROJECTION_LR_RATIO = 0.05 / 0.04
+"""The authors' lr for fitting the projection over their training lr."""
+
+FEDETF_AUTHORS_TRAINING: dict[str, Any] = {
+    "lr": 0.04, "lr_schedule": "step", "lr_milestones": [], "batch_size": 128, "momentum": 0.9,
+    "weight_decay": 5e-4, "clip_grad_norm": None,
+}
+"""The shared training values of the FedETF authors' CIFAR-10 runs (constant lr, no clipping)."""
 
 
 def orthonormal_columns(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
@@ -109,16 +129,27 @@ class FedETF(Algorithm):
         alternations: int = Field(20, ge=0)
         """Own protocol: rounds of (fit M, then fit the projection)."""
         etf_epochs: int = Field(3, ge=0)
-        etf_lr: float = Field(0.1, gt=0)
+        etf_lr: float | None = Field(None, gt=0)
+        """lr of fitting M; unset = 2.5x the adaptation lr (the authors' 0.1 over their 0.04)."""
         projection_epochs: int = Field(3, ge=0)
-        projection_lr: float = Field(0.05, gt=0)
+        projection_lr: float | None = Field(None, gt=0)
+        """lr of fitting the projection; unset = 1.25x the adaptation lr (the authors' 0.05 over 0.04)."""
         projection_momentum: float = Field(0.9, ge=0, lt=1)
         projection_weight_decay: float = Field(5e-4, ge=0)
+        training: Literal["common", "authors"] = "common"
+        """``common``: the run's shared training settings, a new optimizer every round; ``authors``: theirs,
+        with one optimizer per client for the whole run."""
         evaluation_keys: ClassVar[tuple[str, ...]] = (
             "evaluation", "adapt_epochs", "alternations", "etf_epochs", "etf_lr", "projection_epochs",
             "projection_lr", "projection_momentum", "projection_weight_decay")
+        training_options: ClassVar[dict[str, dict[str, Any]]] = {"authors": FEDETF_AUTHORS_TRAINING}
 
     settings: Settings
+    evaluation_version = 2  # 1 fitted M at 0.1 and the projection at 0.05 whatever the adaptation lr
+
+    def __init__(self, config: Config) -> None:
+        self.keeps_momentum = config.settings_for(self.name).training == "authors"
+        super().__init__(config)
     shared_parts = ("body", "head.projection", "head.temperature")
     trained_parts = ("body", "head.projection", "head.temperature")
 
@@ -141,15 +172,24 @@ class FedETF(Algorithm):
 
     def client_update(self, model: nn.Module, data: ClientData, personal: PersonalState, lr: float,
                       generator: torch.Generator) -> ClientUpdate:
-        loss = sgd_epochs(model, data, self.trained_parts, self.local_training(lr), generator,
+        """FedETF's round, through the client's kept optimizer under the authors' training."""
+        settings = self.local_training(lr)
+        optimizer = self.continued_optimizer(model, personal, settings) if self.keeps_momentum else None
+        loss = sgd_epochs(model, data, self.trained_parts, settings, generator, optimizer=optimizer,
                           loss=self.training_loss(data))
-        return ClientUpdate(loss)
+        return ClientUpdate(loss, momentum_of(model, optimizer) if optimizer is not None else {})
 
     def adaptation(self) -> LocalTraining:
         """The own protocol's first phase: FedETF training at the final round's lr, momentum and decay."""
         c, own = self.config, self.settings
         epochs = c.local_epochs if own.adapt_epochs is None else own.adapt_epochs
-        return LocalTraining(epochs, c.batch_size, c.lr_at(max(c.rounds - 1, 0)), c.momentum, c.weight_decay)
+        return LocalTraining(epochs, c.batch_size, self.final_lr(), c.momentum, c.weight_decay, c.clip_grad_norm)
+
+    def alternation_lrs(self) -> tuple[float, float]:
+        """The lrs of fitting M and the projection: as set, else the authors' ratios to the adaptation lr."""
+        own, adapt = self.settings, self.adaptation().lr
+        return (adapt * ETF_LR_RATIO if own.etf_lr is None else own.etf_lr,
+                adapt * PROJECTION_LR_RATIO if own.projection_lr is None else own.projection_lr)
 
     def personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
                     generator: torch.Generator) -> list[float]:
@@ -165,10 +205,14 @@ class FedETF(Algorithm):
             return super().personalize(model, data, personal, generator)
         c, own = self.config, self.settings
         accuracies = [evaluate(model, data)]
-        sgd_epochs(model, data, self.trained_parts, self.adaptation(), generator, loss=self.training_loss(data))
+        adaptation = self.adaptation()
+        optimizer = self.continued_optimizer(model, personal, adaptation) if self.keeps_momentum else None
+        sgd_epochs(model, data, self.trained_parts, adaptation, generator, optimizer=optimizer,
+                   loss=self.training_loss(data))
         accuracies.append(evaluate(model, data))
-        etf = LocalTraining(own.etf_epochs, c.batch_size, own.etf_lr)
-        projection = LocalTraining(own.projection_epochs, c.batch_size, own.projection_lr, own.projection_momentum,
+        etf_lr, projection_lr = self.alternation_lrs()
+        etf = LocalTraining(own.etf_epochs, c.batch_size, etf_lr)
+        projection = LocalTraining(own.projection_epochs, c.batch_size, projection_lr, own.projection_momentum,
                                    own.projection_weight_decay)
         for _ in range(own.alternations):
             sgd_epochs(model, data, ("head.etf",), etf, generator)
@@ -184,6 +228,7 @@ class FedETF(Algorithm):
         if self.settings.evaluation == "common":
             return f"common protocol: {super().personalization_note()}"
         own, adapt = self.settings, self.adaptation()
+        etf_lr, projection_lr = self.alternation_lrs()
         return (f"FedETF's own: {adapt.epochs} epochs of balanced softmax (lr {adapt.lr:g}), then "
-                f"{own.alternations} x ({own.etf_epochs} epochs on the ETF, lr {own.etf_lr:g}; "
-                f"{own.projection_epochs} on the projection, lr {own.projection_lr:g})")
+                f"{own.alternations} x ({own.etf_epochs} epochs on the ETF, lr {etf_lr:g}; "
+                f"{own.projection_epochs} on the projection, lr {projection_lr:g})")

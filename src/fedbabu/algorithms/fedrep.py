@@ -5,11 +5,20 @@ Only the body is averaged; each client's head persists across rounds. As in the 
 the body for one (``fedrep.head_epochs`` and ``fedrep.body_epochs`` change either), both phases
 through one SGD optimizer with a parameter group per part: the frozen part's lr is 0, so it stays
 bit-identical, while its momentum buffer fills during the other phase and carries into its own, as
-in their code.
+in their code. Their ``scripts/run_fedrep.sh`` passes no ``--momentum``, so FedRep trains with
+``utils/options.py``'s 0.5 there (the other scripts pass 0.9): the ``baselines`` presets set it.
+
+Two evaluations, as for the head family:
+
+* ``fedrep.evaluation: common`` (the default) fine-tunes ``finetune.part`` like every algorithm here;
+* ``own`` is how their ``main_fedrep.py`` tests a client: one FedRep local update (head epochs, then
+  body epochs) from the current body and the client's kept head, at the round's lr (after its decay,
+  so the final round's lr here), then the test. We run it once, on the final model; they run it
+  every round and keep the round best on test data, which we do not.
 """
 
 from dataclasses import replace
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -18,7 +27,7 @@ from torch import nn
 from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState
 from fedbabu.config import AlgorithmSettings
 from fedbabu.models import part_of
-from fedbabu.training import ClientData, load_state, sgd_epochs, state_of
+from fedbabu.training import ClientData, evaluate, load_state, sgd_epochs, state_of
 
 
 class FedRep(Algorithm):
@@ -29,8 +38,12 @@ class FedRep(Algorithm):
         """Head epochs per round; unset = ``local_epochs``."""
         body_epochs: int | None = Field(1, ge=1)
         """Body epochs per round; unset = ``local_epochs``."""
+        evaluation: Literal["common", "own"] = "common"
+        """``common``: the ``finetune.*`` fine-tuning; ``own``: one FedRep update, then the test
+        (``main_fedrep.py``)."""
         legacy_keys: ClassVar[dict[str, str]] = {"fedrep_head_epochs": "head_epochs",
                                                  "fedrep_body_epochs": "body_epochs"}
+        evaluation_keys: ClassVar[tuple[str, ...]] = ("evaluation",)
 
     settings: Settings
     shared_parts = ("body",)
@@ -53,3 +66,22 @@ class FedRep(Algorithm):
         loss = sgd_epochs(model, data, self.trained_parts, replace(settings, epochs=body_epochs), generator,
                           optimizer=optimizer)
         return ClientUpdate(loss, state_of(model, self.personal_parts))
+
+    def personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
+                    generator: torch.Generator) -> list[float]:
+        """``common``: fine-tuning; ``own``: accuracy before and after one FedRep update at the final lr."""
+        if self.settings.evaluation == "common":
+            return super().personalize(model, data, personal, generator)
+        load_state(model, personal)
+        accuracies = [evaluate(model, data)]
+        self.client_update(model, data, personal, self.final_lr(), generator)
+        accuracies.append(evaluate(model, data))
+        return accuracies
+
+    def personalization_unit(self) -> str:
+        return "round" if self.settings.evaluation == "own" else "epoch"
+
+    def personalization_note(self) -> str:
+        if self.settings.evaluation == "common":
+            return super().personalization_note()
+        return f"FedRep's own: one FedRep update at the final lr {self.final_lr():g}, no fine-tuning"

@@ -20,33 +20,44 @@ reimplementations, PFLlib's ``clientrod.py`` and the FedROD in FedNH-official's 
 * a class absent on the client gets the count 1e-12 (FedNH-official): a log-prior of about -27.6
   instead of PFLlib's -inf, the same loss up to ~1e-12 on the classes the client holds, and never
   NaN; FedETF-official's count 1 keeps absent classes as likely as a class seen once, unlike both;
-* no gradient clipping (PFLlib; FedNH-official clips to norm 10) and no exponent on the counts
-  (FL-bench's ``gamma``, default 1); the server's mean is weighted by client size, as in PFLlib and
-  FL-bench (FedNH-official averages uniformly);
-* evaluation is FedRoD's own: the personalized logits as trained, without fine-tuning, as every
-  implementation evaluates (``fedrod.evaluation: common`` fine-tunes like every other algorithm
-  here instead, for a comparison under one protocol).
+* no exponent on the counts (FL-bench's ``gamma``, default 1); the server's mean is weighted by
+  client size, as in PFLlib and FL-bench (FedNH-official averages uniformly);
+* training: ``fedrod.training: common`` (the default) uses the run's shared settings, in the presets
+  FedBABU's (lr 0.1 stepped, batch 50, no weight decay, no clipping), untuned for this method;
+  ``authors`` uses FedNH-official's CIFAR-10 script, which runs their FedROD: lr 0.01 times 0.99
+  every round, batch 64, momentum 0.9, weight decay 1e-5, and the shared step's gradient clipped
+  to norm 10 (the personal head's step is not clipped, as in their code);
+* evaluation (``fedrod.evaluation: own``) is FedRoD's: generic + personal logits, no fine-tuning,
+  after one more local round from the final model and the client's kept personal head, at the
+  final round's lr. Every implementation tests the model a client holds right after its local
+  training; the fresh round gives every client that, whenever it was last sampled (a client's
+  kept head would otherwise be as old as its last round, or the initial one for a client never
+  sampled), as FedUH's, FedNH's and FedETF's own evaluations do. ``common`` fine-tunes like every
+  other algorithm here, for a comparison under one protocol.
 
 Left out: FedNH-official's "separate" phases (all balanced epochs, then all personal-head epochs on
-features of the updated body) and the optional hypernetwork that generates personal heads from
-label distributions (FedNH-official, FL-bench): both are variants, not the method's core.
+features of the updated body) and the hypernetwork their CIFAR scripts turn on, which generates the
+personal head from the label distribution and is averaged with the body (FL-bench has another); both
+are variants, not the method's core, and ``training: authors`` takes their numbers, not those.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState
+from fedbabu.algorithms.feduh import FEDNH_AUTHORS_TRAINING
 from fedbabu.config import AlgorithmSettings
 from fedbabu.models import in_parts
 from fedbabu.training import (
     ClientData,
     autocast_for,
     balanced_softmax,
+    clip_gradients,
     evaluate,
     load_state,
     set_trainable,
@@ -86,11 +97,15 @@ class FedRoD(Algorithm):
 
     class Settings(AlgorithmSettings):
         evaluation: Literal["own", "common"] = "own"
-        """``own``: FedRoD's evaluation, generic + personal logits as trained, no fine-tuning;
-        ``common``: the ``finetune.*`` fine-tuning every algorithm here is compared under."""
+        """``own``: FedRoD's evaluation, generic + personal logits after one more local round, no
+        fine-tuning; ``common``: the ``finetune.*`` fine-tuning every algorithm here is compared under."""
+        training: Literal["common", "authors"] = "common"
+        """``common``: the run's shared training settings; ``authors``: FedNH-official's CIFAR-10 script's."""
         evaluation_keys: ClassVar[tuple[str, ...]] = ("evaluation",)
+        training_options: ClassVar[dict[str, dict[str, Any]]] = {"authors": FEDNH_AUTHORS_TRAINING}
 
     settings: Settings
+    evaluation_version = 2  # 1 tested the personal heads as last trained, without a final local round
     shared_parts = ("body", "head.generic")
     trained_parts = ("body", "head")
     personal_parts = ("head.personal",)
@@ -112,8 +127,9 @@ class FedRoD(Algorithm):
         settings = self.local_training(lr)
         named = [(n, p) for n, p in model.named_parameters() if in_parts(n, self.trained_parts)]
         set_trainable(model, self.trained_parts)
-        shared = torch.optim.SGD([p for n, p in named if in_parts(n, self.shared_parts)], lr=lr,
-                                 momentum=settings.momentum, weight_decay=settings.weight_decay)
+        shared_params = [p for n, p in named if in_parts(n, self.shared_parts)]
+        shared = torch.optim.SGD(shared_params, lr=lr, momentum=settings.momentum,
+                                 weight_decay=settings.weight_decay)
         own = torch.optim.SGD([p for n, p in named if in_parts(n, self.personal_parts)], lr=lr)
         generic_loss = balanced_softmax(data.class_counts(), absent=ABSENT_CLASS_COUNT)
         head: RoDHead = model.head
@@ -127,6 +143,7 @@ class FedRoD(Algorithm):
                     loss = generic_loss(generic, y)
                 shared.zero_grad(set_to_none=True)
                 loss.backward()
+                clip_gradients(shared_params, settings)
                 shared.step()
                 with autocast_for(data.runtime):
                     personal_loss = nn.functional.cross_entropy(
@@ -141,14 +158,20 @@ class FedRoD(Algorithm):
 
     def personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
                     generator: torch.Generator) -> list[float]:
-        """FedRoD's own evaluation (the personal head is already trained every round), or the common one."""
+        """FedRoD's own evaluation (accuracy before and after one more local round), or the common one."""
         if self.settings.evaluation == "common":
             return super().personalize(model, data, personal, generator)
         load_state(model, personal)
-        set_trainable(model, ())  # as fine-tuning leaves it, so callers may read the parameters as plain values
-        return [evaluate(model, data)]
+        accuracies = [evaluate(model, data)]
+        self.client_update(model, data, personal, self.final_lr(), generator)
+        accuracies.append(evaluate(model, data))
+        return accuracies
+
+    def personalization_unit(self) -> str:
+        return "round" if self.settings.evaluation == "own" else "epoch"
 
     def personalization_note(self) -> str:
         if self.settings.evaluation == "common":
             return f"common protocol: {super().personalization_note()}"
-        return "FedRoD's own: generic + personal logits, no fine-tuning"
+        return (f"FedRoD's own: generic + personal logits after one local round ({self.config.local_epochs} epochs "
+                f"at the final lr {self.final_lr():g}), no fine-tuning")

@@ -12,9 +12,15 @@ repository (Yutong-Dai/FedNH, ``src/flbase/strategies/FedUH.py``) is where the d
 * the scale starts at 1.0 and is learned and averaged like the body (their CIFAR ``Conv2Cifar``
   setting, ``FedNH_fix_scaling: False``); ``feduh.learn_scale: false`` with ``feduh.scale: 30``
   is the fixed-scale alternative their comment calls common;
-* their client update also clips gradients to norm 10 and their server averages clients
-  uniformly; here the round is the project's common one (no clipping, sample-weighted mean, which
-  is the same with equal client sizes).
+* their server averages clients uniformly; ours weights by client size, the same with equal sizes.
+
+Training: ``feduh.training: common`` (the default) trains with the run's shared settings, which in
+the presets are FedBABU's (lr 0.1 stepped down twice, batch 50, no weight decay, no clipping): for
+these methods that is untuned. ``training: authors`` sets the shared settings to those of the
+authors' CIFAR-10 script for FedNH (``experiments/gen_script.py`` and ``Cifar10_Conv2Cifar.yaml``):
+lr 0.01 times 0.99 every round (their ``diminishing`` schedule), batch 64, momentum 0.9, weight
+decay 1e-5, gradients clipped to L2 norm 10. Their scripts have no FedUH run; FedUH shares FedNH's
+client code, so it gets the same values. The number of rounds and local epochs stays the run's.
 
 Their evaluation has no fine-tuning: a client's personalized model is the one it holds after a
 round of local training. ``feduh.evaluation: own`` does that (one more local round from the final
@@ -25,7 +31,7 @@ test set by each client's label distribution instead of testing on the client's 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -34,6 +40,12 @@ from torch import nn
 from fedbabu.algorithms.base import Algorithm, PersonalState, refuse
 from fedbabu.config import AlgorithmSettings, Config
 from fedbabu.training import ClientData, evaluate, load_state, sgd_epochs
+
+FEDNH_AUTHORS_TRAINING: dict[str, Any] = {
+    "lr": 0.01, "lr_schedule": "exponential", "lr_decay": 0.99, "batch_size": 64, "momentum": 0.9,
+    "weight_decay": 1e-5, "clip_grad_norm": 10.0,
+}
+"""The shared training values of the FedNH authors' CIFAR-10 script (for FedNH and their FedROD)."""
 
 
 class PrototypeHead(nn.Module):
@@ -69,7 +81,11 @@ class FedUH(Algorithm):
         """Train and average the scale (their default); false keeps it fixed at ``scale``."""
         evaluation: Literal["own", "common"] = "own"
         """``own``: a final local round, no fine-tuning (the authors'); ``common``: ``finetune.*``."""
+        training: Literal["common", "authors"] = "common"
+        """``common``: the run's shared training settings; ``authors``: the FedNH authors' (lr, its decay,
+        batch, weight decay, clipping), written over the config's."""
         evaluation_keys: ClassVar[tuple[str, ...]] = ("evaluation",)
+        training_options: ClassVar[dict[str, dict[str, Any]]] = {"authors": FEDNH_AUTHORS_TRAINING}
 
     settings: Settings
 
@@ -95,8 +111,7 @@ class FedUH(Algorithm):
             return super().personalize(model, data, personal, generator)
         load_state(model, personal)
         accuracies = [evaluate(model, data)]
-        final_lr = self.config.lr_at(max(self.config.rounds - 1, 0))
-        sgd_epochs(model, data, self.trained_parts, self.local_training(final_lr), generator)
+        sgd_epochs(model, data, self.trained_parts, self.local_training(self.final_lr()), generator)
         accuracies.append(evaluate(model, data))
         return accuracies
 
@@ -104,4 +119,4 @@ class FedUH(Algorithm):
         if self.settings.evaluation == "common":
             return f"common protocol: {super().personalization_note()}"
         return (f"{self.name}'s own: one local round ({self.config.local_epochs} epochs at the final lr "
-                f"{self.config.lr_at(max(self.config.rounds - 1, 0)):g}), no fine-tuning")
+                f"{self.final_lr():g}), no fine-tuning")

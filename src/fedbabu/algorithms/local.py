@@ -16,15 +16,7 @@ import torch
 from torch import nn
 
 from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState
-from fedbabu.training import (
-    ClientData,
-    load_state,
-    momentum_of,
-    restore_momentum,
-    set_trainable,
-    sgd_epochs,
-    state_of,
-)
+from fedbabu.training import ClientData, load_state, momentum_of, sgd_epochs, state_of
 
 
 class Local(Algorithm):
@@ -33,6 +25,7 @@ class Local(Algorithm):
     trained_parts = ("body", "head")
     personal_parts = ("body", "head")
     keeps_momentum = True
+    training_version = 2  # 1 restarted the momentum every round
 
     def training_clients(self, sampled: list[int], num_clients: int) -> list[int]:
         return list(range(num_clients))
@@ -41,8 +34,6 @@ class Local(Algorithm):
                       generator: torch.Generator) -> ClientUpdate:
         load_state(model, personal)
         settings = self.local_training(lr)
-        optimizer = torch.optim.SGD(set_trainable(model, self.trained_parts), lr=lr, momentum=settings.momentum,
-                                    weight_decay=settings.weight_decay)
-        restore_momentum(model, optimizer, personal)
+        optimizer = self.continued_optimizer(model, personal, settings)
         loss = sgd_epochs(model, data, self.trained_parts, settings, generator, optimizer=optimizer)
         return ClientUpdate(loss, {**state_of(model, self.personal_parts), **momentum_of(model, optimizer)})

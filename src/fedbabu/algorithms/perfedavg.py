@@ -90,6 +90,7 @@ def hessian_vector_product(model: nn.Module, params: Sequence[nn.Parameter], bat
 
 class PerFedAvg(Algorithm):
     name = "perfedavg"
+    training_version = 2  # 1 ran the inner and outer steps through separate plain optimizers
 
     class Settings(AlgorithmSettings):
         variant: Literal["fo", "hf"] = "fo"

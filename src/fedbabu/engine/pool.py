@@ -1,6 +1,6 @@
 """Client work on a pool of forked worker processes, one torch thread each.
 
-Why processes: on a CPU, two threads in one process never beat one (perf-notes), while two
+Why processes: on a CPU, two threads in one process never beat one (benchmarks/README.md), while two
 processes with one thread each nearly double throughput. Why fork: the dataset, the partition and
 the algorithm are inherited, never pickled; the global parameters go out through one
 shared-memory vector written before each round, and updates come back as flat arrays.

@@ -106,7 +106,7 @@ def personalized_clients(config: Config, num_clients: int) -> list[int]:
 
 
 def runtime_for(config: Config) -> Runtime:
-    """The compute settings of a run; channels_last pays for convolutions on CPU (perf-notes).
+    """The compute settings of a run; channels_last pays for convolutions on CPU (benchmarks/README.md).
 
     Not under the vectorized executor: its convolutions run grouped over the stacked clients, which
     are faster in NCHW (measured on CPU: 1.4x).

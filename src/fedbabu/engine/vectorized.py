@@ -3,7 +3,7 @@
 A batch of 50 through a 4convNet leaves a GPU nearly idle, so running the sampled clients one
 after another wastes it; stacking their parameters and mapping one training step over the
 stack (``vmap`` of ``grad``) fills it. On a CPU the same stacking is slower than the plain loop
-(perf-notes), which is why ``executor: auto`` picks this only on CUDA.
+(benchmarks/README.md), which is why ``executor: auto`` picks this only on CUDA.
 
 It computes exactly what :func:`fedbabu.training.sgd_epochs` computes, client by client: the
 same batches from each client's own generator, SGD with momentum and weight decay written out as
@@ -31,8 +31,9 @@ Params = dict[str, torch.Tensor]
 
 
 def vectorizable(algorithm: Algorithm) -> bool:
-    """Whether the algorithm's round is plain SGD on its trained parts (the base class's update)."""
-    return type(algorithm).client_update is Algorithm.client_update
+    """Whether the algorithm's round is plain SGD on its trained parts (the base class's update),
+    without gradient clipping, whose per-client norm the stacked step does not compute."""
+    return type(algorithm).client_update is Algorithm.client_update and algorithm.config.clip_grad_norm is None
 
 
 def choose_executor(requested: str, device: str, algorithm: Algorithm, model: nn.Module) -> str:
@@ -43,8 +44,9 @@ def choose_executor(requested: str, device: str, algorithm: Algorithm, model: nn
     if requested == "auto":
         return "vectorized" if device == "cuda" and vectorizable(algorithm) and not buffers else "sequential"
     if not vectorizable(algorithm):
-        raise UserError(f"executor: vectorized runs plain SGD client updates only, and {algorithm.name} trains its "
-                        "clients its own way; use executor=sequential (or auto)")
+        raise UserError(f"executor: vectorized runs plain SGD client updates without clip_grad_norm only, and "
+                        f"{algorithm.name} with this config trains its clients otherwise; use executor=sequential "
+                        "(or auto)")
     if buffers:
         raise UserError(f"executor: vectorized needs a model without buffers, and this one has "
                         f"{', '.join(buffers)}; use executor=sequential (or auto)")

@@ -50,6 +50,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "personalization": algorithm.personalization_note(),
         "personalization_unit": algorithm.personalization_unit(),
         "personalization_protocol": PERSONALIZATION_PROTOCOL,
+        "algorithm_version": algorithm.versions(),
         "final_global_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
         "never_sampled_clients": never_sampled(result.metrics, c.num_clients),
         "bytes_per_round_per_client": result.bytes_per_round_per_client,
