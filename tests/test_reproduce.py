@@ -131,8 +131,8 @@ def test_results_cover_every_finished_seed_across_invocations(tmp_path, monkeypa
                         ["personalized_accuracy"]["mean"] for k in (0, 1)] for a in ("fedavg", "fedbabu")}
     diffs = np.subtract(personalized["fedbabu"], personalized["fedavg"])
     fedavg = np.array(personalized["fedavg"])
-    assert cells[3] == f"{100 * fedavg.mean():.2f} ± {100 * fedavg.std(ddof=1):.2f}"
-    assert cells[6] == f"{100 * diffs.mean():+.2f} ± {100 * diffs.std(ddof=1):.2f}"
+    assert cells[3] == f"{100 * fedavg.mean():.2f} ± {100 * fedavg.std(ddof=1) / np.sqrt(2):.2f}", "SE over seeds"
+    assert cells[6] == f"{100 * diffs.mean():+.2f} ± {100 * diffs.std(ddof=1) / np.sqrt(2):.2f}"
     clients = {a: [read_curves(out / "default" / a / f"seed-{k}" / "clients.csv")[:, -1] for k in (0, 1)]
                for a in ("fedavg", "fedbabu")}
     per_seed = []

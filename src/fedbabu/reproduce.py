@@ -29,7 +29,7 @@ from fedbabu.files import atomic_write_text
 from fedbabu.results.paired import PairedDifference, paired_difference, paired_reference
 from fedbabu.results.plots import plot_comparison, plot_finetune_curves, plot_paired_differences
 from fedbabu.results.rebuild import read_curves
-from fedbabu.results.report import seed_spread
+from fedbabu.results.report import seed_standard_error
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 """Shipped with the package, so `reproduce` works from an installed wheel; `configs/paper` links here."""
@@ -510,9 +510,9 @@ def _slug(name: str) -> str:
 
 
 def _over_seeds(values: list[float], signed: bool = False) -> str:
-    """Mean ± sample std in %, or the single value when one seed gives no spread to report."""
+    """Mean ± its standard error over seeds in %, or the single value when one seed gives no spread to report."""
     mean = f"{100 * np.mean(values):{'+' if signed else ''}.2f}"
-    spread = seed_spread(values)
+    spread = seed_standard_error(values)
     return mean if np.isnan(spread) else f"{mean} ± {100 * spread:.2f}"
 
 
@@ -555,11 +555,11 @@ def _paired_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[st
 
 def _seed_bar(outcome: CellResult, label: str) -> dict[str, Any]:
     """A bar of the over-seeds plot: the mean of the per-seed means, with the spread over seeds as its
-    error bar (none for a single seed, whose spread is unknown)."""
+    error bar: the standard error over seeds (none for a single seed, whose spread is unknown)."""
     bar: dict[str, Any] = {"algorithm": label}
     for key, column in (("initial", "initial_accuracy"), ("personalized", "personalized_accuracy")):
         means = list(_means(outcome, column).values())
-        bar[f"{key}_mean"], bar[f"{key}_std"] = float(np.mean(means)), seed_spread(means)
+        bar[f"{key}_mean"], bar[f"{key}_std"] = float(np.mean(means)), seed_standard_error(means)
     return bar
 
 
@@ -577,8 +577,8 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
     if paired:
         header += " | fedbabu − fedavg (personalized) | per seed"
     lines = [f"# {preset.title}", "",
-             f"Scale: {scale}. Accuracy in %: the mean over clients of each run, then mean ± std over seeds "
-             "(a single value where one seed has finished)."
+             f"Scale: {scale}. Accuracy in %: the mean over clients of each run, then the mean over seeds ± its "
+             "standard error (a single value where one seed has finished)."
              + (" Per seed: fedbabu − fedavg client by client (same partition and test sets), its mean ± the "
                 "standard error of that mean, and on how many clients fedbabu is higher, lower or tied; "
                 "the seeds both algorithms finished, in increasing order, separated by `;`." if paired else ""), "",
@@ -618,7 +618,7 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
     plot_finetune_curves(curves, out / "finetune.png", f"{name}: accuracy vs fine-tuning epochs")
     bars = [_seed_bar(o, f"{o.algorithm} {o.cell.name}") for o in outcomes if o.summaries]
     if bars:
-        plot_comparison(bars, out / "seeds.png", f"{name}: mean ± std over seeds")
+        plot_comparison(bars, out / "seeds.png", f"{name}: mean ± standard error over seeds")
         lines.append("![over seeds](seeds.png)")
     if differences:
         plot_paired_differences(differences, out / "differences.png",

@@ -206,6 +206,12 @@ def seed_spread(means: list[float]) -> float:
     return float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
 
 
+def seed_standard_error(means: list[float]) -> float:
+    """Standard error of the mean of per-seed means (their sample std over the root of their number):
+    the "±" of every result over seeds; NaN for a single seed."""
+    return seed_spread(means) / math.sqrt(len(means)) if len(means) > 1 else math.nan
+
+
 PAIRED_KEYS = ("paired_difference", "paired_standard_error", "clients_higher", "clients_lower", "clients_tied")
 
 
