@@ -1,6 +1,6 @@
 """Round throughput of the engine against a plain federated loop, measured side by side in one run.
 
-    python benchmarks/round_throughput.py [--quick]
+    python benchmarks/round_throughput.py [--quick] [--out PATH]
 
 Rows (same workload: 4convNet, CIFAR-shaped images, 10 clients x 500 images, tau = 1, batch 50, SGD
 momentum 0.9, FedBABU):
@@ -26,7 +26,8 @@ round's last client). Then: personalization of 100 clients (5 epochs), one ResNe
 accuracy effect of bf16. Prints ``speedup: X.XX`` (row 3 over row 1) last and writes
 ``benchmarks/results.md``. ``--quick`` measures one round per row, takes rows 3 and 6 from its one
 pair, personalizes 2 clients, and skips the vectorized row (a GPU executor) and the ResNet-18 and
-bf16 accuracy runs.
+bf16 accuracy runs; it writes ``benchmarks/results-quick.md``, so it never replaces the full results.
+``--out PATH`` writes elsewhere.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ from fedbabu.engine.simulation import simulate  # noqa: E402
 from fedbabu.models import build_model  # noqa: E402
 
 CIFAR_CACHE = ROOT / ".cache" / "datasets" / "cifar-10-batches-py"
+
+RESULTS = {"full": ROOT / "benchmarks" / "results.md", "quick": ROOT / "benchmarks" / "results-quick.md"}
+"""Each mode's own results file: a quick run never replaces the committed full results, nor a full run the quick."""
+
+
+def results_path(quick: bool, out: Path | None = None) -> Path:
+    """Where a run writes its results: ``--out`` when given, else its mode's own file (:data:`RESULTS`)."""
+    return out if out is not None else RESULTS["quick" if quick else "full"]
 
 
 def cifar_like(num_train: int) -> tuple[Dataset, str]:
@@ -234,21 +243,30 @@ def bf16_is_native() -> bool | None:
     return None if flags is None else native_bf16(flags)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``out`` resolved to the file this run writes (:func:`results_path`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="one measured round per row, the default engine and the ceiling measured once, as "
                              "one pair; 2 clients personalized; no vectorized row, no ResNet-18 or bf16 accuracy "
                              "runs, and no bf16 row on a CPU that emulates bf16 (under 2 min on 2 cores)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the Markdown results (default: benchmarks/results.md, with --quick "
+                             "benchmarks/results-quick.md)")
     parser.add_argument("--pairs", type=int, default=None,
                         help="pairs of (kernel ceiling, engine rounds: 3, 2 with --quick) measured back to back "
                              "after the rows, for the engine's fraction of the ceiling (default 5; 1 with --quick)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.pairs is None:
         args.pairs = 1 if args.quick else 5
     if args.quick and args.pairs < 1:
         parser.error("--quick needs --pairs 1 or more: its default-engine and ceiling rows are the first pair")
+    args.out = results_path(args.quick, args.out)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     began = time.perf_counter()
     rounds = 1 if args.quick else 5
     dataset, provenance = cifar_like(50000)
@@ -347,6 +365,7 @@ def main() -> None:
         *table, "", *extra, "", f"speedup: {speedup:.2f}", "",
     ]
     args.out.write_text("\n".join(report))
+    print(f"results written to {args.out}")
     print(f"speedup: {speedup:.2f}")
 
 

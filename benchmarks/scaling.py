@@ -26,7 +26,8 @@ process just before the run, the bare training step of one round's 500 images on
 ``round_throughput.py`` measures it), and the round time as a multiple of it.
 
 Writes ``benchmarks/scaling.md`` and ``benchmarks/scaling.png`` (``--out``: another Markdown file,
-the plot beside it). ``--quick``: N = 100 and 1,000, FedBABU only, Flower at 100. An empty list
+the plot beside it). ``--quick``: N = 100 and 1,000, FedBABU only, Flower at 100, written to
+``benchmarks/scaling-quick.md`` (and ``.png``) so that it never replaces the full results. An empty list
 (``--clients ""``, ``--flower-clients ""``) leaves that engine's rows out.
 """
 
@@ -272,6 +273,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+RESULTS = {"full": HERE / "scaling.md", "quick": HERE / "scaling-quick.md"}
+"""Each mode's own report: a quick run never replaces the committed full results."""
+
+
+def results_path(quick: bool, out: Path | None = None) -> Path:
+    """Where a run writes its report (the plot beside it): ``--out`` when given, else its mode's own file."""
+    return out if out is not None else RESULTS["quick" if quick else "full"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="100,1000,10000")
@@ -282,10 +292,12 @@ def main() -> None:
                              "client) in each virtual node's state; a Flower evaluation of 1,000 clients takes "
                              "about a minute")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=HERE / "scaling.md",
-                        help="the Markdown report; the plot is written beside it, as a .png of the same name")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the Markdown report (default: benchmarks/scaling.md, with --quick "
+                             "benchmarks/scaling-quick.md); the plot is written beside it, as a .png of the same name")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = results_path(args.quick, args.out)
     if args.row:
         print(json.dumps(measure(json.loads(args.row))))
         return

@@ -16,7 +16,8 @@ from fedbabu.config import registered_algorithms
 from fedbabu.engine import simulation
 from fedbabu.engine.checkpoint import load_checkpoint
 from fedbabu.engine.faults import TrainingDiverged, dropped_clients, rejection_reason
-from fedbabu.engine.simulation import DROPOUT_STREAM, Observer, sample_clients, simulate, stream_seed
+from fedbabu.engine.round import DROPOUT_STREAM, sample_clients, stream_seed
+from fedbabu.engine.simulation import simulate
 from fedbabu.runner import partition_for, run_experiment
 
 SHAPES = {"head.weight": (2, 3), "head.bias": (2,)}
@@ -125,28 +126,33 @@ def test_bad_updates_are_rejected_logged_and_counted(digits, saboteur, caplog):
     assert all(torch.equal(result.final_state[k], other.final_state[k]) for k in result.final_state)
 
 
-class _GlobalRecorder(Observer):
-    """Copies the global vector after every round (the engine's shared one, read in-process)."""
+class _GlobalRecorder:
+    """Copies the server's global vector before the first round and after every round, by wrapping the
+    round policy the simulator calls (the server state is explicit, passed to it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, monkeypatch) -> None:
         self.vectors = []
+        finish = simulation.finish_round
 
-    def on_start(self, config, partition, algorithm):
-        self.vectors.append(simulation._FEDERATION.global_vector.clone())
+        def recording(plan, replies, server, *args, **kwargs):
+            if not self.vectors:
+                self.vectors.append(server.global_vector.clone())
+            outcome = finish(plan, replies, server, *args, **kwargs)
+            self.vectors.append(server.global_vector.clone())
+            return outcome
 
-    def on_round(self, record):
-        self.vectors.append(simulation._FEDERATION.global_vector.clone())
+        monkeypatch.setattr(simulation, "finish_round", recording)
 
 
 def _not_json(constant: str) -> None:
     raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
 
 
-def test_client_failures_are_survived_and_an_empty_round_keeps_the_model(digits, caplog, tmp_path):
+def test_client_failures_are_survived_and_an_empty_round_keeps_the_model(digits, caplog, tmp_path, monkeypatch):
     config = small_config(rounds=6, client_fraction=0.2, client_failure_rate=0.7, eval_every=0)
-    recorder = _GlobalRecorder()
+    recorder = _GlobalRecorder(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="fedbabu"):
-        result = run_experiment(config, tmp_path / "run", recorder, dataset=digits).result
+        result = run_experiment(config, tmp_path / "run", dataset=digits).result
     written = [json.loads(line, parse_constant=_not_json)
                for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(w["dropped"], w["rejected"]) for w in written] == [(m["dropped"], m["rejected"]) for m in result.metrics]

@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 from flower_support import initial_head, initial_model, read_clients, read_records, simulator_run, small_config
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedbabu
@@ -35,13 +36,15 @@ from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config
 from fedbabu.data.datasets import load_digits
 from fedbabu.engine.faults import TrainingDiverged
+from fedbabu.engine.round import MEASURED_KEYS
+from fedbabu.engine.simulation import network
 from fedbabu.errors import UserError
 from fedbabu.files import load_tensors
 from fedbabu.flower import client as node_app
 from fedbabu.flower.certs import make_credentials
 from fedbabu.flower.client import app as client_app
 from fedbabu.flower.launch import flower_env, stop, stop_reason
-from fedbabu.flower.server import run_on_grid
+from fedbabu.flower.server import AlgorithmStrategy, run_on_grid
 from fedbabu.flower.wire import experiment_record
 from fedbabu.models import in_parts
 from fedbabu.runner import partition_for, run_experiment
@@ -110,6 +113,22 @@ class LoopbackGrid(Grid):
                 reply.content["arrays"] = ArrayRecord(arrays)
             replies.append(reply)
         return replies
+
+
+def assert_same_records(flower: list[dict], simulator: list[dict]) -> None:
+    """The two engines' round records: the same fields with the same values, but for what measures one
+    execution (time, the wire); accuracies to float rounding, the rest exactly."""
+    assert len(flower) == len(simulator)
+    for ours, theirs in zip(flower, simulator, strict=True):
+        ours = {k: v for k, v in ours.items() if k not in MEASURED_KEYS}
+        theirs = {k: v for k, v in theirs.items() if k not in MEASURED_KEYS}
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():
+            if key in ("train_loss", "test_accuracy"):
+                written = math.nan if value is None else value  # metrics.jsonl writes NaN as null
+                assert written == pytest.approx(theirs[key], abs=1e-9, nan_ok=True), key
+            else:
+                assert value == theirs[key], key
 
 
 def test_loopback_run_equals_the_simulator_bit_for_bit(tmp_path: Path) -> None:
@@ -193,6 +212,7 @@ def test_every_algorithm_equals_the_simulator_with_personal_state_on_the_node(al
     state = load_tensors(tmp_path / "model.pt")
     for name, tensor in reference.final_state.items():
         assert torch.equal(state[name], tensor), name
+    assert_same_records(read_records(tmp_path), reference.metrics)
     curves = [[float(v) for v in list(row.values())[4:]] for row in read_clients(tmp_path)]
     assert curves == [pytest.approx(c["accuracies"], abs=1e-6, nan_ok=True) for c in reference.clients]
     personal_parts = ALGORITHMS[algorithm].personal_parts
@@ -214,6 +234,29 @@ def test_every_algorithm_equals_the_simulator_with_personal_state_on_the_node(al
     else:
         analyzed = fedbabu.analyze(tmp_path, workers=1, progress=False).runs[0]
         assert analyzed["reproduces_run"] == {"checked": True, "identical_clients": 3, "clients": 3}
+
+
+def test_the_strategy_is_a_plain_flower_strategy_and_forwards_the_config_it_is_given(tmp_path: Path) -> None:
+    """What a Flower strategy wrapper or the deployment puts in the train/evaluate config reaches the
+    clients beside the experiment (a client mod reads it there), and no reply depends on it."""
+    config = small_config("rounds=2", "eval_every=1", "finetune.epochs=0")
+    assert not issubclass(AlgorithmStrategy, FedAvg) and issubclass(AlgorithmStrategy, Strategy)
+    dataset = load_digits()
+    strategy = AlgorithmStrategy(config, network(config, dataset), min_nodes=3, timeout=60)
+    grid = LoopbackGrid(3)
+    strategy.start(grid, strategy.initial_arrays(), num_rounds=2, timeout=60,
+                   train_config=ConfigRecord({"clipping_norm": 0.5, "lr": 123.0}),
+                   evaluate_config=ConfigRecord({"note": "from the deployment"}))
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    evaluate = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert len(train) == 6 and len(evaluate) == 3, "the last round's test is the personalization's"
+    assert all(m.content["config"]["clipping_norm"] == 0.5 for m in train)
+    assert [m.content["config"]["lr"] for m in train] == [config.lr_at(0)] * 3 + [config.lr_at(1)] * 3, \
+        "the round's own entries win"
+    assert all(m.content["config"]["note"] == "from the deployment" for m in evaluate)
+    reference = simulator_run(config)
+    for name, tensor in reference.final_state.items():
+        assert torch.equal(strategy.final_state()[name], tensor), name
 
 
 @pytest.mark.parametrize("algorithm", ["local", "lg_fedavg"])
@@ -347,7 +390,9 @@ def test_server_waits_for_nodes_only_until_the_round_timeout(tmp_path: Path) -> 
     connect = [f for f in summary["flower"]["failures"] if f["stage"] == "connect"]
     assert [f["reason"] for f in connect] == [
         "only 2 of the 3 nodes waited for (min-nodes) connected within 0.5 s; going on with them"]
-    assert [r["clients"] for r in read_records(tmp_path)] == [[0, 1], [0, 1]]
+    records = read_records(tmp_path)
+    assert [r["clients"] for r in records] == [[0, 1, 2], [0, 1, 2]], "the sampled clients, as in the simulator"
+    assert [r["failed"] for r in records] == [[2], [2]]
     assert summary["flower"]["clients_personalized"] == 2
 
 

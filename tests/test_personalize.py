@@ -68,7 +68,8 @@ def test_keys_that_shaped_the_training_are_refused_with_one_line(trained, tmp_pa
     shutil.copytree(trained["fedbabu"], run)
     before = fingerprint(run)
     for argv, message in (
-        (["--set", "lr=0.3"], "error: --set lr: only finetune.*, workers and device may differ from the trained run"),
+        (["--set", "lr=0.3"], "error: --set lr: only finetune.*, eval_batch_size, workers and device may differ from "
+                              "the trained run"),
         (["--set", "finetune.epochs=-1"], "finetune.epochs"),
         (["--out", str(run)], "is the run folder itself"),
     ):
@@ -132,7 +133,15 @@ def test_reproduce_personalize_only_redoes_every_finished_run_and_the_table(tmp_
     lines.clear()
     personalize_preset("pair", out, settings={"finetune": {"epochs": 3}}, log=lines.append)
     assert lines[0] == "[1/1] default fedavg seed 0: already personalized with these settings, skipped"
-    with pytest.raises(UserError, match=r"only finetune\.\*, workers and device may differ"):
+    lines.clear()  # an evaluation key reaches the personalization; a runtime key does not make it stale
+    personalize_preset("pair", out, log=lines.append,
+                       settings={"finetune": {"epochs": 3}, "eval_batch_size": 7, "personal_memory": "1GiB"})
+    assert lines[0] == "[1/1] default fedavg seed 0: personalizing again"
+    assert yaml.safe_load((again / "config.yaml").read_text())["eval_batch_size"] == 7
+    lines.clear()
+    personalize_preset("pair", out, settings={"finetune": {"epochs": 3}, "eval_batch_size": 7}, log=lines.append)
+    assert lines[0] == "[1/1] default fedavg seed 0: already personalized with these settings, skipped"
+    with pytest.raises(UserError, match=r"only finetune\.\*, eval_batch_size, workers and device may differ"):
         personalize_preset("pair", out, settings={"rounds": 5}, log=lambda line: None)
 
 

@@ -16,7 +16,7 @@ from conftest import StopAtRound, small_config
 from fedbabu.cli import main
 from fedbabu.config import build_config
 from fedbabu.data.partition import Partition
-from fedbabu.engine.simulation import sample_clients
+from fedbabu.engine.round import sample_clients
 from fedbabu.runner import partition_for, run_experiment
 
 CLI_SETTINGS = ["--workers", "1", "--set", "rounds=3", "--set", "eval_every=2", "--set", "finetune.epochs=2",

@@ -166,26 +166,39 @@ def _description(key: str, info: Any, used: set[str]) -> str:
     return _cell(text)
 
 
-def _table(prefix: str, model: type, used: set[str], skip: set[str] = frozenset()) -> list[str]:
-    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+def _table(prefix: str, model: type, used: set[str], skip: set[str] = frozenset(),
+           roles: dict[str, str] | None = None) -> list[str]:
+    """A table of ``model``'s fields; with ``roles`` (``Config.roles()``) a column says each key's role."""
+    rows = ["| key | type | default | role | description |", "|---|---|---|---|---|"] if roles is not None else \
+        ["| key | type | default | description |", "|---|---|---|---|"]
     for name, info in model.model_fields.items():
         if name in skip:
             continue
         key = prefix + (info.alias or name)
-        rows.append(f"| `{key}` | {_type_name(info.annotation)}{_bounds(info)} | {_default(info)} | "
+        role = f" {roles[name]} |" if roles is not None else ""
+        rows.append(f"| `{key}` | {_type_name(info.annotation)}{_bounds(info)} | {_default(info)} |{role} "
                     f"{_description(key, info, used)} |")
     return rows
+
+
+def _roles_legend(roles: dict[str, str]) -> list[str]:
+    """What each role means (``fedbabu.config.ROLES``), one bullet each."""
+    return [f"- **{role}**: {_cell(text)}." for role, text in roles.items()]
 
 
 def reference() -> str:
     """The generated tables, as Markdown."""
     import fedbabu.algorithms  # noqa: F401  (registers every algorithm's settings)
-    from fedbabu.config import Config, FinetuneConfig, registered_algorithms
+    from fedbabu.config import ROLES, Config, FinetuneConfig, registered_algorithms
 
     used: set[str] = set()
-    lines = ["## Shared keys", "", "Every `Config` field, in the order of `fedbabu/config.py`.", ""]
-    lines += _table("", Config, used, SKIPPED)
-    lines += ["", "## `finetune.*`", "", FinetuneConfig.__doc__.strip(), ""]
+    lines = ["## Shared keys", "", "Every `Config` field, in the order of `fedbabu/config.py`, with its role: what "
+             "the key is for, which decides where it may differ from a run (resume, `personalize`, `compare`, "
+             "`reproduce`):", ""]
+    lines += [*_roles_legend(ROLES), ""]
+    lines += _table("", Config, used, SKIPPED, Config.roles())
+    lines += ["", "## `finetune.*`", "", FinetuneConfig.__doc__.strip() + " Every key has the role "
+              f"*{Config.roles()['finetune']}*.", ""]
     lines += _table("finetune.", FinetuneConfig, used)
     lines += ["", "## Each algorithm's own section", "",
               "A section named after the algorithm (`fedprox: {mu: 0.5}` in YAML, `--set fedprox.mu=0.5`, "

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +26,37 @@ PARTITIONS = ("shards", "dirichlet", "iid", "natural")
 # "custom" data and models and the "natural" partition come from the Python API (fedbabu.api):
 # the run folder's config.yaml then says honestly that they were given in code.
 HEAD_INITS = ("default", "orthogonal", "zeros")
+
+
+ROLES: dict[str, str] = {
+    "data": "defines the dataset and its partition, so the clients (the seed also seeds the training): every "
+            "algorithm of a comparison or a preset cell shares these, and so do a warm start and the run it starts "
+            "from",
+    "training": "shapes the training run, the model it trains or what it records while training: a run is resumed, "
+                "personalized again or reused only with the same values",
+    "evaluation": "changes only how the final model is personalized and tested: it may differ in fedbabu "
+                  "personalize, and a finished run is not trained again for it",
+    "runtime": "where and how the run computes, not which experiment it is: it may differ in fedbabu personalize "
+               "and analyze, and a finished run is not trained again for it; all but device (whose floating-point "
+               "results and automatic executor differ) may also change when a run is resumed",
+}
+"""What each field of :class:`Config` is for: every field carries exactly one role (``Annotated[..., DATA]``),
+and every rule about which keys may differ (resume, personalize, compare, reproduce) is derived from them
+(:meth:`Config.keys_with_role`)."""
+
+
+@dataclass(frozen=True)
+class Role:
+    """A :class:`Config` field's role, one of :data:`ROLES`, carried in its annotation's metadata."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.name not in ROLES:
+            raise ValueError(f"unknown role {self.name!r}; expected one of {', '.join(ROLES)}")
+
+
+DATA, TRAINING, EVALUATION, RUNTIME = (Role(name) for name in ROLES)
 
 
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -122,67 +154,95 @@ class FinetuneConfig(_Strict):
 
 
 class Config(_Strict):
-    """A complete, validated experiment description; the defaults are the paper's CIFAR-100 setting."""
+    """A complete, validated experiment description; the defaults are the paper's CIFAR-100 setting.
 
-    algorithm: str = "fedbabu"
-    dataset: Literal["digits", "fmnist", "cifar10", "cifar100", "custom"] = "cifar100"
-    data_dir: Path | None = None
-    download: bool = False
-    model: Literal["auto", "digitcnn", "4convnet", "mobilenet", "resnet18", "resnet50", "custom"] = "auto"
-    head_init: Literal["default", "orthogonal", "zeros"] = "default"
+    Every field carries its role (:data:`ROLES`) in its annotation: ``data``, ``training``,
+    ``evaluation`` or ``runtime``; :meth:`roles` and :meth:`keys_with_role` read them.
+    """
 
-    num_clients: int = Field(100, ge=1)
-    partition: Literal["shards", "dirichlet", "iid", "natural"] = "shards"
-    shards_per_client: int = Field(10, ge=1)
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    samples_per_client: int | None = Field(None, ge=1)
+    algorithm: Annotated[str, TRAINING] = "fedbabu"
+    dataset: Annotated[Literal["digits", "fmnist", "cifar10", "cifar100", "custom"], DATA] = "cifar100"
+    data_dir: Annotated[Path | None, RUNTIME] = None
+    download: Annotated[bool, RUNTIME] = False
+    model: Annotated[Literal["auto", "digitcnn", "4convnet", "mobilenet", "resnet18", "resnet50", "custom"],
+                     TRAINING] = "auto"
+    head_init: Annotated[Literal["default", "orthogonal", "zeros"], TRAINING] = "default"
 
-    rounds: int = Field(320, ge=0)
-    client_fraction: float = Field(0.1, gt=0, le=1)
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(50, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_milestones: list[int] | None = None
-    lr_decay: float = Field(0.1, gt=0, le=1)
-    lr_schedule: Literal["step", "exponential"] = "step"
+    num_clients: Annotated[int, DATA] = Field(100, ge=1)
+    partition: Annotated[Literal["shards", "dirichlet", "iid", "natural"], DATA] = "shards"
+    shards_per_client: Annotated[int, DATA] = Field(10, ge=1)
+    dirichlet_alpha: Annotated[float, DATA] = Field(0.5, gt=0)
+    samples_per_client: Annotated[int | None, DATA] = Field(None, ge=1)
+
+    rounds: Annotated[int, TRAINING] = Field(320, ge=0)
+    client_fraction: Annotated[float, TRAINING] = Field(0.1, gt=0, le=1)
+    local_epochs: Annotated[int, TRAINING] = Field(1, ge=1)
+    batch_size: Annotated[int, TRAINING] = Field(50, ge=1)
+    lr: Annotated[float, TRAINING] = Field(0.1, gt=0)
+    momentum: Annotated[float, TRAINING] = Field(0.9, ge=0, lt=1)
+    weight_decay: Annotated[float, TRAINING] = Field(0.0, ge=0)
+    lr_milestones: Annotated[list[int] | None, TRAINING] = None
+    lr_decay: Annotated[float, TRAINING] = Field(0.1, gt=0, le=1)
+    lr_schedule: Annotated[Literal["step", "exponential"], TRAINING] = "step"
     """step: lr x lr_decay at each milestone (the paper's); exponential: lr x lr_decay**round, every round"""
-    clip_grad_norm: float | None = Field(None, gt=0)
+    clip_grad_norm: Annotated[float | None, TRAINING] = Field(None, gt=0)
     """Clip each local step's gradient to this L2 norm (none by default, as in the paper's code)"""
-    augment: Literal["auto", "on", "off"] = "auto"
-    eval_every: int = Field(10, ge=0)
-    eval_batch_size: int = Field(2000, ge=1)
+    augment: Annotated[Literal["auto", "on", "off"], TRAINING] = "auto"
+    eval_every: Annotated[int, TRAINING] = Field(10, ge=0)
+    eval_batch_size: Annotated[int, EVALUATION] = Field(2000, ge=1)
     """a memory bound: a client's test set is one batch up to it"""
-    eval_clients: int | Literal["all"] = "all"
+    eval_clients: Annotated[int | Literal["all"], TRAINING] = "all"
     """Large federations: the global model is evaluated on all clients or a seeded sample of N
     (engine.simulation.seeded_clients)."""
-    personalize_clients: int | Literal["all"] = "all"
+    personalize_clients: Annotated[int | Literal["all"], TRAINING] = "all"
     """Large federations: the final model is personalized by all clients or a seeded sample of N
     (engine.simulation.seeded_clients)."""
 
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    finetune: Annotated[FinetuneConfig, EVALUATION] = Field(default_factory=FinetuneConfig)
 
-    settings: dict[str, AlgorithmSettings] = Field(default_factory=dict, exclude=True)
+    settings: Annotated[dict[str, AlgorithmSettings], TRAINING] = Field(default_factory=dict, exclude=True)
     """Each algorithm's own settings, one section per algorithm (``fedprox: {mu: 1.0}``, ``--set
     fedprox.mu=1``): the run's algorithm always has one; others are kept when given (compare's base)."""
 
-    seed: int = Field(0, ge=0)
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    workers: int | Literal["auto"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: Literal["auto", "on", "off"] = "auto"
-    executor: Literal["auto", "sequential", "vectorized"] = "auto"
-    personal_memory: int | str = "10GiB"
+    seed: Annotated[int, DATA] = Field(0, ge=0)
+    device: Annotated[Literal["cpu", "cuda", "auto"], RUNTIME] = "cpu"
+    workers: Annotated[int | Literal["auto"], RUNTIME] = "auto"
+    precision: Annotated[Literal["fp32", "bf16"], TRAINING] = "fp32"
+    channels_last: Annotated[Literal["auto", "on", "off"], TRAINING] = "auto"
+    executor: Annotated[Literal["auto", "sequential", "vectorized"], TRAINING] = "auto"
+    personal_memory: Annotated[int | str, RUNTIME] = "10GiB"
     """Memory for the clients' personal states (Ditto's models, FedPer's heads): beyond it they live in
     files of the run folder (engine.personal), bit-identical when read back. The default holds the
     paper's scale in memory (100 clients of the largest built-in model, ResNet-50 at 90 MiB: 9 GiB)
     and caps a 10,000-client federation at 10 GiB, leaving the rest of a 24 GiB machine to the run."""
 
     # Reliability: checkpoints, update screening and simulated client failures.
-    checkpoint_every: int = Field(10, ge=0)
-    client_failure_rate: float = Field(0.0, ge=0, lt=1)
-    max_update_norm: float | None = Field(1.0e4, gt=0)
+    checkpoint_every: Annotated[int, TRAINING] = Field(10, ge=0)
+    client_failure_rate: Annotated[float, TRAINING] = Field(0.0, ge=0, lt=1)
+    max_update_norm: Annotated[float | None, TRAINING] = Field(1.0e4, gt=0)
+
+    @classmethod
+    def roles(cls) -> dict[str, str]:
+        """Every field's role (:data:`ROLES`), in the order of the fields.
+
+        Raises ``TypeError`` for a field that carries no role or several: each must carry exactly one.
+        """
+        roles: dict[str, str] = {}
+        for name, info in cls.model_fields.items():
+            found = [item.name for item in info.metadata if isinstance(item, Role)]
+            if len(found) != 1:
+                raise TypeError(f"Config.{name} carries {len(found)} roles {found}; give it exactly one of "
+                                f"{', '.join(ROLES)} (Annotated[..., DATA])")
+            roles[name] = found[0]
+        return roles
+
+    @classmethod
+    def keys_with_role(cls, *roles: str) -> tuple[str, ...]:
+        """The fields that carry any of ``roles``, in the order of the fields (``keys_with_role("runtime")``)."""
+        unknown = [role for role in roles if role not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown role {unknown[0]!r}; expected one of {', '.join(ROLES)}")
+        return tuple(name for name, role in cls.roles().items() if role in roles)
 
     @model_validator(mode="before")
     @classmethod

@@ -43,8 +43,12 @@ from fedbabu.results.rebuild import read_metrics
 from fedbabu.results.report import write_personalization
 from fedbabu.runner import Experiment, partition_for, prepare_data
 
-FREE_KEYS = ("workers", "device", "data_dir", "download", "personal_memory")
-"""Besides ``finetune.*``: where the data are and what computes; none can change what was trained."""
+FREE_KEYS = Config.keys_with_role("runtime")
+"""Where the data are and what computes (the ``runtime`` role): what ``fedbabu analyze`` may change."""
+
+PERSONALIZE_KEYS = Config.keys_with_role("evaluation", "runtime")
+"""What ``fedbabu personalize`` may change: how the final model is personalized and tested (``finetune.*``,
+``eval_batch_size``) and where it runs; none can change what was trained."""
 
 PERSONALIZE_FOLDER = "personalize"
 
@@ -106,19 +110,20 @@ def load_trained_run(folder: Path) -> TrainedRun:
 def personalization_config(run: Config, overrides: dict[str, Any], source: str = "--set") -> Config:
     """The run's config with new fine-tuning settings; any key that shaped the training is refused.
 
-    Besides ``finetune.*`` and where things run, the run's algorithm's evaluation settings
-    (``evaluation_keys``, e.g. which of its protocols evaluates it) may differ.
+    Besides :data:`PERSONALIZE_KEYS` (``finetune.*``, ``eval_batch_size`` and where things run), the run's
+    algorithm's evaluation settings (``evaluation_keys``, e.g. which of its protocols evaluates it) may differ.
     """
     evaluation = ALGORITHMS[run.algorithm].Settings.evaluation_keys
     for key, value in overrides.items():
-        if (key == "finetune" and isinstance(value, dict)) or key in FREE_KEYS:
+        if key in PERSONALIZE_KEYS and (key != "finetune" or isinstance(value, dict)):
             continue
         if key == run.algorithm and isinstance(value, dict) and set(value) <= set(evaluation):
             continue
         shown = key if not isinstance(value, dict) else f"{key}.{next(iter(value), '')}"
-        own = "".join(f", {run.algorithm}.{k}" for k in evaluation)
-        raise UserError(f"{source} {shown}: only finetune.*{own}, workers and device may differ from the trained "
-                        "run (this key changes what was trained); start a new run for it")
+        allowed = ["finetune.*", *(f"{run.algorithm}.{k}" for k in evaluation),
+                   *(k for k in Config.keys_with_role("evaluation") if k != "finetune")]
+        raise UserError(f"{source} {shown}: only {', '.join(allowed)}, workers and device may differ from the "
+                        "trained run (this key changes what was trained); start a new run for it")
     return build_config(merge_dicts(run.to_plain(), overrides), f"{source} (personalize)")
 
 

@@ -52,9 +52,9 @@ class PresetOverrides(BaseModel):
     """Its rounds by the cell's ``local_epochs``, in place of the preset's table."""
 
 
-CELL_KEYS = ("algorithm", "seed", "dataset", "num_clients", "partition", "shards_per_client", "dirichlet_alpha",
-             "samples_per_client")
-"""Keys an algorithm's settings cannot change: the algorithms of a cell share its data, partition and seeds."""
+CELL_KEYS = ("algorithm", *Config.keys_with_role("data"))
+"""Keys an algorithm's settings cannot change: the algorithms of a cell share its data, partition and seeds
+(the ``data`` role)."""
 
 
 class Preset(BaseModel):
@@ -184,8 +184,12 @@ def _selected(cell: Cell, algorithm: str, selection: dict[str, list[Any]]) -> bo
         all(cell.point[key] in values for key, values in selection.items() if key != "algorithm")
 
 
-EVALUATION_KEYS = ("finetune", "eval_batch_size", "workers", "device", "data_dir", "download", "personal_memory")
-"""Keys that cannot change what a run trained: a finished run is reused when only these differ."""
+EVALUATION_KEYS = Config.keys_with_role("evaluation", "runtime")
+"""Keys that cannot change what a run trained (the ``evaluation`` and ``runtime`` roles): a finished run is
+reused when only these differ."""
+
+RUNTIME_KEYS = Config.keys_with_role("runtime")
+"""Where a run computes: a personalization made elsewhere is reused whatever its own values were."""
 
 
 def training_values(config: Config) -> dict[str, Any]:
@@ -372,8 +376,7 @@ def results_folder(run: Path, config: Config, label: str, log: Callable[[str], N
     evaluated_now = _recorded(run)["evaluation"] == ALGORITHMS[saved.algorithm].evaluation_version
     if not always and protocol == PERSONALIZATION_PROTOCOL and same and evaluated_now:
         return run
-    overrides = {"finetune": config.finetune.model_dump(),
-                 **{key: value for key, value in config.to_plain().items() if key in ("workers", "device", "data_dir")},
+    overrides = {**{key: value for key, value in config.to_plain().items() if key in EVALUATION_KEYS},
                  **({saved.algorithm: evaluation} if evaluation else {})}
     wanted = personalization_config(saved, overrides, f"--set (for {run})")
     target = default_out(run, wanted)
@@ -391,7 +394,7 @@ def results_folder(run: Path, config: Config, label: str, log: Callable[[str], N
 
 
 def _without_free_keys(config: Config) -> dict[str, Any]:
-    return {k: v for k, v in config.to_plain().items() if k not in ("workers", "device", "data_dir", "download")}
+    return {k: v for k, v in config.to_plain().items() if k not in RUNTIME_KEYS}
 
 
 def personalize_preset(
@@ -407,10 +410,11 @@ def personalize_preset(
     """Personalize every finished run of a preset folder again, then rebuild its ``results.md``.
 
     Each run keeps its training; its clients are fine-tuned again with the cell's fine-tuning
-    settings (changed by ``settings``, which may hold only fine-tuning, worker, device and data
-    keys, and the evaluation settings of the algorithms' own sections, each applied to its
-    algorithm's runs), into ``<run>/personalize/<settings>``. A run that has not finished is skipped and named;
-    one already personalized with the same settings is not redone.
+    settings (changed by ``settings``, which may hold only the ``evaluation`` and ``runtime`` keys
+    (fine-tuning, ``eval_batch_size``, workers, device, data), and the evaluation settings of the
+    algorithms' own sections, each applied to its algorithm's runs), into ``<run>/personalize/<settings>``.
+    A run that has not finished is skipped and named; one already personalized with the same settings is
+    not redone.
     """
     from fedbabu.personalization import personalization_config
 

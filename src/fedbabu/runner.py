@@ -146,8 +146,10 @@ RUN_FILES = (CHECKPOINT, METRICS, TIMING, "events.log", "summary.json", "clients
              "report.md", "rounds.png", "clients.png", "finetune.png")
 """Files a run writes: removed when a run starts over in a folder (``--overwrite``), so none outlives its run."""
 
-RESUME_FREE_KEYS = ("workers", "data_dir", "download", "personal_memory")
-"""Settings that may change on resume: they cannot change any result (results never depend on workers)."""
+RESUME_FREE_KEYS = tuple(key for key in Config.keys_with_role("runtime") if key != "device")
+"""Settings that may change on resume: the ``runtime`` ones, which cannot change any result (results never
+depend on workers), except ``device``: another device gives other floating-point results (and ``executor:
+auto`` picks another executor on CUDA), so the resumed run would not be bit-identical to an uninterrupted one."""
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -220,9 +222,9 @@ class Comparison:
     folder: Path
 
 
-SHARED_BY_ALL = ("dataset", "data_dir", "num_clients", "partition", "shards_per_client", "dirichlet_alpha",
-                 "samples_per_client", "seed")
-"""Keys that define the dataset and partition, which every compared entry must share."""
+SHARED_BY_ALL = tuple(key for key, role in Config.roles().items() if role == "data" or key == "data_dir")
+"""Keys that define the dataset and partition (the ``data`` role), which every compared entry must share, and
+``data_dir``: the comparison loads the one dataset from the base config's folder."""
 
 
 def variant_config(config: Config, spec: str) -> Config:

@@ -9,6 +9,7 @@ and averages only the shared parts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,18 +24,18 @@ from fedbabu.config import Config
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
 from fedbabu.data.transforms import Normalizer
-from fedbabu.engine import faults, hardware
+from fedbabu.engine import hardware
 from fedbabu.engine.checkpoint import Checkpointer
-from fedbabu.engine.params import Layout, apply_server_update, flatten, flatten_tensors, load_flat, weighted_mean
+from fedbabu.engine.params import Layout, flatten, flatten_tensors, load_flat
 from fedbabu.engine.personal import Personal, PersonalStore
 from fedbabu.engine.pool import ClientPool
+from fedbabu.engine.round import ClientReply, ServerState, finish_round, plan_round, stream_seed
 from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
 from fedbabu.errors import UserError
 from fedbabu.models import BodyHead, build_model, in_parts, part_of
 from fedbabu.training import ClientData, Runtime, body_features, load_state
 
-SAMPLER_STREAM, TRAIN_STREAM, PERSONALIZE_STREAM, DROPOUT_STREAM, HEAD_STREAM = 0x5A3, 0x7E1, 0x9E2, 0xD20, 0x4EA
-CLIENT_ORDER_STREAM = 0xC0D
+TRAIN_STREAM, PERSONALIZE_STREAM, HEAD_STREAM, CLIENT_ORDER_STREAM = 0x7E1, 0x9E2, 0x4EA, 0xC0D
 
 ModelFactory = Callable[[Config, Dataset], BodyHead]
 """Builds a run's network from (config, dataset); called once for the server's template and once per worker
@@ -64,12 +65,6 @@ def network(config: Config, dataset: Dataset, factory: ModelFactory = config_mod
     return model
 
 
-def stream_seed(*words: int) -> int:
-    """A 63-bit seed that depends on every word (seed, round, client, purpose) and nothing else."""
-    state = np.random.SeedSequence([w & 0xFFFFFFFF for w in words]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
-
-
 def client_generator(seed: int, round_index: int, client: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(stream_seed(seed, round_index, client, stream))
 
@@ -77,13 +72,6 @@ def client_generator(seed: int, round_index: int, client: int, stream: int) -> t
 def personalize_generator(config: Config, client: int) -> torch.Generator:
     """The generator of a client's final fine-tuning: the same in a run, ``personalize``, ``analyze`` and Flower."""
     return client_generator(config.seed, config.rounds, client, PERSONALIZE_STREAM)
-
-
-def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
-    """The clients of a round: ``max(1, floor(f * N))`` of them, a pure function of (seed, round)."""
-    count = max(1, int(fraction * num_clients))
-    rng = np.random.default_rng(stream_seed(seed, round_index, 0, SAMPLER_STREAM))
-    return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
 
 
 def seeded_clients(seed: int, num_clients: int, count: int | str) -> list[int]:
@@ -161,17 +149,23 @@ class Federation:
         return ClientData(self.dataset, np.zeros(0, dtype=np.int64), test_indices, self.runtime, self.normalizer)
 
 
-_FEDERATION: Federation | None = None
-_MODEL: BodyHead | None = None
+class Worker:
+    """What a worker process holds: the federation (inherited through fork, never pickled) and one model.
 
+    The pool hands it to every task, so no task reads module state. Each process has its own copy
+    (fork), hence its own model, which :meth:`model` re-loads from the shared-memory global vector
+    for every task instead of deep-copying networks.
+    """
 
-def _worker_model() -> BodyHead:
-    """One model per process, re-loaded from the shared global vector for every task (no deep copies)."""
-    global _MODEL
-    if _MODEL is None:
-        _MODEL = _FEDERATION.new_model()
-    load_flat(_MODEL, _FEDERATION.global_vector)
-    return _MODEL
+    def __init__(self, federation: Federation) -> None:
+        self.federation = federation
+        self._model: BodyHead | None = None
+
+    def model(self) -> BodyHead:
+        if self._model is None:
+            self._model = self.federation.new_model()
+        load_flat(self._model, self.federation.global_vector)
+        return self._model
 
 
 def _to_numpy(state: dict[str, torch.Tensor]) -> Personal:
@@ -184,64 +178,70 @@ def _to_torch(state: Personal | None) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class TrainTask:
+    """One client's round: its update as a :class:`~fedbabu.engine.round.ClientReply`."""
+
     client: int
     round: int
     lr: float
     personal: Personal | None
 
-    def __call__(self) -> tuple[np.ndarray, float, Personal, Personal]:
-        fed = _FEDERATION
-        model = _worker_model()
+    def __call__(self, worker: Worker) -> ClientReply:
+        fed = worker.federation
+        model = worker.model()
         generator = client_generator(fed.config.seed, self.round, self.client, TRAIN_STREAM)
-        update = fed.algorithm.client_update(model, fed.client_data(self.client), _to_torch(self.personal),
-                                             self.lr, generator)
-        return (flatten(model)[fed.shared_mask].numpy(), update.loss, _to_numpy(update.personal),
-                _to_numpy(update.statistics))
+        data = fed.client_data(self.client)
+        update = fed.algorithm.client_update(model, data, _to_torch(self.personal), self.lr, generator)
+        return ClientReply(self.client, flatten(model)[fed.shared_mask].numpy(), update.loss, data.num_train,
+                           _to_numpy(update.personal), _to_numpy(update.statistics))
 
 
 @dataclass(frozen=True)
 class EvalTask:
+    """One client's accuracy under the current global model (and its personal parts)."""
+
     client: int
     personal: Personal | None
 
-    def __call__(self) -> float:
-        return _FEDERATION.algorithm.evaluate_client(_worker_model(), _FEDERATION.client_data(self.client),
-                                                     _to_torch(self.personal))
+    def __call__(self, worker: Worker) -> float:
+        fed = worker.federation
+        return fed.algorithm.evaluate_client(worker.model(), fed.client_data(self.client), _to_torch(self.personal))
 
 
 @dataclass(frozen=True)
 class PersonalizeTask:
+    """One client's personalization curve from the final model."""
+
     client: int
     personal: Personal | None
 
-    def __call__(self) -> list[float]:
-        fed = _FEDERATION
-        return fed.algorithm.personalize(_worker_model(), fed.client_data(self.client), _to_torch(self.personal),
+    def __call__(self, worker: Worker) -> list[float]:
+        fed = worker.federation
+        return fed.algorithm.personalize(worker.model(), fed.client_data(self.client), _to_torch(self.personal),
                                          personalize_generator(fed.config, self.client))
 
 
-def _train_vectorized(clients: list[int], round_index: int, lr: float,
-                      personal: Mapping[int, Personal]) -> list[tuple[np.ndarray, float, Personal, Personal]]:
-    """The round's clients trained together in this process; the same triples a :class:`TrainTask` returns."""
-    fed = _FEDERATION
-    model = _worker_model()
+def _train_vectorized(worker: Worker, clients: list[int], round_index: int, lr: float,
+                      personal: Mapping[int, Personal]) -> list[ClientReply]:
+    """The round's clients trained together in this process; the same replies :class:`TrainTask` gives."""
+    fed = worker.federation
+    model = worker.model()
     device = fed.runtime.device
     base = {name: param.detach() for name, param in model.named_parameters()}
     starts = [{**base, **{k: v.to(device) for k, v in _to_torch(personal.get(c)).items()}} for c in clients]
+    data = [fed.client_data(c) for c in clients]
     finals, losses = vectorized_sgd(
-        model, [fed.client_data(c) for c in clients], starts, fed.algorithm.trained_parts,
-        fed.algorithm.local_training(lr),
+        model, data, starts, fed.algorithm.trained_parts, fed.algorithm.local_training(lr),
         [client_generator(fed.config.seed, round_index, c, TRAIN_STREAM) for c in clients])
     kept = [name for name in fed.layout.names if in_parts(name, fed.algorithm.personal_parts)]
     return [
-        (flatten_tensors(final[n] for n in fed.layout.names)[fed.shared_mask].numpy(), loss,
-         _to_numpy({n: final[n] for n in kept}), {})
-        for final, loss in zip(finals, losses, strict=True)
+        ClientReply(client, flatten_tensors(final[n] for n in fed.layout.names)[fed.shared_mask].numpy(), loss,
+                    client_data.num_train, _to_numpy({n: final[n] for n in kept}))
+        for client, client_data, final, loss in zip(clients, data, finals, losses, strict=True)
     ]
 
 
-def _run_task(task: Callable[[], Any]) -> Any:
-    return task()
+def _run_task(worker: Worker, task: Callable[[Worker], Any]) -> Any:
+    return task(worker)
 
 
 @dataclass
@@ -307,95 +307,61 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     at most ``personal_memory`` bytes in memory, the rest in the run folder's ``personal/`` (a
     temporary folder without checkpoints); the result keeps it.
     """
-    global _FEDERATION, _MODEL
     observer = observer or Observer()
     started = time.perf_counter()
     algorithm, runtime, template, vectorized = preflight(config, dataset, model_factory)
-    layout = Layout(template)
-    global_vector = flatten(template).share_memory_()
-    federation = Federation(config, dataset, partition, algorithm, runtime, layout, global_vector, model_factory)
-    shared_mask = federation.shared_mask
-    _FEDERATION, _MODEL = federation, None
+    server = ServerState.of(algorithm, template)
+    server.global_vector.share_memory_()
+    federation = Federation(config, dataset, partition, algorithm, runtime, server.layout, server.global_vector,
+                            model_factory)
+    worker = Worker(federation)
     personal = PersonalStore(config.resolved_personal_memory(), checkpoints.personal_folder if checkpoints else None)
     metrics: list[dict[str, Any]] = []
-    start_round = checkpoints.restore_into(global_vector, personal, metrics) if checkpoints else 0
+    start_round = checkpoints.restore_into(server.global_vector, personal, metrics) if checkpoints else 0
     # a resumed run reports its whole time: the restored records carry their rounds' seconds
     seconds_before = sum(m.get("seconds", 0.0) for m in metrics)
+    layout = server.layout
     personal_shapes = algorithm.personal_shapes(dict(zip(layout.names, layout.shapes, strict=True)))
     observer.on_start(config, partition, algorithm)
     hardware.warn_if_bf16_is_emulated(runtime)
     evaluated = seeded_clients(config.seed, partition.num_clients, config.eval_clients)
     personalized = personalized_clients(config, partition.num_clients)
-    try:
-        with ClientPool(_run_task, config.resolved_workers()) as pool:
-            for round_index in range(start_round, config.rounds):
-                tick, busy_before = time.perf_counter(), pool.busy_seconds
-                sampled = algorithm.training_clients(
-                    sample_clients(config.seed, round_index, partition.num_clients, config.client_fraction),
-                    partition.num_clients)
-                dropped = faults.dropped_clients(sampled, config.client_failure_rate,
-                                                 stream_seed(config.seed, round_index, 0, DROPOUT_STREAM))
-                returned = [c for c in sampled if c not in dropped]
-                lr = config.lr_at(round_index)
-                if vectorized:
-                    results = _train_vectorized(returned, round_index, lr, personal)
-                else:
-                    results = pool.map([TrainTask(c, round_index, lr, personal.get(c)) for c in returned])
-                screening = faults.screen_round(round_index + 1, returned, [r[0] for r in results],
-                                                [r[2] for r in results], global_vector[shared_mask].numpy(),
-                                                personal_shapes, config.max_update_norm)
-                accepted = [(returned[i], results[i]) for i in screening.accepted]
-                weights = [len(partition.train[c]) for c, _ in accepted]
-                if shared_mask.any() and accepted:
-                    vectors = [torch.from_numpy(vector) for _, (vector, *_) in accepted]
-                    previous = global_vector[shared_mask].clone()
-                    global_vector[shared_mask] = weighted_mean(vectors, weights)
-                    apply_server_update(algorithm, layout, global_vector, previous,
-                                        [_to_torch(statistics) for _, (*_, statistics) in accepted])
-                for client, (_, _, state, _) in accepted:
-                    if state:
-                        personal[client] = state
-                losses = [loss for _, (_, loss, *_) in accepted]
-                record: dict[str, Any] = {
-                    "round": round_index + 1,
-                    "lr": lr,
-                    "train_loss": float(np.average(losses, weights=weights)) if losses else math.nan,
-                    "clients": sampled,
-                    "dropped": len(dropped),
-                    "rejected": len(screening.rejected),
-                }
-                faults.check_divergence(round_index + 1, screening, bool(torch.isfinite(global_vector).all()),
-                                        record["train_loss"])
-                if not accepted:
-                    faults.report_empty_round(round_index + 1)
-                last = round_index + 1 == config.rounds
-                if config.eval_every and ((round_index + 1) % config.eval_every == 0 or last):
-                    accuracies = list(_map_in_chunks(pool, evaluated, lambda c: EvalTask(c, personal.get(c))))
-                    record["test_accuracy"] = float(np.nanmean(accuracies))
-                elapsed = time.perf_counter() - tick
-                record["seconds"] = round(elapsed, 4)
-                if not vectorized:
-                    record["utilization"] = round(
-                        (pool.busy_seconds - busy_before) / (pool.workers * max(elapsed, 1e-9)), 4)
-                metrics.append(record)
-                observer.on_round(record)
-                if checkpoints:
-                    checkpoints.after_round(round_index + 1, global_vector, personal, metrics)
-            observer.on_personalize_start(len(personalized))
-            curves = _personalize_all(pool, personal, personalized, observer)
-    finally:
-        _FEDERATION, _MODEL = None, None
+    with ClientPool(functools.partial(_run_task, worker), config.resolved_workers()) as pool:
+        for round_index in range(start_round, config.rounds):
+            tick, busy_before = time.perf_counter(), pool.busy_seconds
+            plan = plan_round(config, algorithm, round_index, partition.num_clients)
+            if vectorized:
+                replies = _train_vectorized(worker, plan.training, round_index, plan.lr, personal)
+            else:
+                replies = pool.map([TrainTask(c, round_index, plan.lr, personal.get(c)) for c in plan.training])
+            outcome = finish_round(plan, replies, server, algorithm, config, personal_shapes)
+            for reply in outcome.accepted:
+                if reply.personal:
+                    personal[reply.client] = dict(reply.personal)
+            record = outcome.record
+            if config.eval_every and (plan.number % config.eval_every == 0 or plan.number == config.rounds):
+                accuracies = list(_map_in_chunks(pool, evaluated, lambda c: EvalTask(c, personal.get(c))))
+                record.test_accuracy = float(np.nanmean(accuracies))
+            elapsed = time.perf_counter() - tick
+            record.seconds = round(elapsed, 4)
+            if not vectorized:
+                record.utilization = round((pool.busy_seconds - busy_before) / (pool.workers * max(elapsed, 1e-9)), 4)
+            metrics.append(record.to_json())
+            observer.on_round(metrics[-1])
+            if checkpoints:
+                checkpoints.after_round(plan.number, server.global_vector, personal, metrics)
+        observer.on_personalize_start(len(personalized))
+        curves = _personalize_all(pool, personal, personalized, observer)
     clients = client_records(partition, curves, personalized)
-    shared_floats = layout.count(algorithm.shared_parts)
     return RunResult(
         config=config,
         partition=partition,
         metrics=metrics,
         clients=clients,
-        final_state=layout.to_state(global_vector),
+        final_state=layout.to_state(server.global_vector),
         personal=personal,
         wall_time_s=time.perf_counter() - started + seconds_before,
-        bytes_per_round_per_client=2 * 4 * shared_floats,
+        bytes_per_round_per_client=2 * 4 * server.shared_floats(),
     )
 
 
@@ -428,7 +394,6 @@ def _trained_federation(config: Config, dataset: Dataset, partition: Partition, 
     Same runtime, same worker models and the same per-client generators, so that what the clients
     do afterwards (personalize, be inspected) is bit-identical to the end of the run.
     """
-    global _FEDERATION, _MODEL
     algorithm, runtime, template, _ = preflight(config, dataset, model_factory, initial=False)
     hardware.warn_if_bf16_is_emulated(runtime)
     layout = Layout(template)
@@ -437,13 +402,9 @@ def _trained_federation(config: Config, dataset: Dataset, partition: Partition, 
         raise UserError(f"model: holds {tuple(global_vector.shape)} parameters, the network of this config has "
                         f"{tuple(expected.shape)}")
     shared = global_vector.detach().clone().share_memory_()
-    _FEDERATION, _MODEL = Federation(config, dataset, partition, algorithm, runtime, layout, shared,
-                                     model_factory), None
-    try:
-        with ClientPool(_run_task, config.resolved_workers()) as pool:
-            yield pool
-    finally:
-        _FEDERATION, _MODEL = None, None
+    worker = Worker(Federation(config, dataset, partition, algorithm, runtime, layout, shared, model_factory))
+    with ClientPool(functools.partial(_run_task, worker), config.resolved_workers()) as pool:
+        yield pool
 
 
 def personalize_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
@@ -492,8 +453,8 @@ class ProbeTask:
 
     indices: np.ndarray
 
-    def __call__(self) -> np.ndarray:
-        return body_features(_worker_model(), _FEDERATION.probe_data(self.indices), "test").numpy()
+    def __call__(self, worker: Worker) -> np.ndarray:
+        return body_features(worker.model(), worker.federation.probe_data(self.indices), "test").numpy()
 
 
 @dataclass(frozen=True)
@@ -508,9 +469,9 @@ class InspectTask:
     personal: Personal | None
     probe: np.ndarray
 
-    def __call__(self) -> ClientInspection:
-        fed = _FEDERATION
-        model = _worker_model()
+    def __call__(self, worker: Worker) -> ClientInspection:
+        fed = worker.federation
+        model = worker.model()
         data = fed.client_data(self.client)
         global_train, global_test = body_features(model, data, "train"), body_features(model, data, "test")
         personal = _to_torch(self.personal)

@@ -1,26 +1,25 @@
-"""The Flower ServerApp: the simulator's round loop, expressed as a Flower (Message API) strategy.
+"""The Flower ServerApp: the round of :mod:`fedbabu.engine.round`, driven by a Flower (Message API) strategy.
 
-:class:`AlgorithmStrategy` extends Flower's :class:`flwr.serverapp.strategy.FedAvg` and changes
-what the simulator does differently from plain FedAvg:
+:class:`AlgorithmStrategy` is a :class:`flwr.serverapp.strategy.Strategy` whose hooks deliver the
+round the simulator runs, by calling the same policy functions (never a copy of them):
 
-* clients are sampled with :func:`~fedbabu.engine.simulation.sample_clients`, as partition ids, and
-  the algorithm says which of them train (``training_clients``), so a Flower run trains the same
-  clients in the same rounds as ``fedbabu run``; nodes tell the server their partition id once (a
-  ``query`` message);
-* only the algorithm's ``shared_parts`` travel and are averaged, with
-  :func:`~fedbabu.engine.params.weighted_mean` in partition order (so the result never depends on
-  which reply arrived first);
+* ``configure_train`` asks :func:`~fedbabu.engine.round.plan_round` which clients train, as partition
+  ids (nodes tell the server their partition id once, in a ``query`` message), so a Flower run trains
+  the same clients in the same rounds as ``fedbabu run``; the ``config`` Flower hands the hook (a
+  strategy wrapper's or a client mod's settings) travels to the clients with the experiment;
+* ``aggregate_train`` decodes the replies and hands them to
+  :func:`~fedbabu.engine.round.finish_round`: the simulator's screening (NaN/inf, shape, dtype,
+  ``max_update_norm``; personal state is not screened here, it never leaves the node), the weighted
+  mean of the algorithm's ``shared_parts`` in partition order (whatever order replies arrived in),
+  the algorithm's server step and the divergence check;
 * rounds are evaluated, and after the last round clients personalize (``evaluate.personalize``), on
   the simulator's clients (``eval_clients``, ``personalize_clients``: all by default), and the server
   writes the simulator's run folder (``summary.json``, ``clients.csv``, ...).
 
-The simulator's fault handling applies unchanged (:mod:`fedbabu.engine.faults`): every returned
-update is screened (NaN/inf, shape, dtype, ``max_update_norm``) and a rejected one is logged,
-counted in ``metrics.jsonl`` (``rejected``) and listed in ``summary.json`` (``flower.rejected``);
-``client_failure_rate`` drops the same seeded clients as the simulator (``dropped``); a diverged
-round stops the run with the simulator's message. A node that really fails or disappears is
-recorded in ``metrics.jsonl`` (``failed``) and in ``summary.json`` (``flower.failures``); the run
-goes on with the others. Personal state is not screened here, since it never leaves the node.
+``metrics.jsonl`` holds the simulator's :class:`~fedbabu.engine.round.RoundRecord` fields with the
+same meanings; ``failed`` lists the sampled clients whose node was absent, failed or silent (the run
+goes on with the others, and ``summary.json`` says why under ``flower.failures``), and the wire's
+byte counts are added. ``client_failure_rate`` drops the same seeded clients as the simulator.
 """
 
 from __future__ import annotations
@@ -38,23 +37,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, load_config
 from fedbabu.engine import faults
-from fedbabu.engine.params import Layout, apply_server_update, flatten, weighted_mean
-from fedbabu.engine.simulation import (
-    DROPOUT_STREAM,
-    RunResult,
-    client_records,
-    network,
-    personalized_clients,
-    sample_clients,
-    seeded_clients,
-    stream_seed,
-)
+from fedbabu.engine.round import ClientReply, RoundPlan, RoundRecord, ServerState, finish_round, plan_round
+from fedbabu.engine.simulation import RunResult, client_records, network, personalized_clients, seeded_clients
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_text, prepare_output_dir, write_json
 from fedbabu.flower.wire import (
@@ -78,23 +68,27 @@ app = ServerApp()
 WAIT_POLL_S = 1.0
 
 
-class AlgorithmStrategy(FedAvg):
-    """Any registered algorithm as a Flower strategy: sampling, shared-parts averaging, failures, bytes."""
+def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[Message]]:
+    """Replies that carry content, and those that carry an error (a failed or vanished node)."""
+    replies = list(replies)
+    return [m for m in replies if not m.has_error()], [m for m in replies if m.has_error()]
+
+
+class AlgorithmStrategy(Strategy):
+    """Any registered algorithm as a Flower strategy: the round policy, node identities, failures, bytes."""
 
     def __init__(self, config: Config, template: nn.Module, min_nodes: int, timeout: float,
                  out: Path | None = None) -> None:
-        super().__init__(fraction_train=config.client_fraction, fraction_evaluate=1.0, min_train_nodes=1,
-                         min_evaluate_nodes=1, min_available_nodes=min_nodes)
         self.config = config
         self.algorithm = ALGORITHMS[config.algorithm](config)
+        self.min_available_nodes = min_nodes
         self.timeout = timeout
         self.out = out
-        self.layout = Layout(template)
-        self.shared = self.layout.names_of(self.algorithm.shared_parts)
-        self.shared_shapes = [self.layout.shapes[self.layout.names.index(name)] for name in self.shared]
-        self.shared_mask = self.layout.mask(self.algorithm.shared_parts)
         self.algorithm.initialize(template)
-        self.global_vector = flatten(template)
+        self.server = ServerState.of(self.algorithm, template)
+        layout = self.server.layout
+        self.shared = layout.names_of(self.algorithm.shared_parts)
+        self.shared_shapes = [layout.shapes[layout.names.index(name)] for name in self.shared]
         self.evaluated = seeded_clients(config.seed, config.num_clients, config.eval_clients)
         self.personalized = personalized_clients(config, config.num_clients)
         self.final_test_from_personalization = set(self.evaluated) <= set(self.personalized)
@@ -110,11 +104,21 @@ class AlgorithmStrategy(FedAvg):
         self.metrics: list[dict[str, Any]] = []
         self.bytes_down = 0
         self.bytes_up = 0
-        self._record: dict[str, Any] = {}
+        self._plan: RoundPlan | None = None
+        self._record: RoundRecord | None = None
+        self._failed: list[int] = []
         self._outbox: list[Message] = []
         self._targets: list[int] = []
-        """Clients this round's train messages went to (the sample less dropouts and absent nodes)."""
+        """Clients this round's train messages went to (the plan's, less absent nodes)."""
+        self._bytes_down = 0
         self._tick = 0.0
+
+    def summary(self) -> None:
+        """Log what the strategy runs: the algorithm and its parts, the federation, the waiting rules."""
+        log(INFO, "\t├── %s", self.algorithm.describe())
+        log(INFO, "\t├── %d clients, f = %g, %d rounds, seed %d", self.config.num_clients,
+            self.config.client_fraction, self.config.rounds, self.config.seed)
+        log(INFO, "\t└── waits for %d nodes, %g s a round", self.min_available_nodes, self.timeout)
 
     # --- the model on the wire ----------------------------------------------------------------
 
@@ -122,15 +126,15 @@ class AlgorithmStrategy(FedAvg):
         return self._arrays()
 
     def _arrays(self) -> ArrayRecord:
-        state = self.layout.to_state(self.global_vector)
+        state = self.server.layout.to_state(self.server.global_vector)
         return ArrayRecord({name: state[name] for name in self.shared})
 
     def payload_bytes(self) -> int:
         """Floats of the shared parts, both ways: the figure the simulator reports per client and round."""
-        return 2 * 4 * self.layout.count(self.algorithm.shared_parts)
+        return 2 * 4 * self.server.shared_floats()
 
     def final_state(self) -> dict[str, torch.Tensor]:
-        return self.layout.to_state(self.global_vector)
+        return self.server.layout.to_state(self.server.global_vector)
 
     # --- which node is which client -----------------------------------------------------------
 
@@ -204,12 +208,19 @@ class AlgorithmStrategy(FedAvg):
         return {client: node for node, client in self.nodes.items() if node in connected}
 
     def _messages(self, online: dict[int, int], clients: Iterable[int], message_type: str,
-                  arrays: ArrayRecord | None, **entries: int | float | str) -> list[Message]:
-        """One message per client; each tells its node which of its rounds was last aggregated."""
+                  arrays: ArrayRecord | None, forwarded: ConfigRecord | None = None,
+                  **entries: int | float | str) -> list[Message]:
+        """One message per client; each tells its node which of its rounds was last aggregated.
+
+        ``forwarded`` is the ``config`` Flower handed the hook (a wrapper's clipping norm, say): its
+        entries travel too, under their own names, so client mods can read them; ours take precedence.
+        """
         messages = []
         for client in clients:
-            config = experiment_record(self.config, **entries,
-                                       **{ACCEPTED_ROUND: self.accepted_round.get(client, -1)})
+            config = ConfigRecord(dict(forwarded or {}))
+            for key, value in experiment_record(self.config, **entries,
+                                                **{ACCEPTED_ROUND: self.accepted_round.get(client, -1)}).items():
+                config[key] = value
             content = RecordDict({CONFIG: config} if arrays is None else {ARRAYS: arrays, CONFIG: config})
             messages.append(Message(content, online[client], message_type))
         return messages
@@ -218,99 +229,70 @@ class AlgorithmStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """The simulator's sample for this round, less its seeded dropouts, restricted to the connected clients."""
+        """The round's plan (sample less seeded dropouts), restricted to the connected clients."""
         self._tick = time.perf_counter()
-        round_index = server_round - 1
         online = self.connected_clients(grid)
-        sampled = self.algorithm.training_clients(
-            sample_clients(self.config.seed, round_index, self.config.num_clients, self.config.client_fraction),
-            self.config.num_clients)
-        dropped = faults.dropped_clients(sampled, self.config.client_failure_rate,
-                                         stream_seed(self.config.seed, round_index, 0, DROPOUT_STREAM))
-        absent = [c for c in sampled if c not in online and c not in dropped]
-        for client in absent:
+        self._plan = plan = plan_round(self.config, self.algorithm, server_round - 1, self.config.num_clients)
+        self._failed = [c for c in plan.training if c not in online]
+        for client in self._failed:
             self.failures.append({"stage": f"round {server_round}", "node": None, "client": client,
                                   "reason": "no connected node serves this client"})
-        lr = self.config.lr_at(round_index)
-        self._record = {"round": server_round, "lr": lr, "sampled": sampled, "failed": list(absent),
-                        "dropped": len(dropped)}
-        self._targets = [c for c in sampled if c in online and c not in dropped]
-        self.bytes_down += arrays.count_bytes() * len(self._targets)
-        self._record["bytes_down"] = arrays.count_bytes() * len(self._targets)
-        self._outbox = self._messages(online, self._targets, MessageType.TRAIN, arrays,
-                                      **{"round-index": round_index, "lr": lr})
+        self._targets = [c for c in plan.training if c in online]
+        self._bytes_down = arrays.count_bytes() * len(self._targets)
+        self._outbox = self._messages(online, self._targets, MessageType.TRAIN, arrays, config,
+                                      **{"round-index": plan.index, "lr": plan.lr})
         return self._outbox
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen the replies as the simulator does, then average the accepted ones (sorted by client).
+        """Decode the replies, then the round policy: screen, average in client order, server step, record.
 
-        Uses the simulator's weighted mean in client order, so the result never depends on which reply
-        arrived first; stops the run (:class:`~fedbabu.engine.faults.TrainingDiverged`) when it diverged.
+        Stops the run (:class:`~fedbabu.engine.faults.TrainingDiverged`) when it diverged.
         """
-        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        valid, errors = split_replies(replies)
         for reply in errors:
-            self._record["failed"].append(self._fail(f"round {server_round}", reply))
-        valid.sort(key=lambda m: int(m.content[METRICS][PARTITION_ID]))
-        clients = [int(m.content[METRICS][PARTITION_ID]) for m in valid]
-        silent = [c for c in self._targets if c not in clients and c not in self._record["failed"]]
-        for client in silent:
-            self._record["failed"].append(client)
-            self.failures.append({"stage": f"round {server_round}", "node": None, "client": client,
-                                  "reason": f"no reply within the round timeout ({self.timeout:g} s)"})
-        screening, vectors = self._screen(server_round, clients, valid)
-        accepted = [valid[i] for i in screening.accepted]
-        weights = [int(m.content[METRICS][NUM_EXAMPLES]) for m in accepted]
-        losses = [float(m.content[METRICS]["train-loss"]) for m in accepted]
-        up = sum(m.content[ARRAYS].count_bytes() for m in valid if ARRAYS in m.content.array_records)
-        self.bytes_up += up
-        self._record.update({
-            "train_loss": float(np.average(losses, weights=weights)) if losses else math.nan,
-            "clients": clients,
-            "rejected": len(screening.rejected),
-            "bytes_up": up,
-        })
-        if self.shared and accepted:
-            previous = self.global_vector[self.shared_mask].clone()
-            self.global_vector[self.shared_mask] = weighted_mean([vectors[i] for i in screening.accepted], weights)
-            statistics = [to_state(m.content.array_records[STATISTICS]) if STATISTICS in m.content.array_records
-                          else {} for m in accepted]
-            apply_server_update(self.algorithm, self.layout, self.global_vector, previous, statistics)
-        for message in accepted:
-            self.accepted_round[int(message.content[METRICS][PARTITION_ID])] = server_round - 1
-        faults.check_divergence(server_round, screening, bool(torch.isfinite(self.global_vector).all()),
-                                self._record["train_loss"])
-        if not accepted:
-            faults.report_empty_round(server_round)
+            client = self._fail(f"round {server_round}", reply)
+            if client is not None:
+                self._failed.append(client)
+        decoded, malformed = self._decode(server_round, valid)
+        answered = {reply.client for reply in decoded} | set(malformed)
+        for client in self._targets:
+            if client not in answered and client not in self._failed:
+                self._failed.append(client)
+                self.failures.append({"stage": f"round {server_round}", "node": None, "client": client,
+                                      "reason": f"no reply within the round timeout ({self.timeout:g} s)"})
+        outcome = finish_round(self._plan, decoded, self.server, self.algorithm, self.config, {},
+                               failed=self._failed, malformed=malformed)
+        for reply in outcome.accepted:
+            self.accepted_round[reply.client] = server_round - 1
+        record = self._record = outcome.record
+        for client, reason in sorted(outcome.rejected.items()):
+            self.rejected.append({"round": server_round, "client": client, "reason": reason})
+        record.bytes_down = self._bytes_down
+        record.bytes_up = sum(m.content[ARRAYS].count_bytes() for m in valid if ARRAYS in m.content.array_records)
+        self.bytes_down += record.bytes_down
+        self.bytes_up += record.bytes_up
+        if not outcome.accepted:
             return None, None
-        metrics = MetricRecord({"train-loss": self._record["train_loss"], "clients": len(accepted)})
-        return self._arrays(), metrics
+        return self._arrays(), MetricRecord({"train-loss": record.train_loss, "clients": len(outcome.accepted)})
 
-    def _screen(self, server_round: int, clients: list[int],
-                replies: list[Message]) -> tuple[faults.Screening, list[torch.Tensor]]:
-        """The simulator's screening of the replies' shared parameters (the server never sees personal state).
-
-        A reply whose arrays do not even decode into the shared parameters is rejected with that reason;
-        the others go through :func:`~fedbabu.engine.faults.screen_round` against the current global model.
-        """
+    def _decode(self, server_round: int, replies: list[Message]) -> tuple[list[ClientReply], dict[int, str]]:
+        """The replies as the round policy reads them; one that does not decode is malformed, with its reason."""
+        decoded: list[ClientReply] = []
         malformed: dict[int, str] = {}
-        decoded: list[int] = []
-        vectors: list[torch.Tensor] = []
-        for position, (client, reply) in enumerate(zip(clients, replies, strict=True)):
+        for reply in replies:
+            client = int(reply.content[METRICS][PARTITION_ID])
             try:
-                vectors.append(to_vector(reply.content.array_records[ARRAYS], self.shared, self.shared_shapes))
-                decoded.append(position)
+                vector = to_vector(reply.content.array_records[ARRAYS], self.shared, self.shared_shapes)
+                metrics = reply.content[METRICS]
+                statistics = (to_state(reply.content.array_records[STATISTICS])
+                              if STATISTICS in reply.content.array_records else {})
+                decoded.append(ClientReply(client, vector.numpy(), float(metrics["train-loss"]),
+                                           int(metrics[NUM_EXAMPLES]), {}, statistics))
             except (KeyError, ValueError) as err:
                 malformed[client] = f"malformed reply: {err}"
                 faults.report_rejection(server_round, client, malformed[client])
-        reference = self.global_vector[self.shared_mask].numpy()
-        screening = faults.screen_round(server_round, [clients[i] for i in decoded], [v.numpy() for v in vectors],
-                                        [{} for _ in decoded], reference, {}, self.config.max_update_norm)
-        result = faults.Screening([decoded[i] for i in screening.accepted], {**malformed, **screening.rejected})
-        for client, reason in sorted(result.rejected.items()):
-            self.rejected.append({"round": server_round, "client": client, "reason": reason})
-        by_position = dict(zip(decoded, vectors, strict=True))
-        return result, [by_position.get(i, torch.zeros(0)) for i in range(len(replies))]
+        return decoded, malformed
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -330,29 +312,30 @@ class AlgorithmStrategy(FedAvg):
             return []
         online = self.connected_clients(grid)
         self._outbox = self._messages(online, [c for c in self.evaluated if c in online], MessageType.EVALUATE,
-                                      arrays)
+                                      arrays, config)
         return self._outbox
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Mean accuracy over clients (as the simulator), then the round's record is final."""
         result = None
         if self._evaluates(server_round):
-            valid, errors = self._check_and_log_replies(list(replies), is_train=False)
+            valid, errors = split_replies(replies)
             for reply in errors:
                 self._fail(f"evaluate {server_round}", reply)
             accuracies = [float(m.content[METRICS]["accuracy"]) for m in valid]
             accuracy = float(np.nanmean(accuracies)) if accuracies else math.nan
-            self._record["test_accuracy"] = accuracy
+            self._record.test_accuracy = accuracy
             result = MetricRecord({"accuracy": accuracy})
         self._finish_round()
         return result
 
     def _finish_round(self) -> None:
-        self._record["seconds"] = round(time.perf_counter() - self._tick, 4)
-        self.metrics.append(self._record)
-        log(INFO, "fedbabu: round %d: %d clients, loss %.4f, %d bytes down, %d bytes up", self._record["round"],
-            len(self._record["clients"]), self._record["train_loss"], self._record["bytes_down"],
-            self._record["bytes_up"])
+        record = self._record
+        record.seconds = round(time.perf_counter() - self._tick, 4)
+        self.metrics.append(record.to_json())
+        log(INFO, "fedbabu: round %d: %d clients, loss %.4f, %d bytes down, %d bytes up", record.round,
+            len(record.clients) - record.dropped - len(record.failed), record.train_loss, record.bytes_down,
+            record.bytes_up)
         if self.out is not None:
             atomic_write_text(self.out / "metrics.jsonl", metrics_lines(self.metrics))
 

@@ -51,6 +51,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "personalization_unit": algorithm.personalization_unit(),
         "personalization_protocol": PERSONALIZATION_PROTOCOL,
         "algorithm_version": algorithm.versions(),
+        "personal_parts": list(algorithm.personal_parts),
         "final_global_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
         "never_sampled_clients": never_sampled(result.metrics, c.num_clients),
         "bytes_per_round_per_client": result.bytes_per_round_per_client,
@@ -195,7 +196,7 @@ def _never_sampled_note(summary: dict[str, Any]) -> list[str]:
     count = summary.get("never_sampled_clients")
     if not count:
         return []
-    parts = ALGORITHMS[summary["algorithm"]].personal_parts
+    parts = summary.get("personal_parts", ALGORITHMS[summary["algorithm"]].personal_parts)
     kept = (f": each keeps the {'+'.join(parts)} the run started from, and its accuracies are measured "
             "with it" if parts else "")
     return [f"{count} of {summary['num_clients']} clients were never sampled for a training round{kept}.", ""]

@@ -1,0 +1,200 @@
+"""One round of federated training, written once for every engine.
+
+A round is two steps of policy around the clients' work, and both engines (the simulator's worker
+pool and the Flower strategy) call these functions rather than repeating them:
+
+1. :func:`plan_round`: which clients train (the seeded sample, as the algorithm takes it), which of
+   them fail (``client_failure_rate``, seeded), and the round's lr. A pure function of (config,
+   round), so every engine trains the same clients in the same round.
+2. :func:`finish_round`: screen the replies, average the accepted ones in client order (so the
+   result never depends on which reply arrived first), let the algorithm's server step act on the
+   average, stop a diverged run, and return the round's :class:`RoundRecord`.
+
+Where the clients run, how their replies travel and how long it took are the engines' business;
+what a round *is* lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedbabu.algorithms.base import Algorithm
+from fedbabu.config import Config
+from fedbabu.engine import faults
+from fedbabu.engine.params import Layout, apply_server_update, flatten, weighted_mean
+
+SAMPLER_STREAM, DROPOUT_STREAM = 0x5A3, 0xD20
+
+MEASURED_KEYS = ("seconds", "utilization", "bytes_down", "bytes_up")
+"""Record fields that measure one execution (time, the wire) rather than the federation: the only
+fields in which two engines' records of the same run may differ."""
+
+
+def stream_seed(*words: int) -> int:
+    """A 63-bit seed that depends on every word (seed, round, client, purpose) and nothing else."""
+    state = np.random.SeedSequence([w & 0xFFFFFFFF for w in words]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
+    """The clients of a round: ``max(1, floor(f * N))`` of them, a pure function of (seed, round)."""
+    count = max(1, int(fraction * num_clients))
+    rng = np.random.default_rng(stream_seed(seed, round_index, 0, SAMPLER_STREAM))
+    return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round asks of the federation before any client runs."""
+
+    index: int
+    """0-based; records and logs say ``index + 1``."""
+    lr: float
+    sampled: tuple[int, ...]
+    """The clients chosen to train: the seeded sample as the algorithm takes it (``training_clients``)."""
+    dropped: tuple[int, ...]
+    """Those of ``sampled`` that fail this round by the seeded ``client_failure_rate`` draw."""
+
+    @property
+    def number(self) -> int:
+        return self.index + 1
+
+    @property
+    def training(self) -> list[int]:
+        """The clients asked to train: the sample less its dropouts, in client order."""
+        return [c for c in self.sampled if c not in self.dropped]
+
+
+def plan_round(config: Config, algorithm: Algorithm, round_index: int, num_clients: int) -> RoundPlan:
+    """The round's sample, dropouts and lr; the same in every engine and after any resume."""
+    sampled = algorithm.training_clients(sample_clients(config.seed, round_index, num_clients,
+                                                        config.client_fraction), num_clients)
+    dropped = faults.dropped_clients(sampled, config.client_failure_rate,
+                                     stream_seed(config.seed, round_index, 0, DROPOUT_STREAM))
+    return RoundPlan(round_index, config.lr_at(round_index), tuple(sampled), tuple(dropped))
+
+
+@dataclass
+class ServerState:
+    """The server's explicit state: the flat global parameters and which of them are shared.
+
+    ``global_vector`` holds every parameter of the network (the parts no algorithm shares stay at
+    their initial values there, which is what a client without a personal part of its own starts
+    from); only ``shared_mask`` of it travels and is averaged.
+    """
+
+    layout: Layout
+    global_vector: torch.Tensor
+    shared_mask: torch.Tensor
+
+    @classmethod
+    def of(cls, algorithm: Algorithm, model: nn.Module) -> ServerState:
+        """The state of a network at its current weights (the template, after any warm start)."""
+        layout = Layout(model)
+        return cls(layout, flatten(model), layout.mask(algorithm.shared_parts))
+
+    def shared(self) -> torch.Tensor:
+        """The shared parameters, flat, in layout order."""
+        return self.global_vector[self.shared_mask]
+
+    def shared_floats(self) -> int:
+        return int(self.shared_mask.sum())
+
+
+@dataclass
+class ClientReply:
+    """What one client sent back from a round."""
+
+    client: int
+    shared: np.ndarray
+    """Its shared parameters after the update, flat, in layout order."""
+    loss: float
+    num_examples: int
+    """Its training examples: the weight of its update in the average."""
+    personal: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """What it keeps for its next round, where the server holds it (the simulator); a Flower node keeps its own."""
+    statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """Its contribution to the sums the algorithm's server step reads (``ClientUpdate.statistics``)."""
+
+
+@dataclass
+class RoundRecord:
+    """One line of ``metrics.jsonl``: every engine writes the same fields with the same meaning."""
+
+    round: int
+    lr: float
+    train_loss: float
+    """Mean training loss of the accepted updates, weighted by their examples; NaN when none was accepted."""
+    clients: list[int]
+    """The sampled clients (:attr:`RoundPlan.sampled`), whatever became of them."""
+    dropped: int
+    """How many of them the simulated failure rate dropped."""
+    failed: list[int]
+    """Clients asked to train that did not reply (a Flower node absent, failed or too slow; never in the simulator)."""
+    rejected: int
+    """Replies that screening refused (non-finite, wrong shape, over ``max_update_norm``, malformed)."""
+    test_accuracy: float | None = None
+    """Mean accuracy of the global model over the evaluated clients, on evaluation rounds."""
+    seconds: float | None = None
+    utilization: float | None = None
+    """Simulator: the share of the workers' time spent in client tasks during the round."""
+    bytes_down: int | None = None
+    """Flower: bytes of model sent to the round's clients, as the wire counted them."""
+    bytes_up: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written, without the fields this engine or round does not measure."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+@dataclass
+class RoundOutcome:
+    """The round's record, the replies that went into the average (in client order) and why others did not."""
+
+    record: RoundRecord
+    accepted: list[ClientReply]
+    rejected: dict[int, str]
+    """client -> why its reply was left out (already logged)."""
+
+
+def finish_round(plan: RoundPlan, replies: Sequence[ClientReply], server: ServerState, algorithm: Algorithm,
+                 config: Config, personal_shapes: Mapping[str, tuple[int, ...]],
+                 failed: Sequence[int] = (), malformed: Mapping[int, str] | None = None) -> RoundOutcome:
+    """Screen, average the accepted replies into ``server`` (in place), apply the server step, record.
+
+    ``malformed`` are replies an engine could not even decode (client -> reason, already reported);
+    ``failed`` the clients that never replied. Raises
+    :class:`~fedbabu.engine.faults.TrainingDiverged` when the round diverged.
+    """
+    replies = sorted(replies, key=lambda reply: reply.client)
+    reference = server.shared().numpy()
+    screened = faults.screen_round(plan.number, [r.client for r in replies], [r.shared for r in replies],
+                                   [r.personal for r in replies], reference, personal_shapes,
+                                   config.max_update_norm)
+    screening = faults.Screening(screened.accepted, {**(malformed or {}), **screened.rejected})
+    accepted = [replies[i] for i in screening.accepted]
+    weights = [r.num_examples for r in accepted]
+    if bool(server.shared_mask.any()) and accepted:
+        previous = server.shared().clone()
+        server.global_vector[server.shared_mask] = weighted_mean([torch.from_numpy(r.shared) for r in accepted],
+                                                                 weights)
+        apply_server_update(algorithm, server.layout, server.global_vector, previous,
+                            [dict(r.statistics) for r in accepted])
+    losses = [r.loss for r in accepted]
+    record = RoundRecord(
+        round=plan.number, lr=plan.lr,
+        train_loss=float(np.average(losses, weights=weights)) if losses else math.nan,
+        clients=list(plan.sampled), dropped=len(plan.dropped), failed=sorted(failed),
+        rejected=len(screening.rejected))
+    faults.check_divergence(plan.number, screening, bool(torch.isfinite(server.global_vector).all()),
+                            record.train_loss)
+    if not accepted:
+        faults.report_empty_round(plan.number)
+    return RoundOutcome(record, accepted, screening.rejected)
