@@ -18,6 +18,8 @@ import torch
 import yaml
 from conftest import StopAtRound, ctrl_c_as_in_a_terminal, small_config
 
+from fedbabu import reproduce
+from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import build_config, load_config
 from fedbabu.engine.checkpoint import (
     Checkpoint,
@@ -133,20 +135,6 @@ def test_ctrl_c_leaves_a_resumable_folder_and_stale_rounds_are_dropped(digits, t
     assert before > 0 and resumed.summary["wall_time_s"] >= sum(rounds) - 1e-3
 
 
-@pytest.mark.parametrize("algorithm", ["fedper", "fedrep", "lg_fedavg", "ditto", "local"])
-def test_resume_keeps_every_clients_personal_state(digits, tmp_path, algorithm):
-    """Heads, bodies and personal models live on the clients across rounds; a resume must bring them all back."""
-    config = small_config(algorithm=algorithm, rounds=5, checkpoint_every=2, eval_every=0)
-    run_experiment(config, tmp_path / "ref", dataset=digits)
-    folder = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, folder, StopAtRound(4), dataset=digits)
-    saved = load_checkpoint(folder / "checkpoint.pt")
-    assert saved.rounds_done == 2 and len(saved.personal) >= 5
-    resume_experiment(folder)
-    _same_files(tmp_path / "ref", folder)
-
-
 class _StopPersonalizing(Observer):
     def on_personalize_start(self, total):
         raise KeyboardInterrupt
@@ -247,3 +235,18 @@ def test_run_refuses_a_used_folder_and_overwrite_starts_clean(digits, tmp_path):
     assert not (folder / "summary.json").exists() and not (folder / "model.pt").exists()
     assert yaml.safe_load((folder / "config.yaml").read_text())["rounds"] == 4
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_checkpoint_of_another_training_version_is_refused_by_resume_and_restarted_by_reproduce(
+        digits, tmp_path, monkeypatch):
+    config = small_config(rounds=3, checkpoint_every=1, eval_every=0)
+    folder = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, folder, StopAtRound(2), dataset=digits)
+    assert load_checkpoint(folder / "checkpoint.pt").training_version == 1
+    monkeypatch.setattr(ALGORITHMS["fedbabu"], "training_version", 2)  # a later build changed how it trains
+    with pytest.raises(UserError, match="trained by fedbabu training version 1, and this build trains version 2"):
+        resume_experiment(folder)
+    assert reproduce._state(folder, config) == "new"
+    monkeypatch.setattr(ALGORITHMS["fedbabu"], "training_version", 1)
+    assert reproduce._state(folder, config) == "resumable"

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL, recorded_versions
 from fedbabu.config import Config, build_config, merge_dicts, nested, parse_value, read_yaml
-from fedbabu.engine.checkpoint import CHECKPOINT
+from fedbabu.engine.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_text
@@ -257,7 +257,16 @@ def _state(folder: Path, config: Config) -> str:
     events = folder / "events.log"
     if events.exists() and "training diverged" in events.read_text():
         return "diverged"
-    return "resumable" if (folder / CHECKPOINT).exists() else "new"
+    return "resumable" if (folder / CHECKPOINT).exists() and _current_checkpoint(folder, config) else "new"
+
+
+def _current_checkpoint(folder: Path, config: Config) -> bool:
+    """Whether the run's checkpoint was written by this build's training of its algorithm (else it starts over)."""
+    try:
+        checkpoint = load_checkpoint(folder / CHECKPOINT)
+    except CheckpointError:
+        return True  # resuming says what is wrong with it, in one line
+    return checkpoint.training_version == ALGORITHMS[config.algorithm].training_version
 
 
 @dataclass

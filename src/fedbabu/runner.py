@@ -194,6 +194,12 @@ def _resume_locked(folder: Path, given: Config | None, observer: Observer | None
                    overrides: dict[str, Any] | None) -> Experiment:
     checkpoint = open_checkpoint(folder)
     config = checkpoint.config
+    current = ALGORITHMS[config.algorithm].training_version
+    if checkpoint.training_version != current:
+        raise UserError(f"--resume {folder}: the run was trained by {config.algorithm} training version "
+                        f"{checkpoint.training_version}, and this build trains version {current}; finishing it here "
+                        "would mix the two: start it again (fedbabu run --overwrite), or resume it with the build "
+                        "that started it")
     if given is not None:
         differences = config_differences(config, given)
         if differences:

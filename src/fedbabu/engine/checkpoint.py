@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import yaml
 
+from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, build_config, dump_config
 from fedbabu.engine.personal import (
     PERSONAL_FOLDER,
@@ -102,6 +103,13 @@ class Checkpoint:
     """Loaded from version 2, a :class:`PersonalStore` over the referenced files; from version 1, a dict."""
     metrics: list[dict[str, Any]]
     rng: dict[str, Any]
+    training_version: int = 0
+    """The training version of the algorithm that wrote it (0: the current one, when it is being written;
+    1 for a checkpoint of a build that recorded none)."""
+
+    def __post_init__(self) -> None:
+        if not self.training_version:
+            self.training_version = ALGORITHMS[self.config.algorithm].training_version
 
 
 def capture_rng() -> dict[str, Any]:
@@ -144,6 +152,7 @@ def encode(checkpoint: Checkpoint, personal_files: Mapping[int, StateFile] | Non
                            for c, f in sorted(personal_files.items())},
         "metrics": "".join(json.dumps(m) + "\n" for m in checkpoint.metrics),
         "rng": checkpoint.rng,
+        "training_version": checkpoint.training_version,
     }
     return seal(payload, VERSION)
 
@@ -202,7 +211,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             personal = PersonalStore.open(path.parent / PERSONAL_FOLDER, files, config.resolved_personal_memory())
         metrics = [json.loads(line) for line in payload["metrics"].splitlines()]
         checkpoint = Checkpoint(config, int(payload["rounds_done"]), payload["global_vector"], personal, metrics,
-                                payload["rng"])
+                                payload["rng"], int(payload.get("training_version", 1)))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise CheckpointError(f"{path}: damaged checkpoint ({exc.__class__.__name__}: {exc})") from None
     if not 0 <= checkpoint.rounds_done <= config.rounds or len(metrics) != checkpoint.rounds_done:
