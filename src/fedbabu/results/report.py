@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -21,12 +21,71 @@ from fedbabu.results.paired import PairedDifference, paired_cell, paired_differe
 from fedbabu.results.plots import plot_clients, plot_comparison, plot_finetune_curves, plot_rounds
 
 
-def mean_std(values: np.ndarray) -> dict[str, float]:
+class MeanStd(TypedDict):
+    """A mean over clients and the spread of the clients around it (population std)."""
+
+    mean: float
+    std: float
+
+
+class Environment(TypedDict):
+    """Where a run computed: what a reader needs to know before expecting its numbers bit for bit."""
+
+    torch: str
+    python: str
+    machine: str
+    workers: int
+    threads_per_worker: int
+    device: str
+    precision: str
+    cpu_kernels: dict[str, str] | None
+
+
+class RunSummary(TypedDict, total=False):
+    """``summary.json``: a run's headline numbers and what produced them, one key per fact.
+
+    A plain dict at run time (it is written and read as JSON), typed so that its keys are stated
+    once. Written by every engine; a Flower run adds ``flower``, a run personalized again
+    ``personalized_from`` and ``personalization_wall_time_s``.
+    """
+
+    algorithm: str
+    dataset: str
+    model: str
+    rounds: int
+    num_clients: int
+    personalized_clients: int
+    evaluated_clients: int
+    seed: int
+    partition: str
+    initial_accuracy: MeanStd
+    """Before personalization: the global model with each client's personal parts."""
+    personalized_accuracy: MeanStd
+    """After the algorithm's personalization (the last point of each client's curve)."""
+    finetune_curve: list[float]
+    finetune: dict[str, Any]
+    personalization: str
+    personalization_unit: str
+    personalization_protocol: int
+    algorithm_version: dict[str, int]
+    """The algorithm's training and evaluation versions (``Algorithm.training_version``)."""
+    personal_parts: list[str]
+    final_global_accuracy: float | None
+    never_sampled_clients: int
+    bytes_per_round_per_client: int
+    wall_time_s: float
+    environment: Environment
+    flower: dict[str, Any]
+    personalized_from: str
+    personalization_wall_time_s: float
+
+
+def mean_std(values: np.ndarray) -> MeanStd:
     values = np.asarray(values, dtype=np.float64)
     return {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values))}
 
 
-def summarize(result: RunResult) -> dict[str, Any]:
+def summarize(result: RunResult) -> RunSummary:
     """The run's headline numbers, as saved in ``summary.json``."""
     c = result.config
     curves = result.accuracy_curve()
@@ -94,7 +153,7 @@ def metrics_lines(metrics: list[dict[str, Any]]) -> str:
     return "".join(metrics_line(m) for m in metrics)
 
 
-def write_run(result: RunResult, folder: Path) -> dict[str, Any]:
+def write_run(result: RunResult, folder: Path) -> RunSummary:
     """Write the complete run folder; returns the summary."""
     folder = Path(folder)
     summary = summarize(result)
@@ -111,14 +170,15 @@ def write_run(result: RunResult, folder: Path) -> dict[str, Any]:
     return summary
 
 
-def write_personalization(result: RunResult, folder: Path, source: Path, seconds: float) -> dict[str, Any]:
+def write_personalization(result: RunResult, folder: Path, source: Path, seconds: float) -> RunSummary:
     """The folder of a run personalized again: its fine-tuning results, never a copy of the trained model.
 
     ``summary.json`` keeps the training run's wall time and communication (the same federation) and
     adds where it came from and how long the new personalization took.
     """
     folder = Path(folder)
-    summary = {**summarize(result), "personalized_from": str(source), "personalization_wall_time_s": round(seconds, 3)}
+    summary: RunSummary = {**summarize(result), "personalized_from": str(source),
+                           "personalization_wall_time_s": round(seconds, 3)}
     atomic_write_text(folder / "config.yaml", dump_config(result.config))
     header, rows = client_rows(result)
     write_csv(folder / "clients.csv", header, rows)
