@@ -13,13 +13,9 @@ from fedbabu.algorithms.base import Algorithm
 from fedbabu.algorithms.fedetf import FedETF, orthonormal_columns, simplex_etf
 from fedbabu.config import DIGITS_DEFAULT, build_config
 from fedbabu.engine.params import Layout, weighted_mean
-from fedbabu.engine.simulation import (
-    TRAIN_STREAM,
-    client_generator,
-    client_model,
-    runtime_for,
-    sample_clients,
-)
+from fedbabu.engine.round import sample_clients
+from fedbabu.engine.simulation import TRAIN_STREAM, client_generator, client_model, runtime_for
+from fedbabu.engine.vectorized import choose_executor, vectorizable
 from fedbabu.errors import UserError
 from fedbabu.files import load_tensors
 from fedbabu.personalization import personalization_config
@@ -129,10 +125,10 @@ def test_the_prediction_does_not_depend_on_a_positive_temperature():
 
 
 def test_a_round_trains_with_the_balanced_softmax_of_the_clients_counts(digits, monkeypatch):
-    import fedbabu.algorithms.fedetf as fedetf
+    import fedbabu.algorithms.base as base
 
     calls = []
-    monkeypatch.setattr(fedetf, "sgd_epochs", lambda model, data, parts, settings, generator, **options:
+    monkeypatch.setattr(base, "sgd_epochs", lambda model, data, parts, settings, generator, **options:
                         calls.append((parts, settings, options["loss"])) or 0.0)
     config = tiny()
     logits = torch.randn(40, 10, generator=torch.Generator().manual_seed(5))
@@ -147,9 +143,22 @@ def test_a_round_trains_with_the_balanced_softmax_of_the_clients_counts(digits, 
                                                                            labels))
     balanced = np.concatenate([np.flatnonzero(digits.train_y.numpy() == c)[:4] for c in range(10)])
     equal = ClientData(digits, balanced, balanced[:1], runtime_for(config))
-    assert torch.allclose(FedETF.training_loss(equal)(logits, labels), nn.functional.cross_entropy(logits, labels),
-                          atol=1e-6)
+    assert torch.allclose(FedETF(config).training_loss(equal)(logits, labels),
+                          nn.functional.cross_entropy(logits, labels), atol=1e-6)
     assert not torch.allclose(loss(logits, labels), nn.functional.cross_entropy(logits, labels), atol=1e-3)
+
+
+def test_a_round_is_the_default_one_on_fedetfs_loss_and_never_runs_vectorized(digits):
+    """FedETF states its objective, not a round of its own: its round is the base class's, through the
+    client's kept optimizer under the authors' training, and the vectorized executor, which computes
+    cross-entropy through a fresh optimizer only, refuses it either way."""
+    assert FedETF.client_update is Algorithm.client_update
+    assert FedETF.training_loss is not Algorithm.training_loss
+    for training in ("common", "authors"):
+        algorithm = FedETF(tiny(fedetf={"training": training}))
+        assert not vectorizable(algorithm)
+        with pytest.raises(UserError, match="vectorized runs plain SGD client updates only"):
+            choose_executor("vectorized", "cuda", algorithm, model_for(algorithm.config, digits))
 
 
 def test_m_never_changes_and_never_travels(digits, federation):
@@ -215,9 +224,10 @@ def test_own_personalization_adapts_then_alternates_between_m_and_the_projection
     for (etf_parts, etf, etf_plain, etf_moved), (proj_parts, proj, proj_plain, proj_moved) in zip(
             alternations[::2], alternations[1::2], strict=True):
         assert etf_parts == ("head.etf",) and etf_plain and etf_moved == {"head.etf"}
-        assert (etf.lr, etf.momentum, etf.weight_decay) == (0.1, 0.0, 0.0)
+        assert (etf.lr, etf.momentum, etf.weight_decay) == (pytest.approx(adapt.lr * 0.1 / 0.04), 0.0, 0.0)
         assert proj_parts == ("head.projection",) and proj_plain and proj_moved == projection
-        assert (proj.lr, proj.momentum, proj.weight_decay) == (0.05, 0.9, 5e-4)
+        assert (proj.lr, proj.momentum, proj.weight_decay) == (pytest.approx(adapt.lr * 0.05 / 0.04), 0.9, 5e-4), \
+            "the authors' 0.1 and 0.05 relative to their adaptation lr of 0.04"
 
 
 def test_common_evaluation_is_the_fine_tuning_of_every_algorithm_and_a_free_key(digits, federation):

@@ -10,11 +10,12 @@ import csv
 
 import pytest
 import torch
-from conftest import StopAtRound
 
+from fedbabu.algorithms import ALGORITHMS
+from fedbabu.algorithms.base import Algorithm
 from fedbabu.config import DIGITS_DEFAULT, build_config
 from fedbabu.files import load_tensors
-from fedbabu.runner import resume_experiment, run_comparison, run_experiment, variant_config
+from fedbabu.runner import run_comparison
 
 FAMILY = ["fedbabu", "fedrod", "feduh", "fednh", "fedetf"]
 
@@ -62,12 +63,17 @@ def test_every_method_is_labelled_with_its_evaluation(compared):
     assert "FedETF's own: 2 epochs of balanced softmax" in markdown
 
 
-@pytest.mark.parametrize("name", ["fedrod", "feduh", "fednh", "fedetf"])
-def test_each_run_interrupted_and_resumed_gives_the_comparisons_bytes(compared, digits, tmp_path, name):
-    config = variant_config(base(workers=1), name)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config, tmp_path / name, StopAtRound(2), dataset=digits)
-    resume_experiment(tmp_path / name)
-    assert _same_model(tmp_path / name, compared / "workers-1" / name)
-    assert (tmp_path / name / "clients.csv").read_bytes() == \
-        (compared / "workers-1" / name / "clients.csv").read_bytes()
+def test_the_own_or_common_switch_is_the_base_classs_and_each_method_states_only_its_own_protocol():
+    switched = {name: cls for name, cls in ALGORITHMS.items() if "evaluation" in cls.Settings.model_fields}
+    assert set(switched) == {"fedrep", "fedrod", "feduh", "fednh", "fedetf"}
+    for name, cls in switched.items():
+        for hook in ("personalize", "personalization_unit", "personalization_note"):
+            assert getattr(cls, hook) is getattr(Algorithm, hook), (name, hook)
+        own, common = (cls(base(algorithm=name, **{name: {"evaluation": e}})) for e in ("own", "common"))
+        assert own.evaluates_own() and not common.evaluates_own()
+        assert own.personalization_unit() == ("stage" if name == "fedetf" else "round")
+        assert common.personalization_unit() == "epoch"
+        assert own.personalization_note() == own.own_note()
+        fine_tuning = "full fine-tuning, 1 epochs, lr 0.01"
+        marked = fine_tuning if name == "fedrep" else f"common protocol: {fine_tuning}"
+        assert common.personalization_note() == marked, "marked where it replaces the method's default own protocol"

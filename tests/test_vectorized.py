@@ -143,7 +143,8 @@ def test_the_algorithms_the_readme_lists_as_vectorizable(digits):
 
 
 def test_an_impossible_vectorized_request_is_refused_with_the_reason(digits):
-    with pytest.raises(UserError, match="executor: vectorized runs plain SGD client updates only, and ditto"):
+    with pytest.raises(UserError, match=r"executor: vectorized runs plain SGD client updates only \(cross-entropy, "
+                                        r"a new optimizer every round, no clip_grad_norm\), and ditto"):
         choose_executor("vectorized", "cpu", ALGORITHMS["ditto"](small_config(algorithm="ditto")), model_for(digits))
     with_stats = model_for(digits)
     with_stats.body.append(torch.nn.BatchNorm1d(4))

@@ -8,10 +8,12 @@ An algorithm says these things and nothing else:
 * the head its model uses (:meth:`Algorithm.make_head`, by default the model's linear classifier):
   any module, still the model's one ``head`` child, drawn from the run's seed;
 * what a client does in a round (:meth:`Algorithm.client_update`, by default SGD on
-  ``trained_parts``; an algorithm that keeps this default can also have its clients trained
-  together by the vectorized executor);
+  ``trained_parts``) and what that SGD minimizes (:meth:`Algorithm.training_loss`, by default
+  cross-entropy); an algorithm that keeps both defaults, and a new optimizer every round, can also
+  have its clients trained together by the vectorized executor;
 * how a client personalizes and is evaluated at the end (:meth:`Algorithm.personalize`, by default
-  fine-tuning ``finetune.part``);
+  fine-tuning ``finetune.part``; an algorithm with an ``evaluation`` setting brings its own protocol,
+  :meth:`Algorithm.own_personalize`, which that setting switches on);
 * what a client keeps across rounds besides its personal parts (:meth:`Algorithm.personal_shapes`,
   by default nothing; local training keeps its optimizer's momentum);
 * which clients train in a round (:meth:`Algorithm.training_clients`, by default the sampled ones)
@@ -42,9 +44,11 @@ from fedbabu.training import (
     OPTIMIZER_STATE,
     ClientData,
     LocalTraining,
+    Loss,
     Regularizer,
     evaluate,
     load_state,
+    momentum_of,
     restore_momentum,
     set_trainable,
     sgd_epochs,
@@ -180,26 +184,55 @@ class Algorithm:
         restore_momentum(model, optimizer, personal)
         return optimizer
 
+    def training_loss(self, data: ClientData) -> Loss | None:
+        """What a client's local SGD minimizes on its own data, ``(logits, labels) -> mean loss``; None is
+        cross-entropy.
+
+        A hook rather than a reason to override :meth:`client_update`: an algorithm whose round differs
+        only in its objective (FedETF's balanced softmax on the client's class counts) keeps the default
+        round, and with it the kept optimizer and everything tested on it. Asked once per round, so the
+        loss may depend on the client's data.
+        """
+        return None
+
     def client_update(self, model: nn.Module, data: ClientData, personal: PersonalState, lr: float,
                       generator: torch.Generator) -> ClientUpdate:
-        """One round on one client. ``model`` holds the global state; personal parts are loaded here."""
+        """One round on one client: SGD of ``trained_parts`` on :meth:`training_loss`.
+
+        ``model`` holds the global state; personal parts are loaded here. A client that
+        :attr:`keeps_momentum` trains through its :meth:`continued_optimizer` and hands the buffers back
+        beside its personal parts, so that the next round continues the same optimizer.
+        """
         load_state(model, personal)
-        loss = sgd_epochs(model, data, self.trained_parts, self.local_training(lr), generator)
-        return ClientUpdate(loss, state_of(model, self.personal_parts))
+        settings = self.local_training(lr)
+        optimizer = self.continued_optimizer(model, personal, settings) if self.keeps_momentum else None
+        loss = sgd_epochs(model, data, self.trained_parts, settings, generator, optimizer=optimizer,
+                          loss=self.training_loss(data))
+        kept = state_of(model, self.personal_parts)
+        return ClientUpdate(loss, kept if optimizer is None else kept | momentum_of(model, optimizer))
 
     def evaluate_client(self, model: nn.Module, data: ClientData, personal: PersonalState) -> float:
         """Accuracy the client sees from the current global model (with its personal parts, if any)."""
         load_state(model, personal)
         return evaluate(model, data)
 
+    def evaluates_own(self) -> bool:
+        """Whether :meth:`personalize` runs the algorithm's own protocol, which its ``evaluation`` setting
+        switches on (``own``) or replaces by the fine-tuning every algorithm here is compared under
+        (``common``). An algorithm without that setting has a single protocol."""
+        return getattr(self.settings, "evaluation", None) == "own"
+
     def personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
                     generator: torch.Generator) -> list[float]:
-        """Accuracy before fine-tuning, then after each fine-tuning epoch on the client's own data.
+        """Accuracy before fine-tuning, then after each fine-tuning epoch on the client's own data, or
+        :meth:`own_personalize` where :meth:`evaluates_own`.
 
         All epochs run through one SGD optimizer, as the authors' evaluation does: a new optimizer
         per epoch would throw the momentum away and slow the fine-tuning of every model whose head
         has to move far (FedAvg's, measured several points lower after five epochs).
         """
+        if self.evaluates_own():
+            return self.own_personalize(model, data, personal, generator)
         ft = self.config.finetune
         load_state(model, personal)
         accuracies = [evaluate(model, data)]
@@ -209,15 +242,49 @@ class Algorithm:
                    after_epoch=lambda: accuracies.append(evaluate(model, data)))
         return accuracies
 
+    def own_personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
+                        generator: torch.Generator) -> list[float]:
+        """The own protocol: by default accuracy before and after one more local round from the final
+        model, at the final round's lr, without fine-tuning.
+
+        That is how the authors of FedRep, FedRoD, FedUH and FedNH test a client: with the model it
+        holds right after its local training. The fresh round gives every client that model, whenever
+        it was last sampled.
+        """
+        load_state(model, personal)
+        accuracies = [evaluate(model, data)]
+        self.client_update(model, data, personal, self.final_lr(), generator)
+        accuracies.append(evaluate(model, data))
+        return accuracies
+
     def personalization_unit(self) -> str:
-        """What one step of the accuracy curve returned by :meth:`personalize` stands for (an epoch
-        here): it names the columns of ``clients.csv`` and the x axis of the curves."""
-        return "epoch"
+        """What one step of the accuracy curve returned by :meth:`personalize` stands for (an epoch of
+        fine-tuning, or :meth:`own_unit`): it names the columns of ``clients.csv`` and the x axis of the
+        curves."""
+        return self.own_unit() if self.evaluates_own() else "epoch"
+
+    def own_unit(self) -> str:
+        """What one step of the own protocol's curve stands for: by default its one local round."""
+        return "round"
 
     def personalization_note(self) -> str:
-        """How :meth:`personalize` adapts a client, as reports print it."""
+        """How :meth:`personalize` adapts a client, as reports print it.
+
+        Fine-tuning chosen over an algorithm's own protocol by default (the head family's) is marked
+        ``common protocol``, so that a report never passes it off as the method's own evaluation; an
+        algorithm whose default is the common protocol (FedRep) reads like every other.
+        """
+        if self.evaluates_own():
+            return self.own_note()
         ft = self.config.finetune
-        return f"{ft.part} fine-tuning, {ft.epochs} epochs, lr {ft.lr}"
+        note = f"{ft.part} fine-tuning, {ft.epochs} epochs, lr {ft.lr}"
+        evaluation = self.Settings.model_fields.get("evaluation")
+        return f"common protocol: {note}" if evaluation is not None and evaluation.default == "own" else note
+
+    def own_note(self) -> str:
+        """How :meth:`own_personalize` adapts a client, as reports print it."""
+        return (f"{self.name}'s own: one local round ({self.config.local_epochs} epochs at the final lr "
+                f"{self.final_lr():g}), no fine-tuning")
 
     def describe(self) -> str:
         return (f"{self.name}: trains {'+'.join(self.trained_parts) or 'nothing'}, aggregates "

@@ -54,9 +54,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState, refuse
+from fedbabu.algorithms.base import Algorithm, PersonalState, refuse
 from fedbabu.config import AlgorithmSettings, Config
-from fedbabu.training import ClientData, LocalTraining, Loss, balanced_softmax, evaluate, momentum_of, sgd_epochs
+from fedbabu.training import ClientData, LocalTraining, Loss, balanced_softmax, evaluate, sgd_epochs
 
 ETF_LR_RATIO = 0.1 / 0.04
 """The authors' lr for fitting M over their training (and adaptation) lr."""
@@ -146,12 +146,12 @@ class FedETF(Algorithm):
 
     settings: Settings
     evaluation_version = 2  # 1 fitted M at 0.1 and the projection at 0.05 whatever the adaptation lr
+    shared_parts = ("body", "head.projection", "head.temperature")
+    trained_parts = ("body", "head.projection", "head.temperature")
 
     def __init__(self, config: Config) -> None:
         self.keeps_momentum = config.settings_for(self.name).training == "authors"
         super().__init__(config)
-    shared_parts = ("body", "head.projection", "head.temperature")
-    trained_parts = ("body", "head.projection", "head.temperature")
 
     def make_head(self, head: nn.Linear, generator: torch.Generator) -> nn.Module:
         features, classes = head.in_features, head.out_features
@@ -165,19 +165,12 @@ class FedETF(Algorithm):
                                            f"least one dimension per class; set it to {classes} or more")
         return ETFHead(features, etf_dim, classes, own.temperature, generator)
 
-    @staticmethod
-    def training_loss(data: ClientData) -> Loss:
-        """Balanced softmax on the client's counts; a class it lacks counts once (log-prior 0), as the authors do."""
-        return balanced_softmax(data.class_counts(), absent=1.0)
+    def training_loss(self, data: ClientData) -> Loss:
+        """Balanced softmax on the client's counts; a class it lacks counts once (log-prior 0), as the authors do.
 
-    def client_update(self, model: nn.Module, data: ClientData, personal: PersonalState, lr: float,
-                      generator: torch.Generator) -> ClientUpdate:
-        """FedETF's round, through the client's kept optimizer under the authors' training."""
-        settings = self.local_training(lr)
-        optimizer = self.continued_optimizer(model, personal, settings) if self.keeps_momentum else None
-        loss = sgd_epochs(model, data, self.trained_parts, settings, generator, optimizer=optimizer,
-                          loss=self.training_loss(data))
-        return ClientUpdate(loss, momentum_of(model, optimizer) if optimizer is not None else {})
+        The default round trains with it, through the client's kept optimizer under the authors' training.
+        """
+        return balanced_softmax(data.class_counts(), absent=1.0)
 
     def adaptation(self) -> LocalTraining:
         """The own protocol's first phase: FedETF training at the final round's lr, momentum and decay."""
@@ -191,8 +184,8 @@ class FedETF(Algorithm):
         return (adapt * ETF_LR_RATIO if own.etf_lr is None else own.etf_lr,
                 adapt * PROJECTION_LR_RATIO if own.projection_lr is None else own.projection_lr)
 
-    def personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
-                    generator: torch.Generator) -> list[float]:
+    def own_personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
+                        generator: torch.Generator) -> list[float]:
         """The own protocol: adapt, then alternate M and the projection; body and beta stay fixed after adapting.
 
         Each phase gets a new optimizer, as in the authors' code, and runs in train mode as theirs do;
@@ -201,8 +194,6 @@ class FedETF(Algorithm):
         ``adapt_epochs + alternations * (etf_epochs + projection_epochs)`` epochs per client (123 with
         the authors' constants and E = 3).
         """
-        if self.settings.evaluation == "common":
-            return super().personalize(model, data, personal, generator)
         c, own = self.config, self.settings
         accuracies = [evaluate(model, data)]
         adaptation = self.adaptation()
@@ -220,13 +211,11 @@ class FedETF(Algorithm):
             accuracies.append(evaluate(model, data))
         return accuracies
 
-    def personalization_unit(self) -> str:
-        """Own protocol: stage 1 is the adaptation, each later stage one alternation."""
-        return "stage" if self.settings.evaluation == "own" else "epoch"
+    def own_unit(self) -> str:
+        """Stage 1 is the adaptation, each later stage one alternation."""
+        return "stage"
 
-    def personalization_note(self) -> str:
-        if self.settings.evaluation == "common":
-            return f"common protocol: {super().personalization_note()}"
+    def own_note(self) -> str:
         own, adapt = self.settings, self.adaptation()
         etf_lr, projection_lr = self.alternation_lrs()
         return (f"FedETF's own: {adapt.epochs} epochs of balanced softmax (lr {adapt.lr:g}), then "

@@ -27,7 +27,7 @@ from torch import nn
 from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState
 from fedbabu.config import AlgorithmSettings
 from fedbabu.models import part_of
-from fedbabu.training import ClientData, evaluate, load_state, sgd_epochs, state_of
+from fedbabu.training import ClientData, load_state, sgd_epochs, state_of
 
 
 class FedRep(Algorithm):
@@ -67,21 +67,5 @@ class FedRep(Algorithm):
                           optimizer=optimizer)
         return ClientUpdate(loss, state_of(model, self.personal_parts))
 
-    def personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
-                    generator: torch.Generator) -> list[float]:
-        """``common``: fine-tuning; ``own``: accuracy before and after one FedRep update at the final lr."""
-        if self.settings.evaluation == "common":
-            return super().personalize(model, data, personal, generator)
-        load_state(model, personal)
-        accuracies = [evaluate(model, data)]
-        self.client_update(model, data, personal, self.final_lr(), generator)
-        accuracies.append(evaluate(model, data))
-        return accuracies
-
-    def personalization_unit(self) -> str:
-        return "round" if self.settings.evaluation == "own" else "epoch"
-
-    def personalization_note(self) -> str:
-        if self.settings.evaluation == "common":
-            return super().personalization_note()
+    def own_note(self) -> str:
         return f"FedRep's own: one FedRep update at the final lr {self.final_lr():g}, no fine-tuning"

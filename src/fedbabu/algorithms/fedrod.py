@@ -55,10 +55,10 @@ from fedbabu.config import AlgorithmSettings
 from fedbabu.models import in_parts
 from fedbabu.training import (
     ClientData,
+    Loss,
     autocast_for,
     balanced_softmax,
     clip_gradients,
-    evaluate,
     load_state,
     set_trainable,
     state_of,
@@ -114,6 +114,11 @@ class FedRoD(Algorithm):
         """The seeded linear head becomes the generic one; the personal head is its copy (no draw)."""
         return RoDHead(head)
 
+    def training_loss(self, data: ClientData) -> Loss:
+        """Balanced softmax on the client's counts, a class it lacks counted as :data:`ABSENT_CLASS_COUNT`:
+        the objective of the body and the generic head, to whose logits alone the round applies it."""
+        return balanced_softmax(data.class_counts(), absent=ABSENT_CLASS_COUNT)
+
     def client_update(self, model: nn.Module, data: ClientData, personal: PersonalState, lr: float,
                       generator: torch.Generator) -> ClientUpdate:
         """Per batch, the balanced step of body + generic head, then the personal head's residual step.
@@ -131,7 +136,7 @@ class FedRoD(Algorithm):
         shared = torch.optim.SGD(shared_params, lr=lr, momentum=settings.momentum,
                                  weight_decay=settings.weight_decay)
         own = torch.optim.SGD([p for n, p in named if in_parts(n, self.personal_parts)], lr=lr)
-        generic_loss = balanced_softmax(data.class_counts(), absent=ABSENT_CLASS_COUNT)
+        generic_loss = self.training_loss(data)
         head: RoDHead = model.head
         total, batches = 0.0, 0
         model.train()
@@ -156,22 +161,6 @@ class FedRoD(Algorithm):
         set_trainable(model, ())
         return ClientUpdate(total / batches, state_of(model, self.personal_parts))
 
-    def personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
-                    generator: torch.Generator) -> list[float]:
-        """FedRoD's own evaluation (accuracy before and after one more local round), or the common one."""
-        if self.settings.evaluation == "common":
-            return super().personalize(model, data, personal, generator)
-        load_state(model, personal)
-        accuracies = [evaluate(model, data)]
-        self.client_update(model, data, personal, self.final_lr(), generator)
-        accuracies.append(evaluate(model, data))
-        return accuracies
-
-    def personalization_unit(self) -> str:
-        return "round" if self.settings.evaluation == "own" else "epoch"
-
-    def personalization_note(self) -> str:
-        if self.settings.evaluation == "common":
-            return f"common protocol: {super().personalization_note()}"
+    def own_note(self) -> str:
         return (f"FedRoD's own: generic + personal logits after one local round ({self.config.local_epochs} epochs "
                 f"at the final lr {self.final_lr():g}), no fine-tuning")

@@ -37,9 +37,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedbabu.algorithms.base import Algorithm, PersonalState, refuse
+from fedbabu.algorithms.base import Algorithm, refuse
 from fedbabu.config import AlgorithmSettings, Config
-from fedbabu.training import ClientData, evaluate, load_state, sgd_epochs
 
 FEDNH_AUTHORS_TRAINING: dict[str, Any] = {
     "lr": 0.01, "lr_schedule": "exponential", "lr_decay": 0.99, "batch_size": 64, "momentum": 0.9,
@@ -100,23 +99,3 @@ class FedUH(Algorithm):
             raise refuse("model", f"{self.name} needs at least as many features as classes for orthogonal "
                                   f"prototypes; this body gives {head.in_features} for {head.out_features} classes")
         return PrototypeHead(head.in_features, head.out_features, self.settings.scale, generator)
-
-    def personalization_unit(self) -> str:
-        return "round" if self.settings.evaluation == "own" else "epoch"
-
-    def personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
-                    generator: torch.Generator) -> list[float]:
-        """``common``: fine-tuning; ``own``: accuracy before and after one more local round."""
-        if self.settings.evaluation == "common":
-            return super().personalize(model, data, personal, generator)
-        load_state(model, personal)
-        accuracies = [evaluate(model, data)]
-        sgd_epochs(model, data, self.trained_parts, self.local_training(self.final_lr()), generator)
-        accuracies.append(evaluate(model, data))
-        return accuracies
-
-    def personalization_note(self) -> str:
-        if self.settings.evaluation == "common":
-            return f"common protocol: {super().personalization_note()}"
-        return (f"{self.name}'s own: one local round ({self.config.local_epochs} epochs at the final lr "
-                f"{self.final_lr():g}), no fine-tuning")

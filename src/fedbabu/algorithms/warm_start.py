@@ -26,8 +26,7 @@ class WarmStart:
     owner: str
     field: str
     algorithm: str
-    same: ClassVar[tuple[str, ...]] = ("dataset", "num_clients", "partition", "shards_per_client", "dirichlet_alpha",
-                                       "samples_per_client", "seed")
+    same: ClassVar[tuple[str, ...]] = Config.keys_with_role("data")
     """Settings the two runs must share: they define the clients' data and the seeded initial model."""
 
     @property

@@ -9,8 +9,10 @@ It computes exactly what :func:`fedbabu.training.sgd_epochs` computes, client by
 same batches from each client's own generator, SGD with momentum and weight decay written out as
 ``torch.optim.SGD`` applies them, the same mean batch loss. Only the floating-point evaluation
 order inside the kernels differs, so results agree to rounding (tested in float64), not bit for bit.
-Algorithms whose client update is more than plain SGD on some parts (they override
-:meth:`~fedbabu.algorithms.base.Algorithm.client_update`) keep the sequential executor.
+Algorithms whose client update is more than plain SGD on some parts keep the sequential executor:
+those that override :meth:`~fedbabu.algorithms.base.Algorithm.client_update`, and those that keep
+the default round but change its objective (:meth:`~fedbabu.algorithms.base.Algorithm.training_loss`)
+or continue one optimizer from round to round (``keeps_momentum``).
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ Params = dict[str, torch.Tensor]
 
 
 def vectorizable(algorithm: Algorithm) -> bool:
-    """Whether the algorithm's round is plain SGD on its trained parts (the base class's update),
-    without gradient clipping, whose per-client norm the stacked step does not compute."""
-    return type(algorithm).client_update is Algorithm.client_update and algorithm.config.clip_grad_norm is None
+    """Whether the algorithm's round is plain SGD on its trained parts: the base class's update, on
+    cross-entropy, through a new optimizer, without gradient clipping. The stacked step computes no
+    other loss (the engine hands it none), no restored momentum and no per-client gradient norm."""
+    kind = type(algorithm)
+    return (kind.client_update is Algorithm.client_update and kind.training_loss is Algorithm.training_loss
+            and not algorithm.keeps_momentum and algorithm.config.clip_grad_norm is None)
 
 
 def choose_executor(requested: str, device: str, algorithm: Algorithm, model: nn.Module) -> str:
@@ -44,9 +49,9 @@ def choose_executor(requested: str, device: str, algorithm: Algorithm, model: nn
     if requested == "auto":
         return "vectorized" if device == "cuda" and vectorizable(algorithm) and not buffers else "sequential"
     if not vectorizable(algorithm):
-        raise UserError(f"executor: vectorized runs plain SGD client updates without clip_grad_norm only, and "
-                        f"{algorithm.name} with this config trains its clients otherwise; use executor=sequential "
-                        "(or auto)")
+        raise UserError(f"executor: vectorized runs plain SGD client updates only (cross-entropy, a new optimizer "
+                        f"every round, no clip_grad_norm), and {algorithm.name} with this config trains its clients "
+                        "otherwise; use executor=sequential (or auto)")
     if buffers:
         raise UserError(f"executor: vectorized needs a model without buffers, and this one has "
                         f"{', '.join(buffers)}; use executor=sequential (or auto)")
