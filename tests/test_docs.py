@@ -38,20 +38,26 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+def hinted_command(lines: list[str]) -> str:
+    """The hint's command as one line, its shell continuations joined."""
+    return " ".join(line.strip().removesuffix("\\").strip() for line in lines[1:])
+
+
 def test_hint_for_the_embedded_default_downloads_when_cifar10_is_absent(monkeypatch, tmp_path) -> None:
     _isolated(monkeypatch, tmp_path)
     lines = real_data_hint(None, load_config())
-    assert lines and lines[-1].strip() == f".venv/bin/{REAL_DATA_COMMAND} --download"
+    assert lines and hinted_command(lines) == f".venv/bin/{REAL_DATA_COMMAND} --download"
+    assert all(len(line) <= 76 for line in lines[1:]), "the command fits a terminal, continued with backslashes"
 
 
 def test_hint_runs_offline_where_cifar10_is_found(monkeypatch, tmp_path) -> None:
     _isolated(monkeypatch, tmp_path)
     (tmp_path / "cache" / "fedbabu" / "cifar-10-batches-py").mkdir(parents=True)
-    assert real_data_hint(None, load_config())[-1].strip() == f".venv/bin/{REAL_DATA_COMMAND}"
+    assert hinted_command(real_data_hint(None, load_config())) == f".venv/bin/{REAL_DATA_COMMAND}"
     given = tmp_path / "mine"
     (given / "cifar-10-batches-py").mkdir(parents=True)
     config = load_config(extra={"data_dir": str(given)})
-    assert real_data_hint(None, config)[-1].strip() == f".venv/bin/{REAL_DATA_COMMAND} --data-dir {given}"
+    assert hinted_command(real_data_hint(None, config)) == f".venv/bin/{REAL_DATA_COMMAND} --data-dir {given}"
 
 
 def test_no_hint_for_a_config_file_or_another_dataset(monkeypatch, tmp_path) -> None:
@@ -69,7 +75,10 @@ def test_make_run_prints_the_hint_and_a_config_file_does_not(tmp_path) -> None:
     default = subprocess.run([*base, "--out", str(tmp_path / "a"), *tiny], cwd=tmp_path, capture_output=True,
                              text=True, timeout=300, env=env)
     assert default.returncode == 0, default.stderr
-    assert f"{REAL_DATA_COMMAND} --download" in default.stdout
+    lines = default.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("These digits are too easy"))
+    command = [line for line in lines[start:] if line.startswith("  ")]
+    assert hinted_command(["", *command]) == f".venv/bin/{REAL_DATA_COMMAND} --download"
     with_file = subprocess.run([*base, "--out", str(tmp_path / "b"), "--config", str(ROOT / "configs" / "digits.yaml"),
                                 *tiny], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert with_file.returncode == 0, with_file.stderr

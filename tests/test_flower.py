@@ -149,6 +149,25 @@ def test_loopback_run_equals_the_simulator_bit_for_bit(tmp_path: Path) -> None:
     assert summary["flower"]["failures"] == []
 
 
+def test_loopback_run_with_dp_equals_the_simulator_bit_for_bit(tmp_path: Path) -> None:
+    """DP is written once (engine.round): the same clipped, noised model, epsilon and early stop in both engines."""
+    from fedbabu.engine import privacy
+
+    dp = ["dp.noise_multiplier=0.5", "dp.clipping_norm=0.5", "rounds=3", "eval_every=1"]
+    target = sum(privacy.epsilon(small_config(*dp), t) for t in (2, 3)) / 2
+    config = small_config(*dp, f"dp.target_epsilon={target!r}")
+    summary = run_on_grid(LoopbackGrid(3), config, tmp_path, min_nodes=3, timeout=60)
+    reference = simulator_run(config)
+    state = load_tensors(tmp_path / "model.pt")
+    for name, tensor in reference.final_state.items():
+        assert torch.equal(state[name], tensor), name
+    records = read_records(tmp_path)
+    assert_same_records(records, reference.metrics)
+    assert len(records) == 2 and records[-1]["epsilon"] == privacy.epsilon(config, 2) <= target
+    assert summary["privacy"]["epsilon"] == records[-1]["epsilon"]
+    assert "stopped after 2 of 3 rounds" in summary["privacy"]["stopped_early"]
+
+
 @pytest.mark.parametrize("personalize_clients", ["2", "1"])
 def test_sampled_evaluation_and_personalization_equal_the_simulators(personalize_clients: str,
                                                                      tmp_path: Path) -> None:

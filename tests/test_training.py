@@ -7,13 +7,8 @@ from conftest import small_config
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.engine.params import weighted_mean
-from fedbabu.engine.simulation import (
-    TRAIN_STREAM,
-    client_generator,
-    runtime_for,
-    sample_clients,
-    simulate,
-)
+from fedbabu.engine.round import sample_clients
+from fedbabu.engine.simulation import TRAIN_STREAM, client_generator, runtime_for, simulate
 from fedbabu.errors import UserError
 from fedbabu.models import build_model
 from fedbabu.runner import partition_for

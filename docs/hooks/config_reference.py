@@ -189,7 +189,7 @@ def _roles_legend(roles: dict[str, str]) -> list[str]:
 def reference() -> str:
     """The generated tables, as Markdown."""
     import fedbabu.algorithms  # noqa: F401  (registers every algorithm's settings)
-    from fedbabu.config import ROLES, Config, FinetuneConfig, registered_algorithms
+    from fedbabu.config import ROLES, Config, DpConfig, FinetuneConfig, registered_algorithms
 
     used: set[str] = set()
     lines = ["## Shared keys", "", "Every `Config` field, in the order of `fedbabu/config.py`, with its role: what "
@@ -200,6 +200,9 @@ def reference() -> str:
     lines += ["", "## `finetune.*`", "", FinetuneConfig.__doc__.strip() + " Every key has the role "
               f"*{Config.roles()['finetune']}*.", ""]
     lines += _table("finetune.", FinetuneConfig, used)
+    lines += ["", "## `dp.*`", "", " ".join(DpConfig.__doc__.split("\n\n")[0].split()) + " Every key has the role "
+              f"*{Config.roles()['dp']}*; what the guarantee covers is on [Privacy](privacy.md).", ""]
+    lines += _table("dp.", DpConfig, used)
     lines += ["", "## Each algorithm's own section", "",
               "A section named after the algorithm (`fedprox: {mu: 0.5}` in YAML, `--set fedprox.mu=0.5`, "
               "`fedprox:mu=0.5` as a `compare` entry). A run reads only its own algorithm's section. "

@@ -300,7 +300,7 @@ def _cmd_compare(args: argparse.Namespace, console: Console) -> None:
     print_results(console, title, comparison.rows)
     console.print(f"comparison: {comparison.folder / 'comparison.md'}")
     for line in real_data_hint(args.config, config):
-        console.print(line, soft_wrap=True, highlight=False)
+        console.print(line, highlight=False, markup=False)
 
 
 REAL_DATA_COMMAND = ("fedbabu reproduce cifar10-4convnet-offline --scale quick --seeds 0 "
@@ -331,7 +331,27 @@ def real_data_hint(config_file: Path | None, config: Config) -> list[str]:
     needs = " (downloads CIFAR-10, about 170 MB)" if option == " --download" else ""
     return ["These digits are too easy to show the paper (both score 99-100%). FedBABU's lead on real data, "
             f"CIFAR-10 at a quick scale (minutes){needs}:",
-            f"  .venv/bin/{REAL_DATA_COMMAND}{option}"]
+            *shell_lines(f".venv/bin/{REAL_DATA_COMMAND}{option}")]
+
+
+def shell_lines(command: str, width: int = 76) -> list[str]:
+    """A command as indented shell lines of at most ``width`` columns, continued with a backslash, an
+    option never parted from its value: it fits an 80-column terminal and still pastes as one command."""
+    words = command.split(" ")
+    pieces: list[str] = []
+    for word in words:
+        if pieces and pieces[-1].startswith("--") and " " not in pieces[-1] and not word.startswith("--"):
+            pieces[-1] += f" {word}"
+        else:
+            pieces.append(word)
+    lines, current = [], "  " + pieces[0]
+    for piece in pieces[1:]:
+        if len(current) + 1 + len(piece) + 2 > width:
+            lines.append(current + " \\")
+            current = "      " + piece
+        else:
+            current += f" {piece}"
+    return [*lines, current]
 
 
 def _cmd_reproduce(args: argparse.Namespace, console: Console) -> None:

@@ -153,6 +153,41 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(50, ge=1)
 
 
+class DpConfig(_Strict):
+    """User-level differential privacy of the shared parameters (DP-FedAvg), off by default.
+
+    With ``noise_multiplier > 0`` the server clips each accepted client's update of the shared
+    parameters to ``clipping_norm``, averages the clipped updates over the expected number of clients
+    per round, adds Gaussian noise and accounts the privacy spent (epsilon at ``delta``) round by round.
+    With ``noise_multiplier: 0`` the whole section is off, whatever its other keys say, and a run is
+    exactly one without it (so a study can sweep the noise multiplier down to 0 with one clipping norm).
+    """
+
+    noise_multiplier: float = Field(0.0, ge=0)
+    """z: the noise's standard deviation is ``z * clipping_norm / clients_per_round``; 0 turns DP off."""
+    clipping_norm: float | None = None
+    """C: the L2 norm (float64) every accepted client update of the shared parameters is clipped to; required
+    with noise."""
+    delta: float | None = Field(None, gt=0, lt=1)
+    """The delta of the reported (epsilon, delta); unset: 1 / num_clients**1.1, below 1/N as a user-level delta
+    must be."""
+    target_epsilon: float | None = Field(None, gt=0)
+    """Stop training, with one line, before the round that would take epsilon above this; the run then
+    personalizes and writes its folder as usual, and its summary says it stopped early."""
+
+    @field_validator("clipping_norm")
+    @classmethod
+    def _positive_norm(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError("expected an L2 norm > 0: clipping bounds each client's update, and a bound <= 0 "
+                             "leaves no update to average and no guarantee to state")
+        return value
+
+    def enabled(self) -> bool:
+        """Whether DP is on: a noise multiplier above 0."""
+        return self.noise_multiplier > 0
+
+
 class Config(_Strict):
     """A complete, validated experiment description; the defaults are the paper's CIFAR-100 setting.
 
@@ -220,6 +255,9 @@ class Config(_Strict):
     checkpoint_every: Annotated[int, TRAINING] = Field(10, ge=0)
     client_failure_rate: Annotated[float, TRAINING] = Field(0.0, ge=0, lt=1)
     max_update_norm: Annotated[float | None, TRAINING] = Field(1.0e4, gt=0)
+
+    dp: Annotated[DpConfig, TRAINING] = Field(default_factory=DpConfig)
+    """User-level differential privacy of the shared parameters (its keys below); off by default."""
 
     @classmethod
     def roles(cls) -> dict[str, str]:
@@ -305,6 +343,28 @@ class Config(_Strict):
             if bad:
                 raise ValueError(f"lr_milestones must be rounds >= 1, got {bad}")
         return self
+
+    @model_validator(mode="after")
+    def _dp_can_give_a_guarantee(self) -> Config:
+        """Refuse DP settings under which the stated (epsilon, delta) would not hold (one line each)."""
+        dp = self.dp
+        if not dp.enabled():
+            return self
+        if dp.clipping_norm is None:
+            raise ValueError(f"dp.noise_multiplier={dp.noise_multiplier:g} needs dp.clipping_norm: noise is calibrated "
+                             "to the clipping norm, and unclipped updates have no bound to calibrate it to")
+        if self.client_failure_rate > 0:
+            raise ValueError(f"client_failure_rate={self.client_failure_rate:g} with dp: the privacy accountant does "
+                             "not model client dropouts; set client_failure_rate=0 for a DP run")
+        if self.max_update_norm is not None and self.max_update_norm < dp.clipping_norm:
+            raise ValueError(f"max_update_norm={self.max_update_norm:g} is below dp.clipping_norm="
+                             f"{dp.clipping_norm:g}: with dp, updates are clipped, not screened by norm; lower "
+                             "dp.clipping_norm instead (or set max_update_norm=null)")
+        return self
+
+    def resolved_delta(self) -> float:
+        """The delta of the reported (epsilon, delta): ``dp.delta``, else ``1 / num_clients**1.1``."""
+        return self.dp.delta if self.dp.delta is not None else 1.0 / self.num_clients**1.1
 
     def settings_for(self, algorithm: str) -> AlgorithmSettings:
         """An algorithm's own settings: its section of this config, else its defaults."""
@@ -425,7 +485,8 @@ def _describe(err: ValidationError, prefix: str, known: list[str]) -> str:
 def _format_validation_error(err: ValidationError, source: str) -> str:
     catalog = _ALGORITHMS
     known = ([k for k in Config.model_fields if k != "settings"]
-             + [f"finetune.{k}" for k in FinetuneConfig.model_fields] + list(catalog)
+             + [f"finetune.{k}" for k in FinetuneConfig.model_fields] + [f"dp.{k}" for k in DpConfig.model_fields]
+             + list(catalog)
              + [f"{name}.{key}" for name, model in catalog.items() for key in _field_names(model)])
     return f"{source}: {_describe(err, '', known)}"
 

@@ -27,7 +27,9 @@ from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
 from fedbabu.engine import hardware
 from fedbabu.engine.checkpoint import CHECKPOINT, CONFIG, METRICS, load_checkpoint
+from fedbabu.engine.contract import keeps_client_state
 from fedbabu.engine.params import Layout, flatten_tensors
+from fedbabu.engine.privacy import rounds_to_run
 from fedbabu.engine.simulation import (
     Observer,
     Personal,
@@ -91,7 +93,7 @@ def load_trained_run(folder: Path) -> TrainedRun:
     except json.JSONDecodeError:
         raise UserError(f"{folder / 'summary.json'}: not valid JSON") from None
     personal: Mapping[int, Personal] = {}
-    if ALGORITHMS[config.algorithm](config).keeps_client_state():
+    if keeps_client_state(ALGORITHMS[config.algorithm](config)):
         if "flower" in summary:
             raise UserError(f"{folder}: a Flower run of {config.algorithm}, whose per-client parts stay on the "
                             "nodes; only Flower runs of algorithms without them can be personalized again here")
@@ -99,9 +101,9 @@ def load_trained_run(folder: Path) -> TrainedRun:
             raise UserError(f"{folder}: no {CHECKPOINT}; {config.algorithm} keeps per-client parts that only the "
                             "final checkpoint holds")
         checkpoint = load_checkpoint(folder / CHECKPOINT)
-        if checkpoint.rounds_done != config.rounds:
-            raise UserError(f"{folder / CHECKPOINT}: holds round {checkpoint.rounds_done} of {config.rounds}, not "
-                            "the end of the run")
+        if checkpoint.rounds_done != rounds_to_run(config):
+            raise UserError(f"{folder / CHECKPOINT}: holds round {checkpoint.rounds_done} of {rounds_to_run(config)}, "
+                            "not the end of the run")
         personal = checkpoint.personal
     return TrainedRun(folder, config, load_tensors(folder / "model.pt"), personal, read_metrics(folder / METRICS),
                       summary)

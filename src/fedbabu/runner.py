@@ -23,6 +23,7 @@ from fedbabu.data.datasets import Dataset, load_dataset
 from fedbabu.data.partition import Partition, make_partition
 from fedbabu.engine.checkpoint import CHECKPOINT, METRICS, TIMING, Checkpoint, Checkpointer, load_checkpoint
 from fedbabu.engine.faults import TrainingDiverged
+from fedbabu.engine.privacy import rounds_to_run
 from fedbabu.engine.simulation import ModelFactory, Observer, RunResult, config_model, preflight, simulate
 from fedbabu.errors import UserError
 from fedbabu.files import check_output_dir, prepare_output_dir
@@ -212,8 +213,8 @@ def _resume_locked(folder: Path, given: Config | None, observer: Observer | None
     if free:
         config = build_config({**config.to_plain(), **free}, "resume options")
         checkpoint.config = config
-    if checkpoint.rounds_done == config.rounds and (folder / "summary.json").exists():
-        raise UserError(f"{folder}: this run already finished all {config.rounds} rounds; nothing to resume")
+    if checkpoint.rounds_done == rounds_to_run(config) and (folder / "summary.json").exists():
+        raise UserError(f"{folder}: this run already finished all {checkpoint.rounds_done} rounds; nothing to resume")
     prepare_output_dir(folder, overwrite=True)
     dataset = prepare_data(config)
     partition = partition_for(config, dataset)

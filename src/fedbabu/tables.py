@@ -163,15 +163,19 @@ def print_results(console: Console, title: str, rows: Sequence[dict]) -> None:
         return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
     reference = rows[0].get("paired_against") if rows else None
+    private = any(r.get("epsilon") is not None for r in rows)
     columns = RESULT_COLUMNS if reference is None else (
         *RESULT_COLUMNS[:4], Column(f"vs {reference}\n(paired)", "number"), *RESULT_COLUMNS[4:])
+    if private:
+        columns = (*columns, Column("ε", "number"))
     table = []
     for r in rows:
         cells = [r["algorithm"], pct(r["initial_mean"], r["initial_std"]),
                  pct(r["personalized_mean"], r["personalized_std"]),
                  f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f}", f"{r['bytes_per_round_per_client']:,}",
                  f"{r['wall_time_s']:.1f}"]
-        table.append(cells if reference is None else [*cells[:4], paired_cell(r, counts=False), *cells[4:]])
+        cells = cells if reference is None else [*cells[:4], paired_cell(r, counts=False), *cells[4:]]
+        table.append([*cells, "no DP" if r.get("epsilon") is None else f"{r['epsilon']:.3g}"] if private else cells)
     print_table(console, title, columns, table)
 
 
@@ -182,4 +186,5 @@ def summary_row(summary: dict) -> dict:
             "personalized_mean": summary["personalized_accuracy"]["mean"],
             "personalized_std": summary["personalized_accuracy"]["std"],
             "bytes_per_round_per_client": summary["bytes_per_round_per_client"],
-            "wall_time_s": summary["wall_time_s"]}
+            "wall_time_s": summary["wall_time_s"],
+            "epsilon": summary["privacy"]["epsilon"] if summary.get("privacy") else None}

@@ -14,17 +14,20 @@ An algorithm says these things and nothing else:
 * how a client personalizes and is evaluated at the end (:meth:`Algorithm.personalize`, by default
   fine-tuning ``finetune.part``; an algorithm with an ``evaluation`` setting brings its own protocol,
   :meth:`Algorithm.own_personalize`, which that setting switches on);
-* what a client keeps across rounds besides its personal parts (:meth:`Algorithm.personal_shapes`,
-  by default nothing; local training keeps its optimizer's momentum);
+* whether a client keeps its optimizer's momentum across rounds besides its personal parts
+  (:attr:`Algorithm.keeps_momentum`; local training does);
 * which clients train in a round (:meth:`Algorithm.training_clients`, by default the sampled ones)
-  and where the initial global model comes from (:meth:`Algorithm.initialize`, by default the seed);
+  and whether the initial global model is another run's final one (:attr:`Algorithm.warm_start`,
+  LG-FedAvg's; by default the seed draws it);
 * what the server does after averaging (:meth:`Algorithm.server_update`, by default nothing), from
   the previous global state and the *sum* over the round's clients of the statistics each client
   returned (``ClientUpdate.statistics``: per-class feature sums and counts, say). Sums are all an
   engine has to move, in the simulator and over Flower alike.
 
 The engine owns sampling, scheduling, aggregation, processes and files; an algorithm never
-sees them, which is why the same class runs in the simulator and in the Flower app.
+sees them, which is why the same class runs in the simulator and in the Flower app. What the
+engines derive from these declarations, the same for every algorithm (the initial model, the
+tensors a client may keep, evaluation during training), is :mod:`fedbabu.engine.contract`'s.
 """
 
 from __future__ import annotations
@@ -39,9 +42,7 @@ from torch import nn
 from fedbabu.algorithms.warm_start import WarmStart
 from fedbabu.config import AlgorithmSettings, Config
 from fedbabu.errors import UserError
-from fedbabu.models import in_parts
 from fedbabu.training import (
-    OPTIMIZER_STATE,
     ClientData,
     LocalTraining,
     Loss,
@@ -105,25 +106,6 @@ class Algorithm:
     def check_config(self, config: Config) -> None:
         """Refuse settings under which the algorithm cannot work (raise :class:`UserError`)."""
 
-    @classmethod
-    def versions(cls) -> dict[str, int]:
-        """The training and evaluation versions a run of this build records (see :attr:`training_version`)."""
-        return {"training": cls.training_version, "evaluation": cls.evaluation_version}
-
-    def keeps_client_state(self) -> bool:
-        """Whether clients carry anything from round to round (personal parts or optimizer momentum),
-        which only the run's checkpoint then holds."""
-        return bool(self.personal_parts) or (self.keeps_momentum and self.config.momentum > 0)
-
-    def initialize(self, model: nn.Module) -> None:
-        """Set the initial global model in place: the seeded one, or the warm start's final model.
-
-        Called where the initial model is built, so a warm start that cannot serve refuses the run
-        before any folder is touched; reports and rebuilt summaries never read it.
-        """
-        if self.warm_start is not None:
-            self.warm_start.load(model, self.config, self.settings)
-
     def make_head(self, head: nn.Linear, generator: torch.Generator) -> nn.Module:
         """The head of this algorithm's model, given the model's seeded linear classifier.
 
@@ -144,19 +126,6 @@ class Algorithm:
         By default the average is the new state.
         """
         return aggregated
-
-    def personal_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        """Every tensor a client keeps across rounds, with its shape, given the model's parameter shapes.
-
-        Its personal parts and, where it keeps its optimizer (:attr:`keeps_momentum`, with momentum on),
-        a momentum buffer per trained parameter. The engine refuses an update whose personal state
-        holds anything else, so a client cannot smuggle other tensors into the next round.
-        """
-        kept = {name: shape for name, shape in shapes.items() if in_parts(name, self.personal_parts)}
-        if self.keeps_momentum and self.config.momentum > 0:
-            kept |= {OPTIMIZER_STATE + name: shape for name, shape in shapes.items()
-                     if in_parts(name, self.trained_parts)}
-        return kept
 
     def training_clients(self, sampled: list[int], num_clients: int) -> list[int]:
         """The clients that train in a round, given the round's sample: by default exactly the sampled ones.
@@ -210,11 +179,6 @@ class Algorithm:
                           loss=self.training_loss(data))
         kept = state_of(model, self.personal_parts)
         return ClientUpdate(loss, kept if optimizer is None else kept | momentum_of(model, optimizer))
-
-    def evaluate_client(self, model: nn.Module, data: ClientData, personal: PersonalState) -> float:
-        """Accuracy the client sees from the current global model (with its personal parts, if any)."""
-        load_state(model, personal)
-        return evaluate(model, data)
 
     def evaluates_own(self) -> bool:
         """Whether :meth:`personalize` runs the algorithm's own protocol, which its ``evaluation`` setting
@@ -286,10 +250,6 @@ class Algorithm:
         return (f"{self.name}'s own: one local round ({self.config.local_epochs} epochs at the final lr "
                 f"{self.final_lr():g}), no fine-tuning")
 
-    def describe(self) -> str:
-        return (f"{self.name}: trains {'+'.join(self.trained_parts) or 'nothing'}, aggregates "
-                f"{'+'.join(self.shared_parts) or 'nothing'}, keeps {'+'.join(self.personal_parts) or 'nothing'} "
-                f"per client")
 
 
 def recorded_versions(summary: Mapping[str, object]) -> dict[str, int]:

@@ -35,7 +35,3 @@ class FedPer(Algorithm):
         if not config.settings_for(self.name).keep_head:
             self.personal_parts = ()
         super().__init__(config)
-
-    def describe(self) -> str:
-        kept = "" if self.settings.keep_head else " (its trained head discarded each round)"
-        return super().describe() + kept

@@ -8,7 +8,9 @@ pool and the Flower strategy) call these functions rather than repeating them:
    round), so every engine trains the same clients in the same round.
 2. :func:`finish_round`: screen the replies, average the accepted ones in client order (so the
    result never depends on which reply arrived first), let the algorithm's server step act on the
-   average, stop a diverged run, and return the round's :class:`RoundRecord`.
+   average, stop a diverged run, and return the round's :class:`RoundRecord`. With ``dp`` on, the
+   average is :mod:`fedbabu.engine.privacy`'s noisy mean of clipped updates instead, and the record
+   carries the epsilon spent so far.
 
 Where the clients run, how their replies travel and how long it took are the engines' business;
 what a round *is* lives here.
@@ -27,7 +29,7 @@ from torch import nn
 
 from fedbabu.algorithms.base import Algorithm
 from fedbabu.config import Config
-from fedbabu.engine import faults
+from fedbabu.engine import faults, privacy
 from fedbabu.engine.params import Layout, apply_server_update, flatten, weighted_mean
 
 SAMPLER_STREAM, DROPOUT_STREAM = 0x5A3, 0xD20
@@ -142,6 +144,8 @@ class RoundRecord:
     """Replies that screening refused (non-finite, wrong shape, over ``max_update_norm``, malformed)."""
     test_accuracy: float | None = None
     """Mean accuracy of the global model over the evaluated clients, on evaluation rounds."""
+    epsilon: float | None = None
+    """With ``dp`` on: the epsilon spent after this round, at the run's delta (``engine.privacy``)."""
     seconds: float | None = None
     utilization: float | None = None
     """Simulator: the share of the workers' time spent in client tasks during the round."""
@@ -175,16 +179,23 @@ def finish_round(plan: RoundPlan, replies: Sequence[ClientReply], server: Server
     """
     replies = sorted(replies, key=lambda reply: reply.client)
     reference = server.shared().numpy()
+    private = privacy.enabled(config)
+    # with dp, clipping bounds every update instead of the norm screen (config refuses a screen below the clip)
     screened = faults.screen_round(plan.number, [r.client for r in replies], [r.shared for r in replies],
                                    [r.personal for r in replies], reference, personal_shapes,
-                                   config.max_update_norm)
+                                   None if private else config.max_update_norm)
     screening = faults.Screening(screened.accepted, {**(malformed or {}), **screened.rejected})
     accepted = [replies[i] for i in screening.accepted]
     weights = [r.num_examples for r in accepted]
-    if bool(server.shared_mask.any()) and accepted:
+    if bool(server.shared_mask.any()) and (accepted or private):
         previous = server.shared().clone()
-        server.global_vector[server.shared_mask] = weighted_mean([torch.from_numpy(r.shared) for r in accepted],
-                                                                 weights)
+        if private:
+            step = privacy.private_mean_update(config, plan.index, [r.shared for r in accepted], reference)
+            server.global_vector[server.shared_mask] = torch.from_numpy(
+                reference.astype(np.float64) + step).to(server.global_vector.dtype)
+        else:
+            server.global_vector[server.shared_mask] = weighted_mean(
+                [torch.from_numpy(r.shared) for r in accepted], weights)
         apply_server_update(algorithm, server.layout, server.global_vector, previous,
                             [dict(r.statistics) for r in accepted])
     losses = [r.loss for r in accepted]
@@ -192,9 +203,10 @@ def finish_round(plan: RoundPlan, replies: Sequence[ClientReply], server: Server
         round=plan.number, lr=plan.lr,
         train_loss=float(np.average(losses, weights=weights)) if losses else math.nan,
         clients=list(plan.sampled), dropped=len(plan.dropped), failed=sorted(failed),
-        rejected=len(screening.rejected))
+        rejected=len(screening.rejected),
+        epsilon=privacy.epsilon(config, plan.number) if private else None)
     faults.check_divergence(plan.number, screening, bool(torch.isfinite(server.global_vector).all()),
                             record.train_loss)
     if not accepted:
-        faults.report_empty_round(plan.number)
+        (privacy.report_empty_round if private else faults.report_empty_round)(plan.number)
     return RoundOutcome(record, accepted, screening.rejected)

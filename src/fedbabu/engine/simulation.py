@@ -24,8 +24,9 @@ from fedbabu.config import Config
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
 from fedbabu.data.transforms import Normalizer
-from fedbabu.engine import hardware
+from fedbabu.engine import hardware, privacy
 from fedbabu.engine.checkpoint import Checkpointer
+from fedbabu.engine.contract import evaluate_client, personal_shapes, start_global_model
 from fedbabu.engine.params import Layout, flatten, flatten_tensors, load_flat
 from fedbabu.engine.personal import Personal, PersonalStore
 from fedbabu.engine.pool import ClientPool
@@ -204,7 +205,7 @@ class EvalTask:
 
     def __call__(self, worker: Worker) -> float:
         fed = worker.federation
-        return fed.algorithm.evaluate_client(worker.model(), fed.client_data(self.client), _to_torch(self.personal))
+        return evaluate_client(fed.algorithm, worker.model(), fed.client_data(self.client), _to_torch(self.personal))
 
 
 @dataclass(frozen=True)
@@ -290,10 +291,11 @@ def preflight(config: Config, dataset: Dataset, model_factory: ModelFactory = co
     personalized again does not need.
     """
     algorithm = ALGORITHMS[config.algorithm](config)
+    privacy.check_algorithm(algorithm)
     runtime = runtime_for(config)
     template = network(config, dataset, model_factory, algorithm)
     if initial:
-        algorithm.initialize(template)
+        start_global_model(algorithm, template)
     vectorized = choose_executor(config.executor, runtime.device, algorithm, template) == "vectorized"
     return algorithm, runtime, template, vectorized
 
@@ -321,25 +323,26 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     # a resumed run reports its whole time: the restored records carry their rounds' seconds
     seconds_before = sum(m.get("seconds", 0.0) for m in metrics)
     layout = server.layout
-    personal_shapes = algorithm.personal_shapes(dict(zip(layout.names, layout.shapes, strict=True)))
+    kept_shapes = personal_shapes(algorithm, dict(zip(layout.names, layout.shapes, strict=True)))
     observer.on_start(config, partition, algorithm)
     hardware.warn_if_bf16_is_emulated(runtime)
     evaluated = seeded_clients(config.seed, partition.num_clients, config.eval_clients)
     personalized = personalized_clients(config, partition.num_clients)
+    last_round = privacy.rounds_to_run(config)  # fewer than rounds where dp.target_epsilon stops the run
     with ClientPool(functools.partial(_run_task, worker), config.resolved_workers()) as pool:
-        for round_index in range(start_round, config.rounds):
+        for round_index in range(start_round, last_round):
             tick, busy_before = time.perf_counter(), pool.busy_seconds
             plan = plan_round(config, algorithm, round_index, partition.num_clients)
             if vectorized:
                 replies = _train_vectorized(worker, plan.training, round_index, plan.lr, personal)
             else:
                 replies = pool.map([TrainTask(c, round_index, plan.lr, personal.get(c)) for c in plan.training])
-            outcome = finish_round(plan, replies, server, algorithm, config, personal_shapes)
+            outcome = finish_round(plan, replies, server, algorithm, config, kept_shapes)
             for reply in outcome.accepted:
                 if reply.personal:
                     personal[reply.client] = dict(reply.personal)
             record = outcome.record
-            if config.eval_every and (plan.number % config.eval_every == 0 or plan.number == config.rounds):
+            if config.eval_every and (plan.number % config.eval_every == 0 or plan.number == last_round):
                 accuracies = list(_map_in_chunks(pool, evaluated, lambda c: EvalTask(c, personal.get(c))))
                 record.test_accuracy = float(np.nanmean(accuracies))
             elapsed = time.perf_counter() - tick
@@ -350,6 +353,10 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
             observer.on_round(metrics[-1])
             if checkpoints:
                 checkpoints.after_round(plan.number, server.global_vector, personal, metrics)
+        if last_round < config.rounds:
+            privacy.announce_stop(config, last_round)
+            if checkpoints and checkpoints.saved_round != last_round:
+                checkpoints.save(last_round, server.global_vector, personal, metrics)
         observer.on_personalize_start(len(personalized))
         curves = _personalize_all(pool, personal, personalized, observer)
     clients = client_records(partition, curves, personalized)

@@ -32,6 +32,7 @@ from fedbabu.algorithms import ALGORITHMS, Algorithm
 from fedbabu.config import Config
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
+from fedbabu.engine.contract import evaluate_client, start_global_model
 from fedbabu.engine.pool import tune_process
 from fedbabu.engine.simulation import (
     TRAIN_STREAM,
@@ -152,7 +153,7 @@ def client_for(message: Message, context: Context) -> Client:
     data = ClientData(share, np.arange(share.train_y.shape[0]), np.arange(share.test_y.shape[0]), runtime)
     model = client_model(config, share, runtime)
     algorithm = ALGORITHMS[config.algorithm](config)
-    algorithm.initialize(model)  # the server's initial model: the parts that never travel start from it too
+    start_global_model(algorithm, model)  # the server's initial model: the parts that never travel start from it too
     if ARRAYS in message.content.array_records:
         load_state(model, to_state(message.content.array_records[ARRAYS]))
     return Client(config, client, data, algorithm, model)
@@ -217,7 +218,7 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Accuracy of the current global model (with this client's personal parts) on its test set."""
     c = client_for(message, context)
-    accuracy = c.algorithm.evaluate_client(c.model, c.data, personal_state(context))
+    accuracy = evaluate_client(c.algorithm, c.model, c.data, personal_state(context))
     return _reply(message, c, {NUM_EXAMPLES: c.data.num_test, "accuracy": accuracy})
 
 

@@ -42,7 +42,8 @@ from torch import nn
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, load_config
-from fedbabu.engine import faults
+from fedbabu.engine import faults, privacy
+from fedbabu.engine.contract import describe, start_global_model
 from fedbabu.engine.round import ClientReply, RoundPlan, RoundRecord, ServerState, finish_round, plan_round
 from fedbabu.engine.simulation import RunResult, client_records, network, personalized_clients, seeded_clients
 from fedbabu.errors import UserError
@@ -81,10 +82,13 @@ class AlgorithmStrategy(Strategy):
                  out: Path | None = None) -> None:
         self.config = config
         self.algorithm = ALGORITHMS[config.algorithm](config)
+        privacy.check_algorithm(self.algorithm)
+        self.rounds = privacy.rounds_to_run(config)
+        """The rounds to train: ``config.rounds``, or fewer where ``dp.target_epsilon`` stops the run."""
         self.min_available_nodes = min_nodes
         self.timeout = timeout
         self.out = out
-        self.algorithm.initialize(template)
+        start_global_model(self.algorithm, template)
         self.server = ServerState.of(self.algorithm, template)
         layout = self.server.layout
         self.shared = layout.names_of(self.algorithm.shared_parts)
@@ -115,7 +119,7 @@ class AlgorithmStrategy(Strategy):
 
     def summary(self) -> None:
         """Log what the strategy runs: the algorithm and its parts, the federation, the waiting rules."""
-        log(INFO, "\t├── %s", self.algorithm.describe())
+        log(INFO, "\t├── %s", describe(self.algorithm))
         log(INFO, "\t├── %d clients, f = %g, %d rounds, seed %d", self.config.num_clients,
             self.config.client_fraction, self.config.rounds, self.config.seed)
         log(INFO, "\t└── waits for %d nodes, %g s a round", self.min_available_nodes, self.timeout)
@@ -272,7 +276,7 @@ class AlgorithmStrategy(Strategy):
         record.bytes_up = sum(m.content[ARRAYS].count_bytes() for m in valid if ARRAYS in m.content.array_records)
         self.bytes_down += record.bytes_down
         self.bytes_up += record.bytes_up
-        if not outcome.accepted:
+        if not outcome.accepted and not privacy.enabled(self.config):  # a dp round adds its noise all the same
             return None, None
         return self._arrays(), MetricRecord({"train-loss": record.train_loss, "clients": len(outcome.accepted)})
 
@@ -298,7 +302,7 @@ class AlgorithmStrategy(Strategy):
 
     def _evaluates(self, server_round: int) -> bool:
         every = self.config.eval_every
-        if server_round == self.config.rounds:
+        if server_round == self.rounds:
             return bool(every) and not self.final_test_from_personalization
         return bool(every) and server_round % every == 0
 
@@ -392,8 +396,10 @@ def _run_in(folder: Path, grid: Grid, config: Config, min_nodes: int, timeout: f
     partition = partition_for(config, dataset)
     template = network(config, dataset)
     strategy = AlgorithmStrategy(config, template, min_nodes, timeout, folder)
-    log(INFO, "fedbabu: %s; %s", strategy.algorithm.describe(), partition.summary())
-    strategy.start(grid, strategy.initial_arrays(), num_rounds=config.rounds, timeout=timeout)
+    log(INFO, "fedbabu: %s; %s", describe(strategy.algorithm), partition.summary())
+    strategy.start(grid, strategy.initial_arrays(), num_rounds=strategy.rounds, timeout=timeout)
+    if strategy.rounds < config.rounds:
+        privacy.announce_stop(config, strategy.rounds)
     curves = strategy.personalize(grid)
     clients = client_records(partition, curves, strategy.personalized)
     result = RunResult(config=config, partition=partition, metrics=strategy.metrics, clients=clients,

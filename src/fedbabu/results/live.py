@@ -14,7 +14,7 @@ from fedbabu.errors import UserError
 
 SCALARS = {"train_loss": "train/loss", "lr": "train/lr", "test_accuracy": "global/test_accuracy",
            "rejected": "faults/rejected_updates", "dropped": "faults/dropped_clients", "seconds": "time/round_seconds",
-           "utilization": "time/worker_utilization"}
+           "utilization": "time/worker_utilization", "epsilon": "privacy/epsilon"}
 """Round-record keys logged to TensorBoard, and their tags."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from fedbabu.config import Config, build_config, read_yaml
 from fedbabu.engine.checkpoint import CONFIG, METRICS
+from fedbabu.engine.privacy import rounds_to_run
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_text
 from fedbabu.results.report import run_report, write_plots
@@ -84,7 +85,8 @@ def rebuild_run(folder: Path) -> dict[str, str]:
     config = build_config(read_yaml(folder / CONFIG), str(folder / CONFIG))
     metrics = read_metrics(folder / METRICS)
     summary = None
-    if (folder / "summary.json").exists() and (folder / "clients.csv").exists() and len(metrics) == config.rounds:
+    finished = len(metrics) == rounds_to_run(config)  # all rounds, or those a dp.target_epsilon allowed
+    if (folder / "summary.json").exists() and (folder / "clients.csv").exists() and finished:
         try:
             summary = json.loads((folder / "summary.json").read_text())
         except json.JSONDecodeError:

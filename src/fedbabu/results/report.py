@@ -13,8 +13,9 @@ import torch
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.base import PERSONALIZATION_PROTOCOL
 from fedbabu.config import Config, dump_config
-from fedbabu.engine import hardware
+from fedbabu.engine import hardware, privacy
 from fedbabu.engine.checkpoint import METRICS, TIMING, metrics_line, timing_line
+from fedbabu.engine.contract import versions
 from fedbabu.engine.simulation import RunResult, seeded_clients
 from fedbabu.files import atomic_write_text, save_tensors, write_csv, write_json
 from fedbabu.results.paired import PairedDifference, paired_cell, paired_difference, paired_reference
@@ -39,6 +40,27 @@ class Environment(TypedDict):
     device: str
     precision: str
     cpu_kernels: dict[str, str] | None
+
+
+class PrivacySummary(TypedDict):
+    """``summary.json``'s ``privacy`` (a DP run only): what was spent, and how it was accounted (``engine.privacy``)."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    clients_per_round: int
+    """m, the divisor of the private mean: the clients sampled per round."""
+    noise_std: float
+    """The standard deviation of the noise on the mean update, ``noise_multiplier * clipping_norm / m``."""
+    delta: float
+    epsilon: float
+    """Epsilon at ``delta`` after ``rounds`` rounds, for the shared parameters of every global model."""
+    target_epsilon: float | None
+    rounds: int
+    """The rounds trained: fewer than configured where ``stopped_early`` says why."""
+    stopped_early: str | None
+    accountant: str
+    sampling: str
+    protects: str
 
 
 class RunSummary(TypedDict, total=False):
@@ -75,6 +97,8 @@ class RunSummary(TypedDict, total=False):
     bytes_per_round_per_client: int
     wall_time_s: float
     environment: Environment
+    privacy: PrivacySummary
+    """A DP run only (``dp.noise_multiplier > 0``)."""
     flower: dict[str, Any]
     personalized_from: str
     personalization_wall_time_s: float
@@ -92,7 +116,7 @@ def summarize(result: RunResult) -> RunSummary:
     evaluated = [m for m in result.metrics if "test_accuracy" in m]
     algorithm = ALGORITHMS[c.algorithm](c)
     device = c.resolved_device()
-    return {
+    summary: RunSummary = {
         "algorithm": c.algorithm,
         "dataset": c.dataset,
         "model": c.resolved_model(),
@@ -109,7 +133,7 @@ def summarize(result: RunResult) -> RunSummary:
         "personalization": algorithm.personalization_note(),
         "personalization_unit": algorithm.personalization_unit(),
         "personalization_protocol": PERSONALIZATION_PROTOCOL,
-        "algorithm_version": algorithm.versions(),
+        "algorithm_version": versions(algorithm),
         "personal_parts": list(algorithm.personal_parts),
         "final_global_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
         "never_sampled_clients": never_sampled(result.metrics, c.num_clients),
@@ -126,6 +150,10 @@ def summarize(result: RunResult) -> RunSummary:
             "cpu_kernels": hardware.cpu_kernels() if device == "cpu" else None,
         },
     }
+    spent = privacy.summary(c, len(result.metrics))
+    if spent is not None:
+        summary["privacy"] = spent
+    return summary
 
 
 def never_sampled(metrics: list[dict[str, Any]], num_clients: int) -> int:
@@ -226,6 +254,7 @@ def run_report(summary: dict[str, Any], has_rounds: bool = True, note: str = "")
         f"(down + up). Wall time: {summary['wall_time_s']:.1f} s.",
         "",
     ]
+    lines += _privacy_note(summary)
     lines += _sample_notes(summary)
     lines += _never_sampled_note(summary)
     if note:
@@ -234,6 +263,21 @@ def run_report(summary: dict[str, Any], has_rounds: bool = True, note: str = "")
         lines += ["![rounds](rounds.png)", ""]
     lines += ["![clients](clients.png)", "", "![fine-tuning](finetune.png)", ""]
     return "\n".join(lines)
+
+
+def _privacy_note(summary: dict[str, Any]) -> list[str]:
+    """A DP run's guarantee, in the words of ``docs/privacy.md``, and why it stopped early if it did."""
+    spent = summary.get("privacy")
+    if not spent:
+        return []
+    lines = [f"Differential privacy: (ε = {spent['epsilon']:.3g}, δ = {spent['delta']:.3g}) user-level, for the shared "
+             f"parameters of every global model, after {spent['rounds']} rounds (noise multiplier "
+             f"{spent['noise_multiplier']:g}, clipping norm {spent['clipping_norm']:g}, {spent['clients_per_round']} "
+             f"clients per round; {spent['accountant']}, {spent['sampling']}). Not covered: the metrics clients "
+             "report (losses, accuracies, sample counts), nor updates as the server receives them.", ""]
+    if spent.get("stopped_early"):
+        lines += [f"Stopped early: {spent['stopped_early']}.", ""]
+    return lines
 
 
 def _sample_notes(summary: dict[str, Any]) -> list[str]:
@@ -310,8 +354,20 @@ def comparison_rows(summaries: dict[str, list[dict[str, Any]]],
             "personalization_unit": runs[0]["personalization_unit"],
             "paired_against": reference,
             **_paired_fields(pair),
+            "epsilon": _epsilon(runs),
         })
     return rows
+
+
+def _epsilon(runs: list[dict[str, Any]]) -> float | None:
+    """An entry's epsilon (the largest over its seeds), or None when it ran without DP."""
+    spent = [r["privacy"]["epsilon"] for r in runs if r.get("privacy")]
+    return max(spent) if spent else None
+
+
+def has_privacy(rows: list[dict[str, Any]]) -> bool:
+    """Whether any entry of a comparison ran with DP: then its tables get an epsilon column."""
+    return any(r.get("epsilon") is not None for r in rows)
 
 
 COMPARISON_HEADER = ["algorithm", "initial_mean", "initial_std", "personalized_mean", "personalized_std",
@@ -321,8 +377,8 @@ COMPARISON_HEADER = ["algorithm", "initial_mean", "initial_std", "personalized_m
 
 def write_comparison(rows: list[dict[str, Any]], curves: dict[str, list[np.ndarray]], folder: Path,
                      title: str) -> None:
-    write_csv(folder / "comparison.csv", COMPARISON_HEADER,
-              [[_csv_value(r[k]) for k in COMPARISON_HEADER] for r in rows])
+    header = [*COMPARISON_HEADER, "epsilon"] if has_privacy(rows) else COMPARISON_HEADER
+    write_csv(folder / "comparison.csv", header, [[_csv_value(r.get(k)) for k in header] for r in rows])
     plot_comparison(rows, folder / "comparison.png", title)
     units = sorted({r["personalization_unit"] for r in rows})
     plot_finetune_curves({a: np.concatenate(c, axis=0) for a, c in curves.items()}, folder / "finetune.png",
@@ -344,8 +400,15 @@ def _seed_bracket(spread: float) -> str:
     return "" if math.isnan(spread) else f" [{100 * spread:.2f}]"
 
 
+def epsilon_cell(row: dict[str, Any]) -> str:
+    """An entry's epsilon in a table: three significant digits, or "no DP"."""
+    value = row.get("epsilon")
+    return "no DP" if value is None else f"{value:.3g}"
+
+
 def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
     reference = rows[0].get("paired_against", "") if rows else ""
+    private = has_privacy(rows)
     lines = [
         f"# {title}",
         "",
@@ -356,11 +419,13 @@ def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
         "before personalization. Bytes = down + up per participating client per round. Wall time summed "
         f"over seeds. Paired: personalized accuracy minus {reference}'s on the same client (same test set), "
         "mean ± the standard error of that mean over the clients of all seeds, and on how many clients "
-        "the algorithm is higher, lower or tied.",
+        "the algorithm is higher, lower or tied." + (" ε: the user-level epsilon of the shared parameters (at each "
+                                                       "run's delta, see summary.json's privacy), largest over "
+                                                       "seeds." if private else ""),
         "",
         f"| algorithm | initial | personalized | gain | paired vs {reference} | bytes/round/client | wall time (s) "
-        "| personalization |",
-        "|---|---|---|---|---|---|---|---|",
+        "| personalization |" + (" ε |" if private else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if private else ""),
     ]
     for r in rows:
         lines.append(
@@ -370,7 +435,7 @@ def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
             f"{_seed_bracket(r['personalized_seed_std'])} | "
             f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f} | {paired_cell(r)} | "
             f"{r['bytes_per_round_per_client']:,} | "
-            f"{r['wall_time_s']:.1f} | {r['personalization']} |"
+            f"{r['wall_time_s']:.1f} | {r['personalization']} |" + (f" {epsilon_cell(r)} |" if private else "")
         )
     lines += ["", "![comparison](comparison.png)", "", "![personalization curves](finetune.png)", ""]
     return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""User-level differential privacy of the shared parameters (DP-FedAvg, McMahan et al., 2018).
+
+With ``dp.noise_multiplier`` z > 0, the server's round (:func:`fedbabu.engine.round.finish_round`, so
+both engines) turns each accepted client's reply into its *update* of the shared parameters (its
+shared vector minus the global one it started from), clips it to L2 norm C = ``dp.clipping_norm``
+(:func:`clip`), averages the clipped updates uniformly over the expected number of clients per round
+m = ``max(1, floor(f * N))`` (not over the replies, not by sample counts), adds Gaussian noise of
+standard deviation ``z * C / m`` (:func:`noise`, drawn from a stream seeded by (seed, round) alone) and
+adds the result to the previous global vector.
+
+Accounting (:func:`epsilon`) uses Google's ``dp-accounting`` RDP accountant with the event that
+matches the sampling the engine does: m of the N clients drawn uniformly *without replacement*
+each round (``SampledWithoutReplacementDpEvent``), a Gaussian mechanism, composed over the rounds.
+That analysis (Wang, Balle and Kasiviswanathan, 2019) is for the *replace-one* neighbouring
+relation (two federations of N clients that differ in one client's data; N is public), under
+which the clipped sum has L2 sensitivity 2C: the accountant's Gaussian therefore has noise
+multiplier z / 2. Epsilon is a pure function of (N, m, z, delta, rounds), so a resumed run needs
+no accountant state beyond the rounds done.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fedbabu.algorithms.base import Algorithm
+from fedbabu.config import Config
+from fedbabu.errors import UserError
+
+log = logging.getLogger("fedbabu")
+
+NOISE_STREAM = 0xD9C
+"""The stream of the server's Gaussian noise, with (seed, round): independent of workers, engine and resume."""
+
+ACCOUNTANT = "rdp (dp-accounting)"
+SAMPLING = "fixed-size sampling without replacement (m of N clients per round), replace-one neighbours"
+
+
+def enabled(config: Config) -> bool:
+    """Whether the run is differentially private (``dp.noise_multiplier > 0``)."""
+    return config.dp.enabled()
+
+
+def expected_clients(config: Config) -> int:
+    """m: the clients sampled each round, ``max(1, floor(f * N))``: the divisor of the private mean."""
+    return max(1, int(config.client_fraction * config.num_clients))
+
+
+def noise_std(config: Config) -> float:
+    """The standard deviation of the noise added to the mean update: ``z * C / m``."""
+    return config.dp.noise_multiplier * float(config.dp.clipping_norm) / expected_clients(config)
+
+
+def check_algorithm(algorithm: Algorithm) -> None:
+    """Refuse, in one line, an algorithm under which the stated guarantee would not hold.
+
+    The analysis covers a server whose new shared parameters are the previous ones plus the noisy
+    mean of clipped updates of the sampled clients, and nothing else a client sent.
+    """
+    config = algorithm.config
+    if not enabled(config):
+        return
+    name = config.algorithm
+    if not algorithm.shared_parts:
+        raise UserError(f"dp: {name} shares no parameters (its clients train alone), so there is nothing to "
+                        "privatize; use an algorithm that shares a part")
+    if type(algorithm).training_clients is not Algorithm.training_clients:
+        raise UserError(f"dp: {name} chooses which clients train itself, not by the round's sample, which the "
+                        "accountant assumes; DP is not available for it")
+    if type(algorithm).server_update is not Algorithm.server_update:
+        raise UserError(f"dp: {name}'s server step reads client statistics that are neither clipped nor noised, "
+                        "so the guarantee would not hold; DP is available for algorithms whose server averages")
+    if algorithm.warm_start is not None:
+        raise UserError(f"dp: {name} starts from another run's model, whose privacy cost this run's accountant "
+                        "does not count; DP is not available for it")
+
+
+def clip(update: np.ndarray, norm: float) -> np.ndarray:
+    """``update`` (float64) scaled down to L2 norm at most ``norm``; unchanged when it is within it."""
+    length = math.sqrt(float(np.dot(update, update)))
+    return update if length <= norm else update * (norm / length)
+
+
+def noise(config: Config, round_index: int, size: int) -> np.ndarray:
+    """The round's Gaussian noise on the mean update (float64, std :func:`noise_std`), seeded by (seed, round)."""
+    from fedbabu.engine.round import stream_seed
+
+    rng = np.random.default_rng(stream_seed(config.seed, round_index, 0, NOISE_STREAM))
+    return rng.standard_normal(size) * noise_std(config)
+
+
+def private_mean_update(config: Config, round_index: int, shared: Sequence[np.ndarray],
+                        reference: np.ndarray) -> np.ndarray:
+    """The noisy mean of the clipped updates (float64): what DP adds to the previous shared parameters.
+
+    ``shared`` are the accepted clients' shared vectors in client order, ``reference`` the global
+    shared vector they started from. The clipped updates are summed in that order and divided by
+    the expected number of clients (a round with fewer replies still divides by m, and a round with
+    none still adds the noise), so the result never depends on which reply arrived first.
+    """
+    bound = float(config.dp.clipping_norm)
+    total = np.zeros(reference.shape, dtype=np.float64)
+    for vector in shared:
+        total += clip(np.subtract(vector, reference, dtype=np.float64), bound)
+    return total / expected_clients(config) + noise(config, round_index, reference.size)
+
+
+def report_empty_round(round_number: int) -> None:
+    """A DP round without accepted updates still releases noise: say so instead of "the model is kept"."""
+    log.warning("round %d: no client update arrived or was accepted; with dp the round's noise is still added",
+                round_number)
+
+
+# --- accounting -------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _round_rdp(num_clients: int, sample: int, noise_multiplier: float) -> tuple[np.ndarray, np.ndarray]:
+    """(orders, RDP of one round): computed once per setting (a fraction of a second), then scaled by rounds.
+
+    One round is m of N without replacement, then a Gaussian of noise multiplier z/2: z/2 because the
+    analysis is for replace-one neighbours, under which the clipped sum's L2 sensitivity is 2C while
+    the noise's standard deviation on it is zC.
+    """
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    one = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    one.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+        num_clients, sample, dp_accounting.GaussianDpEvent(noise_multiplier / 2)))
+    return np.array(one.orders), np.array(one.rdp)
+
+
+def epsilon(config: Config, rounds: int) -> float:
+    """Epsilon at ``config.resolved_delta()`` after ``rounds`` rounds: a pure function of the config and rounds.
+
+    Composing the same event ``rounds`` times is ``rounds`` times its RDP, which is how the
+    accountant composes a ``SelfComposedDpEvent`` too; the conversion to (epsilon, delta) is the
+    accountant's own.
+    """
+    if rounds <= 0:
+        return 0.0
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    orders, rdp = _round_rdp(config.num_clients, expected_clients(config), float(config.dp.noise_multiplier))
+    return float(compute_epsilon(orders, rounds * rdp, config.resolved_delta())[0])
+
+
+def rounds_to_run(config: Config) -> int:
+    """The rounds a run trains: ``rounds``, or fewer where the next round would take epsilon above the target."""
+    target = config.dp.target_epsilon
+    if not enabled(config) or target is None or config.rounds == 0 or epsilon(config, config.rounds) <= target:
+        return config.rounds
+    low, high = 0, config.rounds  # epsilon(low) <= target < epsilon(high); epsilon grows with the rounds
+    while high - low > 1:
+        middle = (low + high) // 2
+        if epsilon(config, middle) <= target:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def stop_reason(config: Config, rounds_done: int) -> str | None:
+    """Why a run trained fewer rounds than configured (the target epsilon), or None when it did not stop early."""
+    if rounds_done >= config.rounds or not enabled(config) or config.dp.target_epsilon is None:
+        return None
+    return (f"dp.target_epsilon={config.dp.target_epsilon:g}: stopped after {rounds_done} of {config.rounds} rounds; "
+            f"round {rounds_done + 1} would take epsilon from {epsilon(config, rounds_done):.4g} to "
+            f"{epsilon(config, rounds_done + 1):.4g} (delta {config.resolved_delta():.3g})")
+
+
+def announce_stop(config: Config, rounds_done: int) -> None:
+    """The one line a run prints (and ``events.log`` keeps) when the target epsilon stops it early."""
+    reason = stop_reason(config, rounds_done)
+    if reason is not None:
+        log.warning("%s", reason)
+
+
+def summary(config: Config, rounds_done: int) -> dict[str, Any] | None:
+    """``summary.json``'s ``privacy``: the settings, the final (epsilon, delta) and how they were accounted."""
+    if not enabled(config):
+        return None
+    return {
+        "noise_multiplier": config.dp.noise_multiplier,
+        "clipping_norm": config.dp.clipping_norm,
+        "clients_per_round": expected_clients(config),
+        "noise_std": noise_std(config),
+        "delta": config.resolved_delta(),
+        "epsilon": epsilon(config, rounds_done),
+        "target_epsilon": config.dp.target_epsilon,
+        "rounds": rounds_done,
+        "stopped_early": stop_reason(config, rounds_done),
+        "accountant": ACCOUNTANT,
+        "sampling": SAMPLING,
+        "protects": "the shared parameters of every round's global model (user level); not the metrics clients "
+                    "report, nor individual updates from the server that receives them",
+    }
