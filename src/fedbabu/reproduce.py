@@ -385,7 +385,12 @@ def results_folder(run: Path, config: Config, label: str, log: Callable[[str], N
     evaluated_now = _recorded(run)["evaluation"] == ALGORITHMS[saved.algorithm].evaluation_version
     if not always and protocol == PERSONALIZATION_PROTOCOL and same and evaluated_now:
         return run
-    overrides = {**{key: value for key, value in config.to_plain().items() if key in EVALUATION_KEYS},
+    # the cell's fine-tuning and where to compute; eval_batch_size, a memory bound whose default has
+    # changed between builds, stays the run's own (with which its results were made) unless one is asked for
+    asked = config.eval_batch_size != Config.model_fields["eval_batch_size"].default
+    overrides = {"finetune": config.finetune.model_dump(),
+                 **{key: value for key, value in config.to_plain().items() if key in RUNTIME_KEYS},
+                 **({"eval_batch_size": config.eval_batch_size} if asked else {}),
                  **({saved.algorithm: evaluation} if evaluation else {})}
     wanted = personalization_config(saved, overrides, f"--set (for {run})")
     target = default_out(run, wanted)
