@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from flower_support import initial_head, read_clients, simulator_run
+from flower_support import initial_head, read_clients, read_records, simulator_run
 
 from fedbabu.config import load_config
+from fedbabu.engine.round import MEASURED_KEYS
 from fedbabu.files import load_tensors
 from fedbabu.flower.launch import flower_env, stop
 
@@ -57,4 +58,11 @@ def test_ray_simulation_four_virtual_clients_equals_the_simulator(algorithm: str
         assert torch.equal(state[name], tensor), name
     curves = [[float(v) for v in list(row.values())[4:]] for row in read_clients(out)]
     assert curves == [pytest.approx(c["accuracies"], abs=1e-6) for c in reference.clients]
+    ours = [{k: v for k, v in r.items() if k not in MEASURED_KEYS} for r in read_records(out)]
+    theirs = [{k: v for k, v in m.items() if k not in MEASURED_KEYS} for m in reference.metrics]
+    assert [r.keys() for r in ours] == [m.keys() for m in theirs], "the same record fields in both engines"
+    for key in ("round", "lr", "clients", "dropped", "failed", "rejected"):
+        assert [r[key] for r in ours] == [m[key] for m in theirs], key
+    for key in ("train_loss", "test_accuracy"):
+        assert [r[key] for r in ours] == pytest.approx([m[key] for m in theirs], abs=1e-9), key
 
