@@ -200,3 +200,18 @@ def test_a_run_made_under_older_defaults_and_protocol_is_personalized_not_retrai
     lines.clear()
     run_preset("pair", out, log=lines.append)
     assert lines[0] == "[1/1] default fedavg seed 0: running"
+
+
+def test_a_run_of_another_training_version_is_personalized_and_says_so(trained, tmp_path, monkeypatch, capsys):
+    """Personalizing re-evaluates what was trained, so an older build's run is still personalized (the kept
+    runs of the results pages are), with one line naming both versions."""
+    from fedbabu.algorithms import ALGORITHMS
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["fedbabu"], run)
+    monkeypatch.setattr(ALGORITHMS["fedbabu"], "training_version", 2)
+    assert main(["personalize", str(run), "--quiet", "--workers", "1"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "training version" in line]
+    assert len(warned) == 1 and "trained by fedbabu training version 1, and this build trains version 2" in warned[0]
+    again = run / "personalize" / "full-2ep-lr0.01-mom0.9-wd0-bs10"
+    assert (again / "clients.csv").read_bytes() == (run / "clients.csv").read_bytes()

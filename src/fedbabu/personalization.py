@@ -11,6 +11,7 @@ own files are never written.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 import yaml
 
 from fedbabu.algorithms import ALGORITHMS
+from fedbabu.algorithms.base import recorded_versions
 from fedbabu.config import Config, build_config, merge_dicts, read_yaml
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
@@ -44,6 +46,8 @@ from fedbabu.files import check_output_dir, load_tensors, prepare_output_dir
 from fedbabu.results.rebuild import read_metrics
 from fedbabu.results.report import write_personalization
 from fedbabu.runner import Experiment, partition_for, prepare_data
+
+log = logging.getLogger("fedbabu")
 
 FREE_KEYS = Config.keys_with_role("runtime")
 """Where the data are and what computes (the ``runtime`` role): what ``fedbabu analyze`` may change."""
@@ -206,6 +210,11 @@ def personalize_run(folder: Path, overrides: dict[str, Any] | None = None, out: 
     and summary) and the dataset, which the Python API needs to rebuild the model.
     """
     run = load_trained_run(folder)
+    trained_by = recorded_versions(run.summary)["training"]
+    if trained_by != ALGORITHMS[run.config.algorithm].training_version:
+        log.warning("%s: trained by %s training version %d, and this build trains version %d; its clients are "
+                    "personalized as this build does, on the model the older version trained", run.folder,
+                    run.config.algorithm, trained_by, ALGORITHMS[run.config.algorithm].training_version)
     config = personalization_config(run.config, overrides or {}, source)
     out = Path(out) if out is not None else default_out(run.folder, config)
     if out.resolve() == run.folder.resolve():
