@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fedbabu.algorithms import ALGORITHMS
 from fedbabu.engine.simulation import Observer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,3 +147,12 @@ def ctrl_c_as_in_a_terminal() -> None:
     (``make test &``) ignores SIGINT, the child inherits that, and Python installs its Ctrl-C
     handler only where SIGINT is not ignored at start-up."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module", params=sorted(ALGORITHMS))
+def contract_reference(request, digits, tmp_path_factory):
+    """One uninterrupted one-worker run of each registered algorithm, made once per test file that asks
+    (so the contract files, which the suite's two workers take one each, share nothing)."""
+    from contract_support import reference_run
+
+    return reference_run(request.param, digits, tmp_path_factory)

@@ -11,7 +11,6 @@ import json
 import torch
 from conftest import small_config
 
-from fedbabu.algorithms import ALGORITHMS
 from fedbabu.engine.round import MEASURED_KEYS
 from fedbabu.files import load_tensors
 from fedbabu.runner import run_experiment
@@ -31,9 +30,6 @@ def config_for(algorithm: str, **overrides):
 def records(folder):
     return [{k: v for k, v in json.loads(line).items() if k not in MEASURED_KEYS}
             for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-ALGORITHM_NAMES = sorted(ALGORITHMS)
 
 
 def reference_run(algorithm: str, digits, tmp_path_factory):

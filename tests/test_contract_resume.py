@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import pytest
 from conftest import StopAtRound
-from contract_support import ALGORITHM_NAMES, assert_same_run, config_for, reference_run
+from contract_support import assert_same_run, config_for
 
 from fedbabu.runner import resume_experiment, run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=ALGORITHM_NAMES)
-def reference(request, digits, tmp_path_factory):
-    return reference_run(request.param, digits, tmp_path_factory)
-
-
-def test_an_interrupted_and_resumed_run_gives_the_uninterrupted_ones_bytes(reference, digits, tmp_path):
-    algorithm, folder, _ = reference
+def test_an_interrupted_and_resumed_run_gives_the_uninterrupted_ones_bytes(contract_reference, digits, tmp_path):
+    algorithm, folder, _ = contract_reference
     interrupted = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config_for(algorithm, workers=1), interrupted, StopAtRound(2), dataset=digits)

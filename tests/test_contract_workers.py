@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import pytest
 from conftest import same
-from contract_support import ALGORITHM_NAMES, assert_same_run, config_for, reference_run
+from contract_support import assert_same_run, config_for
 
 from fedbabu.runner import run_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=ALGORITHM_NAMES)
-def reference(request, digits, tmp_path_factory):
-    return reference_run(request.param, digits, tmp_path_factory)
-
-
-def test_two_workers_give_the_one_workers_run_bit_for_bit(reference, digits, tmp_path):
-    algorithm, folder, result = reference
+def test_two_workers_give_the_one_workers_run_bit_for_bit(contract_reference, digits, tmp_path):
+    algorithm, folder, result = contract_reference
     two = run_experiment(config_for(algorithm, workers=2), tmp_path / "two", dataset=digits).result
     assert_same_run(folder, tmp_path / "two")
     assert set(result.personal) == set(two.personal)

@@ -105,9 +105,10 @@ def load_trained_run(folder: Path) -> TrainedRun:
             raise UserError(f"{folder}: no {CHECKPOINT}; {config.algorithm} keeps per-client parts that only the "
                             "final checkpoint holds")
         checkpoint = load_checkpoint(folder / CHECKPOINT)
-        if checkpoint.rounds_done != rounds_to_run(config):
-            raise UserError(f"{folder / CHECKPOINT}: holds round {checkpoint.rounds_done} of {rounds_to_run(config)}, "
-                            "not the end of the run")
+        last = rounds_to_run(config)
+        if checkpoint.rounds_done != last:
+            raise UserError(f"{folder / CHECKPOINT}: holds round {checkpoint.rounds_done} of {last}, not the end of "
+                            "the run")
         personal = checkpoint.personal
     return TrainedRun(folder, config, load_tensors(folder / "model.pt"), personal, read_metrics(folder / METRICS),
                       summary)

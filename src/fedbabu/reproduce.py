@@ -233,6 +233,12 @@ def _recorded(folder: Path) -> dict[str, int]:
         return {"training": 0, "evaluation": 0}
 
 
+def _current(folder: Path, algorithm: str, kind: str) -> bool:
+    """Whether a finished run (or personalization folder) was made by this build's ``kind`` (``training`` or
+    ``evaluation``) version of its algorithm."""
+    return _recorded(folder)[kind] == getattr(ALGORITHMS[algorithm], f"{kind}_version")
+
+
 def _state(folder: Path, config: Config) -> str:
     """``done`` (finished, trained as this config trains), ``stale`` (finished with this config by a
     build whose algorithm trained differently), ``diverged`` (stopped by divergence, same config),
@@ -250,8 +256,7 @@ def _state(folder: Path, config: Config) -> str:
     if training_values(saved_config) != training_values(config):
         return "new"
     if (folder / "summary.json").exists():
-        current = ALGORITHMS[config.algorithm].training_version
-        return "done" if _recorded(folder)["training"] == current else "stale"
+        return "done" if _current(folder, config.algorithm, "training") else "stale"
     if config_differences(saved_config, config):
         return "new"
     events = folder / "events.log"
@@ -382,8 +387,7 @@ def results_folder(run: Path, config: Config, label: str, log: Callable[[str], N
     evaluation = {key: getattr(config.settings_for(saved.algorithm), key) for key in keys}
     same = saved.finetune == config.finetune and all(getattr(saved.settings_for(saved.algorithm), key) == value
                                                      for key, value in evaluation.items())
-    evaluated_now = _recorded(run)["evaluation"] == ALGORITHMS[saved.algorithm].evaluation_version
-    if not always and protocol == PERSONALIZATION_PROTOCOL and same and evaluated_now:
+    if not always and protocol == PERSONALIZATION_PROTOCOL and same and _current(run, saved.algorithm, "evaluation"):
         return run
     # the cell's fine-tuning and where to compute; eval_batch_size, a memory bound whose default has
     # changed between builds, stays the run's own (with which its results were made) unless one is asked for
@@ -396,7 +400,7 @@ def results_folder(run: Path, config: Config, label: str, log: Callable[[str], N
     target = default_out(run, wanted)
     made = saved_config(target)
     if made is not None and _without_free_keys(made) == _without_free_keys(wanted) and \
-            _recorded(target)["evaluation"] == ALGORITHMS[saved.algorithm].evaluation_version:
+            _current(target, saved.algorithm, "evaluation"):
         if always:
             log(f"{label}: already personalized with these settings, skipped")
         return target

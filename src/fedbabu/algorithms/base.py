@@ -251,7 +251,6 @@ class Algorithm:
                 f"{self.final_lr():g}), no fine-tuning")
 
 
-
 def recorded_versions(summary: Mapping[str, object]) -> dict[str, int]:
     """The algorithm versions a run's ``summary.json`` records; 1 for a run of a build that recorded none."""
     recorded = summary.get("algorithm_version")

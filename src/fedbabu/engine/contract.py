@@ -46,9 +46,9 @@ def keeps_client_state(algorithm: Algorithm) -> bool:
     return bool(algorithm.personal_parts) or (algorithm.keeps_momentum and algorithm.config.momentum > 0)
 
 
-def evaluate_client(algorithm: Algorithm, model: nn.Module, data: ClientData, personal: PersonalState) -> float:
-    """Accuracy a client sees from the current global model with its personal parts (if it has any)."""
-    del algorithm  # the same for every algorithm: what differs is in the personal state
+def evaluate_client(model: nn.Module, data: ClientData, personal: PersonalState) -> float:
+    """Accuracy a client sees from the current global model with its personal parts (if it has any): the
+    same for every algorithm, whose differences are all in the personal state."""
     load_state(model, personal)
     return evaluate(model, data)
 

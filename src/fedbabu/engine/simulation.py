@@ -205,7 +205,7 @@ class EvalTask:
 
     def __call__(self, worker: Worker) -> float:
         fed = worker.federation
-        return evaluate_client(fed.algorithm, worker.model(), fed.client_data(self.client), _to_torch(self.personal))
+        return evaluate_client(worker.model(), fed.client_data(self.client), _to_torch(self.personal))
 
 
 @dataclass(frozen=True)

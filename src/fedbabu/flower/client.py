@@ -218,7 +218,7 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Accuracy of the current global model (with this client's personal parts) on its test set."""
     c = client_for(message, context)
-    accuracy = evaluate_client(c.algorithm, c.model, c.data, personal_state(context))
+    accuracy = evaluate_client(c.model, c.data, personal_state(context))
     return _reply(message, c, {NUM_EXAMPLES: c.data.num_test, "accuracy": accuracy})
 
 
