@@ -99,8 +99,8 @@ def test_a_field_without_a_role_or_an_unknown_role_is_refused():
 
 
 def test_the_roles_of_the_fields():
-    assert Config.keys_with_role("data") == ("dataset", "num_clients", "partition", "shards_per_client",
-                                             "dirichlet_alpha", "samples_per_client", "seed")
+    assert Config.keys_with_role("data") == ("dataset", "hf", "num_clients", "partition", "shards_per_client",
+                                             "dirichlet_alpha", "samples_per_client", "holdout_clients", "seed")
     assert Config.keys_with_role("evaluation") == ("eval_batch_size", "finetune")
     assert Config.keys_with_role("runtime") == ("data_dir", "download", "device", "workers", "personal_memory")
     assert {"algorithm", "model", "rounds", "lr", "eval_every", "eval_clients", "personalize_clients", "settings",
@@ -118,10 +118,11 @@ def test_the_lists_derived_from_the_roles():
     assert set(personalization.PERSONALIZE_KEYS) == runtime | {"finetune", "eval_batch_size"}
     # device stays out of a resume: another device does not resume bit-identically
     assert set(runner.RESUME_FREE_KEYS) == {"workers", "data_dir", "download", "personal_memory"}
-    assert runner.SHARED_BY_ALL == ("dataset", "data_dir", "num_clients", "partition", "shards_per_client",
-                                    "dirichlet_alpha", "samples_per_client", "seed")
-    assert set(reproduce.CELL_KEYS) == {"algorithm", "seed", "dataset", "num_clients", "partition",
-                                        "shards_per_client", "dirichlet_alpha", "samples_per_client"}
+    assert runner.SHARED_BY_ALL == ("dataset", "data_dir", "hf", "num_clients", "partition", "shards_per_client",
+                                    "dirichlet_alpha", "samples_per_client", "holdout_clients", "seed")
+    assert set(reproduce.CELL_KEYS) == {"algorithm", "seed", "dataset", "hf", "num_clients", "partition",
+                                        "shards_per_client", "dirichlet_alpha", "samples_per_client",
+                                        "holdout_clients"}
     assert set(reproduce.EVALUATION_KEYS) == runtime | {"finetune", "eval_batch_size"}
     assert set(reproduce.RUNTIME_KEYS) == runtime
     assert set(WarmStart.same) == set(Config.keys_with_role("data"))

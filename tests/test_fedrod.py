@@ -10,15 +10,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import StopAtRound, client_data, run, same
+from conftest import StopAtRound, client_data, five_clients, model_for, run, same
 from torch import nn
 
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.algorithms.fedrod import ABSENT_CLASS_COUNT, FedRoD, RoDHead
-from fedbabu.config import DIGITS_DEFAULT, build_config
 from fedbabu.engine.checkpoint import load_checkpoint
 from fedbabu.engine.params import Layout
-from fedbabu.engine.simulation import client_model, personalize_generator, runtime_for
+from fedbabu.engine.simulation import personalize_generator, runtime_for
 from fedbabu.errors import UserError
 from fedbabu.files import load_tensors
 from fedbabu.personalization import personalization_config
@@ -33,17 +32,7 @@ ALL = ("body", "head")
 
 
 def tiny(**overrides):
-    """Five digits clients, all sampled, two rounds of one local epoch: about two seconds per run."""
-    values = {**DIGITS_DEFAULT, "algorithm": "fedrod", "num_clients": 5, "rounds": 2, "client_fraction": 1.0,
-              "local_epochs": 1, "eval_every": 0, "workers": 1,
-              "finetune": {**DIGITS_DEFAULT["finetune"], "epochs": 1}}
-    values.update(overrides)
-    return build_config(values)
-
-
-def model_for(config, digits):
-    """The run's network at its seeded initial weights, as every party builds it."""
-    return client_model(config, digits, runtime_for(config))
+    return five_clients("fedrod", **overrides)
 
 
 def shifted(state: dict, seed: int) -> dict:

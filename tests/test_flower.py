@@ -46,7 +46,7 @@ from fedbabu.flower.client import app as client_app
 from fedbabu.flower.launch import flower_env, stop, stop_reason
 from fedbabu.flower.server import AlgorithmStrategy, run_on_grid
 from fedbabu.flower.wire import experiment_record
-from fedbabu.models import in_parts
+from fedbabu.models import in_parts, norm_parameters
 from fedbabu.runner import partition_for, run_experiment
 
 pytestmark = pytest.mark.flower
@@ -149,13 +149,8 @@ def test_loopback_run_equals_the_simulator_bit_for_bit(tmp_path: Path) -> None:
     assert summary["flower"]["failures"] == []
 
 
-def test_loopback_run_with_dp_equals_the_simulator_bit_for_bit(tmp_path: Path) -> None:
-    """DP is written once (engine.round): the same clipped, noised model, epsilon and early stop in both engines."""
-    from fedbabu.engine import privacy
-
-    dp = ["dp.noise_multiplier=0.5", "dp.clipping_norm=0.5", "rounds=3", "eval_every=1"]
-    target = sum(privacy.epsilon(small_config(*dp), t) for t in (2, 3)) / 2
-    config = small_config(*dp, f"dp.target_epsilon={target!r}")
+def loopback_equals_simulator(config, tmp_path: Path):
+    """Run ``config`` on three loopback nodes, check its model and records are the simulator's; (summary, records)."""
     summary = run_on_grid(LoopbackGrid(3), config, tmp_path, min_nodes=3, timeout=60)
     reference = simulator_run(config)
     state = load_tensors(tmp_path / "model.pt")
@@ -163,9 +158,28 @@ def test_loopback_run_with_dp_equals_the_simulator_bit_for_bit(tmp_path: Path) -
         assert torch.equal(state[name], tensor), name
     records = read_records(tmp_path)
     assert_same_records(records, reference.metrics)
+    return summary, records
+
+
+def test_loopback_run_with_dp_equals_the_simulator_bit_for_bit(tmp_path: Path) -> None:
+    """DP is written once (engine.round): the same clipped, noised model, epsilon and early stop in both engines."""
+    from fedbabu.engine import privacy
+
+    dp = ["dp.noise_multiplier=0.5", "dp.clipping_norm=0.5", "rounds=3", "eval_every=1"]
+    target = sum(privacy.epsilon(small_config(*dp), t) for t in (2, 3)) / 2
+    config = small_config(*dp, f"dp.target_epsilon={target!r}")
+    summary, records = loopback_equals_simulator(config, tmp_path)
     assert len(records) == 2 and records[-1]["epsilon"] == privacy.epsilon(config, 2) <= target
     assert summary["privacy"]["epsilon"] == records[-1]["epsilon"]
     assert "stopped after 2 of 3 rounds" in summary["privacy"]["stopped_early"]
+
+
+def test_loopback_run_with_poisson_sampling_and_adaptive_clipping_equals_the_simulator(tmp_path: Path) -> None:
+    """The Poisson sample and the adapted norm are the round policy's too, so both engines follow them."""
+    config = small_config("dp.noise_multiplier=0.5", "dp.clipping_norm=0.05", "dp.sampling=poisson",
+                          "dp.adaptive_clipping=true", "dp.clipped_count_stddev=1.0", "rounds=3", "eval_every=3")
+    _, records = loopback_equals_simulator(config, tmp_path)
+    assert len({r["clipping_norm"] for r in records}) == 3
 
 
 @pytest.mark.parametrize("personalize_clients", ["2", "1"])
@@ -246,7 +260,8 @@ def test_every_algorithm_equals_the_simulator_with_personal_state_on_the_node(al
             assert torch.equal(tensor, torch.from_numpy(reference.personal[i][name])), (i, name)
     shared = ALGORITHMS[algorithm].shared_parts
     sent = {name for m in grid.sent for name in m.content.array_records.get("arrays", {})}
-    assert all(in_parts(name, shared) for name in sent)
+    norms = norm_parameters(network(config, load_digits()))
+    assert all(in_parts(name, shared, norms) for name in sent)
     if personal_parts:
         with pytest.raises(UserError, match="stay on the nodes"):
             fedbabu.analyze(tmp_path, workers=1, progress=False)

@@ -65,13 +65,16 @@ def test_every_method_is_labelled_with_its_evaluation(compared):
 
 def test_the_own_or_common_switch_is_the_base_classs_and_each_method_states_only_its_own_protocol():
     switched = {name: cls for name, cls in ALGORITHMS.items() if "evaluation" in cls.Settings.model_fields}
-    assert set(switched) == {"fedrep", "fedrod", "feduh", "fednh", "fedetf"}
+    units = {"fedrep": "round", "fedrod": "round", "feduh": "round", "fednh": "round", "fedetf": "stage",
+             "apfl": "round", "pfedme": "round", "fedpac": "round", "fedala": "aggregation",
+             "knnper": "interpolation"}
+    assert set(switched) == set(units)
     for name, cls in switched.items():
         for hook in ("personalize", "personalization_unit", "personalization_note"):
             assert getattr(cls, hook) is getattr(Algorithm, hook), (name, hook)
         own, common = (cls(base(algorithm=name, **{name: {"evaluation": e}})) for e in ("own", "common"))
         assert own.evaluates_own() and not common.evaluates_own()
-        assert own.personalization_unit() == ("stage" if name == "fedetf" else "round")
+        assert own.personalization_unit() == units[name]
         assert common.personalization_unit() == "epoch"
         assert own.personalization_note() == own.own_note()
         fine_tuning = "full fine-tuning, 1 epochs, lr 0.01"

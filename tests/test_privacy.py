@@ -147,6 +147,69 @@ def test_epsilon_is_dp_accountings_for_the_same_events(num_clients, fraction, z,
     assert spent == sorted(spent), "epsilon grows with every round"
 
 
+def test_poisson_sampling_is_accounted_as_dp_accountings_poisson_event() -> None:
+    config = small_config(num_clients=100, client_fraction=0.1,
+                          dp={"noise_multiplier": 1.1, "clipping_norm": 1.0, "sampling": "poisson"})
+    accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    event = dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.1))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, 30))
+    assert privacy.epsilon(config, 30) == pytest.approx(accountant.get_epsilon(1 / 100**1.1), rel=1e-12)
+    fixed = small_config(num_clients=100, client_fraction=0.1, dp={"noise_multiplier": 1.1, "clipping_norm": 1.0})
+    assert privacy.epsilon(config, 30) != privacy.epsilon(fixed, 30)
+
+
+def test_poisson_sampling_takes_each_client_with_probability_m_over_n_from_a_seeded_stream() -> None:
+    config = small_config(num_clients=50, client_fraction=0.2,
+                          dp={"noise_multiplier": 1.0, "clipping_norm": 1.0, "sampling": "poisson"})
+    participating = list(range(50))
+    rounds = [privacy.poisson_clients(config, t, participating) for t in range(2000)]
+    assert rounds[7] == privacy.poisson_clients(config, 7, participating), "a pure function of (seed, round)"
+    assert len({len(r) for r in rounds}) > 5, "the count varies from round to round"
+    taken = np.bincount(np.concatenate([np.array(r, dtype=int) for r in rounds]), minlength=50) / 2000
+    # each client's inclusion frequency: q = 0.2, standard error sqrt(q(1-q)/2000) = 0.009
+    assert np.all(np.abs(taken - 0.2) < 5 * math.sqrt(0.2 * 0.8 / 2000))
+
+
+def test_adaptive_clipping_spends_exactly_the_budget_of_its_noise_multiplier() -> None:
+    config = small_config(num_clients=100, client_fraction=0.2,
+                          dp={"noise_multiplier": 1.5, "clipping_norm": 1.0, "adaptive_clipping": True})
+    sigma_b = config.clipped_count_stddev()
+    assert sigma_b == 20 / 20
+    z_update = privacy.update_noise_multiplier(config)
+    assert z_update > 1.5
+    assert z_update ** -2 + (2 * sigma_b) ** -2 == pytest.approx(1.5 ** -2, rel=1e-12)
+    plain = small_config(num_clients=100, client_fraction=0.2, dp={"noise_multiplier": 1.5, "clipping_norm": 1.0})
+    assert privacy.epsilon(config, 10) == privacy.epsilon(plain, 10)
+    assert privacy.noise_std(config, 2.0) == pytest.approx(z_update * 2.0 / 20)
+
+
+def next_norm(config, round_index, norm, within):
+    return privacy.adapted_norm(config, norm, privacy.noisy_within_share(config, round_index, within))
+
+
+def test_adaptive_clipping_moves_the_norm_geometrically_toward_the_target_quantile() -> None:
+    config = small_config(num_clients=100, client_fraction=0.2,
+                          dp={"noise_multiplier": 0.5, "clipping_norm": 1.0, "adaptive_clipping": True,
+                              "clipped_count_stddev": 2.0})
+    for t in range(5):  # the same round draws the same count noise, so the count's effect is exact
+        all_within, none_within = (next_norm(config, t, 1.0, k) for k in (20, 0))
+        assert math.log(all_within) - math.log(none_within) == pytest.approx(-0.2 * 20 / 20, rel=1e-12)
+        assert next_norm(config, t, 3.0, 7) == pytest.approx(3 * next_norm(config, t, 1.0, 7), rel=1e-12)
+    # the noisy count: log(C'/C) = -0.2 * ((10 + noise) / 20 - 0.5), so noise = -log(C'/C) / 0.2 * 20
+    noise = np.array([-math.log(next_norm(config, t, 1.0, 10)) / 0.2 * 20 for t in range(4000)])
+    assert abs(noise.mean()) < 5 * 2.0 / math.sqrt(4000) and noise.std() == pytest.approx(2.0, rel=0.05)
+
+
+def test_private_mean_update_counts_the_updates_within_the_norm() -> None:
+    config = dp_config()
+    reference = np.zeros(4)
+    shared = [np.array([0.3, 0, 0, 0]), np.array([0, 2.0, 0, 0]), np.array([0, 0, 0.5, 0])]
+    _, within = privacy.private_mean_update(config, 0, shared, reference)
+    assert within == 2
+    _, within = privacy.private_mean_update(config, 0, shared, reference, clipping_norm=0.4)
+    assert within == 1
+
+
 # --- runs ------------------------------------------------------------------------------------------
 
 
@@ -219,6 +282,49 @@ def test_target_epsilon_stops_the_run_cleanly_before_the_round_that_would_exceed
         resume_experiment(folder)
 
 
+ADAPTIVE = {"adaptive_clipping": True, "clipped_count_stddev": 1.0, "clipping_norm": 0.05, "sampling": "poisson"}
+
+
+@pytest.fixture(scope="module")
+def adaptive_reference(digits, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adaptive") / "reference"
+    run_experiment(dp_config(workers=1, dp=ADAPTIVE), folder, dataset=digits)
+    return folder
+
+
+def test_adaptive_clipping_records_each_rounds_norm_and_replays_it_from_the_records(adaptive_reference) -> None:
+    config = dp_config(dp=ADAPTIVE)
+    rows = records(adaptive_reference)
+    norms = [r["clipping_norm"] for r in rows]
+    assert norms[0] == 0.05 and len(set(norms)) == 4
+    for before, after, row in zip(norms, norms[1:], rows, strict=False):
+        assert after == privacy.adapted_norm(config, before, row["within_share"])
+    # every update of this run is far above 0.05, so the noisy share sits near 0 and the norm grows
+    assert norms == sorted(norms)
+    spent = json.loads((adaptive_reference / "summary.json").read_text())["privacy"]
+    assert spent["adaptive_clipping"]["final_clipping_norm"] == privacy.clipping_norm_after(config, rows)
+    assert spent["epsilon"] == privacy.epsilon(config, 4) and "Poisson" in spent["sampling"]
+
+
+def test_poisson_rounds_take_the_seeded_poisson_sample(adaptive_reference) -> None:
+    config = dp_config(dp=ADAPTIVE)
+    rows = records(adaptive_reference)
+    assert [r["clients"] for r in rows] == [privacy.poisson_clients(config, t, list(range(10))) for t in range(4)]
+
+
+def test_adaptive_clipping_is_bit_identical_with_two_workers_and_after_a_resume(adaptive_reference, digits,
+                                                                                tmp_path) -> None:
+    run_experiment(dp_config(workers=2, dp=ADAPTIVE), tmp_path / "two", dataset=digits)
+    assert same_model(adaptive_reference, tmp_path / "two")
+    assert records(adaptive_reference) == records(tmp_path / "two")
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(dp_config(workers=1, dp=ADAPTIVE), interrupted, StopAtRound(2), dataset=digits)
+    resume_experiment(interrupted)
+    assert same_model(adaptive_reference, interrupted)
+    assert records(adaptive_reference) == records(interrupted)
+
+
 # --- refusals --------------------------------------------------------------------------------------
 
 
@@ -230,6 +336,8 @@ def test_target_epsilon_stops_the_run_cleanly_before_the_round_that_would_exceed
     ({"dp": DP, "max_update_norm": 0.1}, "updates are clipped, not screened by norm"),
     ({"dp": {**DP, "delta": 1.0}}, "dp.delta"),
     ({"dp": {"noise_multipler": 1.0}}, "did you mean 'dp.noise_multiplier'"),
+    ({"dp": {**DP, "adaptive_clipping": True, "clipped_count_stddev": 0.2}}, "dp.adaptive_clipping: the count noise"),
+    ({"dp": {**DP, "sampling": "uniform"}}, "dp.sampling"),
 ])
 def test_settings_without_a_guarantee_are_refused_in_one_line(values, message) -> None:
     with pytest.raises(UserError, match=message) as err:

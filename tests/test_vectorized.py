@@ -135,11 +135,11 @@ def test_the_executor_choice(digits, requested, device, algorithm, chosen):
     assert choose_executor(requested, device, ALGORITHMS[algorithm](config), model) == chosen
 
 
-def test_the_algorithms_the_readme_lists_as_vectorizable(digits):
+def test_the_algorithms_the_engine_page_lists_as_vectorizable(digits):
     model = model_for(digits)
     plain = {name for name, algorithm in ALGORITHMS.items()
              if choose_executor("auto", "cuda", algorithm(small_config(algorithm=name)), model) == "vectorized"}
-    assert plain == {"fedavg", "fedbabu", "fedper", "lg_fedavg", "feduh"}
+    assert plain == {"fedavg", "fedbabu", "fedper", "lg_fedavg", "feduh", "fedbn", "knnper"}
 
 
 def test_an_impossible_vectorized_request_is_refused_with_the_reason(digits):

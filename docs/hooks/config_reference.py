@@ -27,7 +27,8 @@ DESCRIPTIONS: dict[str, str] = {
     "algorithm": "The algorithm: `fedavg`, `fedbabu`, the baselines and the head family (see "
                  "[Algorithms](algorithms.md)); each algorithm's own settings are a section named after it "
                  "(`fedprox.mu`), listed below.",
-    "dataset": "`digits`, `fmnist`, `cifar10`, `cifar100` (`custom`: data given in code through the Python API).",
+    "dataset": "`digits`, `fmnist`, `cifar10`, `cifar100`, `hf` (a Hugging Face dataset, the `hf.*` keys; see "
+               "[Datasets](datasets.md)) (`custom`: data given in code through the Python API).",
     "data_dir": "Where to look for the data first (then `$FEDBABU_DATA`, then `~/.cache/fedbabu`).",
     "download": "Fetch the official archive (md5-verified) when the data is not found.",
     "model": "`4convnet`, `mobilenet`, `resnet18`, `resnet50`, `digitcnn`; `auto` = `digitcnn` for digits, "
@@ -35,7 +36,8 @@ DESCRIPTIONS: dict[str, str] = {
     "head_init": "`default` (nn.Linear's), `orthogonal`, `zeros` (refused by FedBABU: a zero head that never "
                  "trains gives the body no gradient).",
     "num_clients": "Clients in the federation.",
-    "partition": "`shards` (the paper's), `dirichlet`, `iid` (`natural`: client ids given in code).",
+    "partition": "`shards` (the paper's), `dirichlet`, `iid`; `natural`: one client per value of "
+                 "`hf.partition_column`, or client ids given in code.",
     "shards_per_client": "Shards per client of the `shards` partition (s counts shards, not classes).",
     "dirichlet_alpha": "Concentration of the `dirichlet` partition.",
     "samples_per_client": "Cap on each client's training set (smaller shards / subsampled clients); test sets "
@@ -189,7 +191,7 @@ def _roles_legend(roles: dict[str, str]) -> list[str]:
 def reference() -> str:
     """The generated tables, as Markdown."""
     import fedbabu.algorithms  # noqa: F401  (registers every algorithm's settings)
-    from fedbabu.config import ROLES, Config, DpConfig, FinetuneConfig, registered_algorithms
+    from fedbabu.config import ROLES, Config, DpConfig, FinetuneConfig, HfConfig, registered_algorithms
 
     used: set[str] = set()
     lines = ["## Shared keys", "", "Every `Config` field, in the order of `fedbabu/config.py`, with its role: what "
@@ -203,6 +205,9 @@ def reference() -> str:
     lines += ["", "## `dp.*`", "", " ".join(DpConfig.__doc__.split("\n\n")[0].split()) + " Every key has the role "
               f"*{Config.roles()['dp']}*; what the guarantee covers is on [Privacy](privacy.md).", ""]
     lines += _table("dp.", DpConfig, used)
+    lines += ["", "## `hf.*`", "", " ".join(HfConfig.__doc__.split("\n\n")[0].split()) + " Every key has the role "
+              f"*{Config.roles()['hf']}*; sources and commands are on [Datasets](datasets.md).", ""]
+    lines += _table("hf.", HfConfig, used)
     lines += ["", "## Each algorithm's own section", "",
               "A section named after the algorithm (`fedprox: {mu: 0.5}` in YAML, `--set fedprox.mu=0.5`, "
               "`fedprox:mu=0.5` as a `compare` entry). A run reads only its own algorithm's section. "

@@ -30,12 +30,17 @@ from fedbabu.engine.simulation import (
     Observer,
     inspect_federation,
     network,
-    personalized_clients,
     stream_seed,
 )
 from fedbabu.errors import UserError
 from fedbabu.files import check_output_dir, prepare_output_dir
-from fedbabu.personalization import FREE_KEYS, load_trained_run, personalization_config, restore_federation
+from fedbabu.personalization import (
+    FREE_KEYS,
+    group_clients,
+    load_trained_run,
+    personalization_config,
+    restore_federation,
+)
 from fedbabu.personalization import default_out as default_personalization_out
 from fedbabu.results import representation as rep
 from fedbabu.results.analysis_report import write_analysis, write_analysis_comparison
@@ -173,21 +178,25 @@ def _reproduction(folder: Path, summary: dict[str, Any], config: Config,
 
 def analyze_run(folder: Path, out: Path, probe_size: int = DEFAULT_PROBE_SIZE,
                 pairs: int = DEFAULT_PAIR_CLIENTS, overrides: dict[str, Any] | None = None,
-                observer: Observer | None = None, label: str | None = None) -> dict[str, Any]:
-    """Analyze one finished run into ``out`` (``analysis.json``, ``analysis.md``, ``clients.csv``, plots)."""
+                observer: Observer | None = None, label: str | None = None, group: str = "all") -> dict[str, Any]:
+    """Analyze one finished run into ``out`` (``analysis.json``, ``analysis.md``, ``clients.csv``, plots).
+
+    ``group`` ``seen`` or ``unseen`` analyzes only the clients the federation could train, or only its
+    held-out ones (``holdout_clients``); the probe images stay the whole federation's.
+    """
     run = load_trained_run(folder)
     config = personalization_config(run.config, overrides or {}, "analyze")
+    analyzed = group_clients(config, config.num_clients, group)
     dataset, partition, global_vector, layout = restore_federation(run, config)
     started = time.perf_counter()
     probe = probe_indices(partition.test, probe_size, config.seed)
-    analyzed = personalized_clients(config, partition.num_clients)
     sampled = pair_clients(analyzed, pairs, config.seed)
     train_y, test_y = dataset.train_y.numpy(), dataset.test_y.numpy()
     labels_train = [train_y[idx] for idx in partition.train]
     labels_test = [test_y[idx] for idx in partition.test]
     collect = _Collector(labels_train, labels_test, dataset.num_classes, sampled)
     global_probe = inspect_federation(config, dataset, partition, global_vector, run.personal, probe, collect,
-                                      observer)
+                                      observer, group=group)
     collect.rows.sort(key=lambda row: row["client"])
     global_head = rep.head_geometry(_global_head_weight(config, dataset, layout.to_state(global_vector)))
     spectrum = rep.singular_values(global_probe)
@@ -211,6 +220,7 @@ def analyze_run(folder: Path, out: Path, probe_size: int = DEFAULT_PROBE_SIZE,
         "seed": config.seed,
         "clients": partition.num_clients,
         "analyzed_clients": len(analyzed),
+        **({} if group == "all" else {"client_group": group}),
         "personalization": ALGORITHMS[config.algorithm](config).personalization_note(),
         "settings": {"probe_size": int(probe.size), "pair_clients": len(pair_ids), "probe_C": rep.PROBE_C,
                      "probe_max_iter": rep.PROBE_MAX_ITER, "feature_dim": int(global_probe.shape[1])},
@@ -249,20 +259,23 @@ def _labels(folders: list[Path]) -> list[str]:
     return ["-".join(f.resolve().relative_to(parent).parts) or f.resolve().name for f in folders]
 
 
-def default_out(folders: list[Path]) -> Path:
-    """One run: ``RUN/analysis``; several: ``analysis`` in the folder that holds them all."""
+def default_out(folders: list[Path], group: str = "all") -> Path:
+    """One run: ``RUN/analysis``; several: ``analysis`` in the folder that holds them all; ``analysis-seen``
+    or ``analysis-unseen`` for one group of clients."""
+    name = ANALYSIS_FOLDER if group == "all" else f"{ANALYSIS_FOLDER}-{group}"
     if len(folders) == 1:
-        return Path(folders[0]) / ANALYSIS_FOLDER
-    return _common_parent(folders) / ANALYSIS_FOLDER
+        return Path(folders[0]) / name
+    return _common_parent(folders) / name
 
 
 def analyze(folders: list[Path], out: Path | None = None, probe_size: int = DEFAULT_PROBE_SIZE,
             pairs: int = DEFAULT_PAIR_CLIENTS, overrides: dict[str, Any] | None = None, overwrite: bool = False,
-            observer_for: Any = None) -> Analysis:
+            observer_for: Any = None, group: str = "all") -> Analysis:
     """Analyze one or several finished runs; with several, also write one comparison of them.
 
     Every run is loaded and checked before anything is computed or written, so a bad folder in
-    the list costs nothing. ``observer_for(label)`` gives each run's progress display.
+    the list costs nothing. ``observer_for(label)`` gives each run's progress display; ``group``
+    (``--clients``) restricts every run to its seen or its unseen clients.
     """
     if not folders:
         raise UserError("analyze: expected at least one run folder")
@@ -277,8 +290,9 @@ def analyze(folders: list[Path], out: Path | None = None, probe_size: int = DEFA
     if len({f.resolve() for f in folders}) != len(folders):
         raise UserError("analyze: a run folder is given twice")
     for folder in folders:
-        load_trained_run(folder)
-    out = Path(out) if out is not None else default_out(folders)
+        run = load_trained_run(folder)
+        group_clients(run.config, run.config.num_clients, group)
+    out = Path(out) if out is not None else default_out(folders, group)
     if any(out.resolve() == f.resolve() for f in folders):
         raise UserError(f"--out {out}: is a run folder itself; its files are never overwritten, choose another")
     check_output_dir(out, overwrite)
@@ -288,7 +302,7 @@ def analyze(folders: list[Path], out: Path | None = None, probe_size: int = DEFA
     for folder, label in zip(folders, labels, strict=True):
         where = target if len(folders) == 1 else target / label
         observer = observer_for(label) if observer_for else None
-        results.append(analyze_run(folder, where, probe_size, pairs, overrides, observer, label))
+        results.append(analyze_run(folder, where, probe_size, pairs, overrides, observer, label, group))
     if len(folders) > 1:
         write_analysis_comparison(target, results)
     return Analysis(target, results)

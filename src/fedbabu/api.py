@@ -314,12 +314,14 @@ def compare(config: ConfigLike = None, algorithms: Sequence[str] = ("fedavg", "f
 
 def personalize(run_dir: str | Path, *, finetune: dict[str, Any] | None = None, out: str | Path | None = None,
                 overwrite: bool = False, workers: int | str | None = None, device: str | None = None,
-                data_dir: str | Path | None = None, progress: bool | Observer = True) -> Results:
+                data_dir: str | Path | None = None, progress: bool | Observer = True,
+                clients: str = "all") -> Results:
     """Personalize every client of a finished run again, like ``fedbabu personalize RUN_DIR``.
 
     ``finetune`` changes fine-tuning settings (``{"part": "head", "epochs": 20}``); nothing that
     shaped the training may change. Results go to ``out`` (default ``<run_dir>/personalize/<settings>``);
     the run's own files are never written. With the run's own settings the result equals the run's.
+    ``clients`` (``--clients``): ``all``, or only the ``seen`` or the ``unseen`` (held-out) clients.
     """
     from fedbabu.personalization import personalize_run
 
@@ -334,15 +336,18 @@ def personalize(run_dir: str | Path, *, finetune: dict[str, Any] | None = None, 
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
     experiment, dataset = personalize_run(Path(run_dir), overrides, Path(out) if out is not None else None,
-                                          overwrite, _observer(progress, f"personalize {run_dir}"), source="finetune")
+                                          overwrite, _observer(progress, f"personalize {run_dir}"), source="finetune",
+                                          group=clients)
     return _results(experiment, dataset, config_model)
 
 
 def analyze(run_dirs: str | Path | Sequence[str | Path], *, out: str | Path | None = None, probe_size: int = 1000,
             pair_clients: int = 20, overwrite: bool = False, workers: int | str | None = None,
             device: str | None = None, data_dir: str | Path | None = None,
-            progress: bool | Observer = True) -> Any:
+            progress: bool | Observer = True, clients: str = "all") -> Any:
     """Measure the bodies and heads of finished runs, like ``fedbabu analyze RUN_DIR ...``.
+
+    ``clients`` (``--clients``): ``all``, or only the ``seen`` or the ``unseen`` (held-out) clients.
 
     Returns an :class:`~fedbabu.analysis.Analysis`: ``folder`` (where ``analysis.json``,
     ``analysis.md`` and the plots are) and ``runs``, one dict per run with every number of its
@@ -362,4 +367,4 @@ def analyze(run_dirs: str | Path | Sequence[str | Path], *, out: str | Path | No
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
     return analyze_runs(folders, Path(out) if out is not None else None, probe_size, pair_clients, overrides,
-                        overwrite, lambda label: _observer(progress, f"analyze {label}"))
+                        overwrite, lambda label: _observer(progress, f"analyze {label}"), group=clients)

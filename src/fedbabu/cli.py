@@ -59,6 +59,13 @@ def _reliability_options(parser: argparse.ArgumentParser, resume_option: bool) -
                         help="log per-round scalars to <run folder>/tensorboard (needs the tensorboard extra)")
 
 
+def _clients_option(parser: argparse.ArgumentParser) -> None:
+    """Which of a finished run's clients a command works on: a run with held-out clients has two groups."""
+    parser.add_argument("--clients", choices=["all", "seen", "unseen"], default="all",
+                        help="all clients (default), those the federation could train (seen), or its held-out "
+                             "ones (unseen, config key holdout_clients)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedbabu", description="FedBABU and baselines for personalized federated learning.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -99,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="a fine-tuning setting (finetune.part=head, finetune.epochs=20); repeatable")
     personalize.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/personalize/<settings>)")
     personalize.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    _clients_option(personalize)
     personalize.add_argument("--device", choices=["cpu", "cuda", "auto"], help="compute device")
     personalize.add_argument("--workers", help="worker processes: auto (one per core) or a number")
     personalize.add_argument("--data-dir", type=Path, help="folder holding the dataset, if it moved")
@@ -113,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--pair-clients", type=int, default=20, metavar="N",
                          help="clients whose personalized bodies are compared pairwise by CKA (default 20)")
     analyze.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    _clients_option(analyze)
     analyze.add_argument("--device", choices=["cpu", "cuda", "auto"], help="compute device")
     analyze.add_argument("--workers", help="worker processes: auto (one per core) or a number")
     analyze.add_argument("--data-dir", type=Path, help="folder holding the dataset, if it moved")
@@ -242,7 +251,7 @@ def _cmd_personalize(args: argparse.Namespace, console: Console) -> None:
 
     overrides = merge_dicts(parse_overrides(args.overrides), _extra_from(args))
     experiment, _ = personalize_run(args.folder, overrides, args.out, args.overwrite,
-                                    _progress(f"personalize {args.folder}", args.quiet))
+                                    _progress(f"personalize {args.folder}", args.quiet), group=args.clients)
     _show_run(experiment, experiment.result.config, console)
 
 
@@ -262,7 +271,7 @@ def _cmd_analyze(args: argparse.Namespace, console: Console) -> None:
     from fedbabu.analysis import analyze
 
     result = analyze(args.folders, args.out, args.probe_size, args.pair_clients, _extra_from(args), args.overwrite,
-                     lambda label: _progress(f"analyze {label}", args.quiet))
+                     lambda label: _progress(f"analyze {label}", args.quiet), group=args.clients)
     _print_analysis(console, result.runs)
     console.print(f"analysis folder: {result.folder}")
 

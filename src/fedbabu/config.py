@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedbabu.errors import UserError
 
-DATASETS = ("digits", "fmnist", "cifar10", "cifar100", "custom")
+DATASETS = ("digits", "fmnist", "cifar10", "cifar100", "hf", "custom")
 MODELS = ("auto", "digitcnn", "4convnet", "mobilenet", "resnet18", "resnet50", "custom")
 PARTITIONS = ("shards", "dirichlet", "iid", "natural")
 # "custom" data and models and the "natural" partition come from the Python API (fedbabu.api):
@@ -169,11 +169,28 @@ class DpConfig(_Strict):
     """C: the L2 norm (float64) every accepted client update of the shared parameters is clipped to; required
     with noise."""
     delta: float | None = Field(None, gt=0, lt=1)
-    """The delta of the reported (epsilon, delta); unset: 1 / num_clients**1.1, below 1/N as a user-level delta
-    must be."""
+    """The delta of the reported (epsilon, delta); unset: 1 / N**1.1 for the N clients that may train, below 1/N
+    as a user-level delta must be."""
     target_epsilon: float | None = Field(None, gt=0)
     """Stop training, with one line, before the round that would take epsilon above this; the run then
     personalizes and writes its folder as usual, and its summary says it stopped early."""
+    sampling: Literal["fixed", "poisson"] = "fixed"
+    """Which clients a DP round takes: ``fixed``, the engine's usual m = max(1, floor(f * N)) drawn without
+    replacement (accounted for replace-one neighbours); ``poisson``, each client independently with
+    probability m / N (accounted for add-or-remove neighbours, as DP-FedAvg's analysis is), so a round's
+    count varies around m."""
+    adaptive_clipping: bool = False
+    """Adapt the clipping norm each round toward a quantile of the update norms (Andrew et al., 2021),
+    starting from ``clipping_norm``; the privatized count of unclipped updates it reads is paid for
+    inside the same noise multiplier (the updates' noise grows a little), so epsilon is unchanged."""
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    """Adaptive clipping: the share of updates that should fall within the norm (the paper's 0.5: the median)."""
+    clipping_lr: float = Field(0.2, gt=0)
+    """Adaptive clipping: the geometric step, ``C <- C * exp(-clipping_lr * (unclipped share - target_quantile))``
+    (the paper's 0.2)."""
+    clipped_count_stddev: float | None = Field(None, gt=0)
+    """Adaptive clipping: the standard deviation of the noise on the count of unclipped updates; unset:
+    clients per round / 20, the paper's choice."""
 
     @field_validator("clipping_norm")
     @classmethod
@@ -188,6 +205,39 @@ class DpConfig(_Strict):
         return self.noise_multiplier > 0
 
 
+class HfConfig(_Strict):
+    """A labelled image dataset in the Hugging Face format, read with ``dataset: hf`` (the ``hf`` extra).
+
+    The images become the uint8 tensors every other dataset is held as, normalized with the channel
+    mean and std of the training images. Clients come from the config's ``partition`` (shards, Dirichlet,
+    IID, seeded by ``seed`` exactly as for the built-in datasets) or, with ``partition: natural``, one
+    client per distinct value of ``partition_column``, as FEMNIST's writers.
+    """
+
+    name: str | None = None
+    """A Hub id (``flwr/femnist``, ``uoft-cs/cifar100``; needs internet once, then the Hugging Face cache)
+    or the folder of a dataset saved with ``save_to_disk``; required with ``dataset: hf``."""
+    image_column: str | None = None
+    """The column of images; unset: the one column whose feature is an ``Image``."""
+    label_column: str = "label"
+    """The column of class labels: a ``ClassLabel`` (its names become the class names), integers or strings
+    (numbered in sorted order)."""
+    partition_column: str | None = None
+    """``partition: natural`` only: the column whose values are the clients (``writer_id`` for FEMNIST)."""
+    split_train: str = "train"
+    """The split the clients train on."""
+    split_test: str | None = "test"
+    """The split the clients are tested on; ``null`` for a dataset of one split: ``test_fraction`` of each
+    client's samples (natural partition) or of each class (other partitions) is held out for testing."""
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    """With ``split_test: null``: the share of samples held out for testing."""
+    split_seed: int = Field(0, ge=0)
+    """With ``split_test: null``: seeds the held-out samples, kept apart from ``seed`` so that runs of
+    several seeds test on the same samples."""
+    image_size: int | None = Field(None, ge=1)
+    """Resize every image to this many pixels square (bilinear); unset: the images must share one size."""
+
+
 class Config(_Strict):
     """A complete, validated experiment description; the defaults are the paper's CIFAR-100 setting.
 
@@ -196,9 +246,11 @@ class Config(_Strict):
     """
 
     algorithm: Annotated[str, TRAINING] = "fedbabu"
-    dataset: Annotated[Literal["digits", "fmnist", "cifar10", "cifar100", "custom"], DATA] = "cifar100"
+    dataset: Annotated[Literal["digits", "fmnist", "cifar10", "cifar100", "hf", "custom"], DATA] = "cifar100"
     data_dir: Annotated[Path | None, RUNTIME] = None
     download: Annotated[bool, RUNTIME] = False
+    hf: Annotated[HfConfig, DATA] = Field(default_factory=HfConfig)
+    """A Hugging Face dataset (``dataset: hf``; its keys below), from the Hub or saved with ``save_to_disk``."""
     model: Annotated[Literal["auto", "digitcnn", "4convnet", "mobilenet", "resnet18", "resnet50", "custom"],
                      TRAINING] = "auto"
     head_init: Annotated[Literal["default", "orthogonal", "zeros"], TRAINING] = "default"
@@ -208,6 +260,14 @@ class Config(_Strict):
     shards_per_client: Annotated[int, DATA] = Field(10, ge=1)
     dirichlet_alpha: Annotated[float, DATA] = Field(0.5, gt=0)
     samples_per_client: Annotated[int | None, DATA] = Field(None, ge=1)
+    holdout_clients: Annotated[int | float, DATA] = 0
+    """Clients the federation never trains (docs/new-clients.md): a count, or a fraction in (0, 1) of
+    ``num_clients`` (rounded, at least 1). A seeded set, never sampled, personalized and tested like every
+    other client, so that ``summary.json`` can give the participation gap (seen minus unseen accuracy).
+    The partition is unchanged, yet the role is ``data``, not ``training``: the held-out clients are part
+    of what the federation *is*, so every algorithm of a comparison or preset cell, and a warm start with
+    the run it starts (which must not have trained on them either), share the same set; resume and
+    ``personalize`` keep it, as they keep every data key."""
 
     rounds: Annotated[int, TRAINING] = Field(320, ge=0)
     client_fraction: Annotated[float, TRAINING] = Field(0.1, gt=0, le=1)
@@ -336,12 +396,47 @@ class Config(_Strict):
         parse_size(value)
         return value
 
+    @field_validator("holdout_clients", mode="before")
+    @classmethod
+    def _a_count_or_a_fraction(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        if isinstance(value, float) and 0 < value < 1:
+            return value
+        raise ValueError("expected a number of clients >= 0 or a fraction of num_clients in (0, 1)")
+
     @model_validator(mode="after")
     def _milestones_within_rounds(self) -> Config:
         if self.lr_milestones is not None:
             bad = [m for m in self.lr_milestones if m < 1]
             if bad:
                 raise ValueError(f"lr_milestones must be rounds >= 1, got {bad}")
+        return self
+
+    @model_validator(mode="after")
+    def _someone_trains(self) -> Config:
+        """Refuse a holdout that leaves no client to train."""
+        held_out = self.resolved_holdout()
+        if held_out >= self.num_clients:
+            raise ValueError(f"holdout_clients={self.holdout_clients!r} holds out {held_out} of num_clients="
+                             f"{self.num_clients}, leaving no client to train; expected at most "
+                             f"{self.num_clients - 1}")
+        return self
+
+    @model_validator(mode="after")
+    def _hf_names_its_data(self) -> Config:
+        """Refuse an ``hf`` section that cannot say which data and which clients a run has (one line each)."""
+        if self.dataset != "hf":
+            return self
+        if self.hf.name is None:
+            raise ValueError("hf.name: dataset: hf needs a dataset: a Hugging Face Hub id (flwr/femnist) or the "
+                             "folder of one saved with save_to_disk")
+        if self.partition == "natural" and self.hf.partition_column is None:
+            raise ValueError("hf.partition_column: partition: natural needs the column whose values are the "
+                             "clients (writer_id for flwr/femnist)")
+        if self.partition != "natural" and self.hf.partition_column is not None:
+            raise ValueError(f"hf.partition_column: only partition: natural reads it (partition is "
+                             f"{self.partition}); set partition: natural or unset hf.partition_column")
         return self
 
     @model_validator(mode="after")
@@ -356,15 +451,38 @@ class Config(_Strict):
         if self.client_failure_rate > 0:
             raise ValueError(f"client_failure_rate={self.client_failure_rate:g} with dp: the privacy accountant does "
                              "not model client dropouts; set client_failure_rate=0 for a DP run")
+        if dp.adaptive_clipping and dp.noise_multiplier >= 2 * self.clipped_count_stddev():
+            raise ValueError(f"dp.adaptive_clipping: the count noise (dp.clipped_count_stddev="
+                             f"{self.clipped_count_stddev():g}) must exceed dp.noise_multiplier / 2 = "
+                             f"{dp.noise_multiplier / 2:g}, or it alone would spend the whole budget; raise "
+                             "dp.clipped_count_stddev or switch adaptive clipping off")
         if self.max_update_norm is not None and self.max_update_norm < dp.clipping_norm:
             raise ValueError(f"max_update_norm={self.max_update_norm:g} is below dp.clipping_norm="
                              f"{dp.clipping_norm:g}: with dp, updates are clipped, not screened by norm; lower "
                              "dp.clipping_norm instead (or set max_update_norm=null)")
         return self
 
+    def resolved_holdout(self) -> int:
+        """How many clients are held out: ``holdout_clients`` itself, or its fraction of ``num_clients``
+        rounded to the nearest count (halves up) and at least 1."""
+        if isinstance(self.holdout_clients, float):
+            return max(1, int(self.holdout_clients * self.num_clients + 0.5))
+        return self.holdout_clients
+
+    def clients_per_round(self) -> int:
+        """m: the clients a round samples, ``max(1, floor(f * N))`` of the N that may train (the
+        federation less its held-out clients); with ``dp.sampling: poisson`` the expected count."""
+        return max(1, int(self.client_fraction * (self.num_clients - self.resolved_holdout())))
+
+    def clipped_count_stddev(self) -> float:
+        """Adaptive clipping's count noise: ``dp.clipped_count_stddev``, else clients per round / 20."""
+        given = self.dp.clipped_count_stddev
+        return given if given is not None else self.clients_per_round() / 20
+
     def resolved_delta(self) -> float:
-        """The delta of the reported (epsilon, delta): ``dp.delta``, else ``1 / num_clients**1.1``."""
-        return self.dp.delta if self.dp.delta is not None else 1.0 / self.num_clients**1.1
+        """The delta of the reported (epsilon, delta): ``dp.delta``, else ``1 / N**1.1`` for the N clients that
+        may train (all of them unless some are held out)."""
+        return self.dp.delta if self.dp.delta is not None else 1.0 / (self.num_clients - self.resolved_holdout())**1.1
 
     def settings_for(self, algorithm: str) -> AlgorithmSettings:
         """An algorithm's own settings: its section of this config, else its defaults."""
@@ -486,6 +604,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     catalog = _ALGORITHMS
     known = ([k for k in Config.model_fields if k != "settings"]
              + [f"finetune.{k}" for k in FinetuneConfig.model_fields] + [f"dp.{k}" for k in DpConfig.model_fields]
+             + [f"hf.{k}" for k in HfConfig.model_fields]
              + list(catalog)
              + [f"{name}.{key}" for name, model in catalog.items() for key in _field_names(model)])
     return f"{source}: {_describe(err, '', known)}"

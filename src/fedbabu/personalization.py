@@ -33,6 +33,7 @@ from fedbabu.engine.contract import keeps_client_state
 from fedbabu.engine.params import Layout, flatten_tensors
 from fedbabu.engine.privacy import rounds_to_run
 from fedbabu.engine.simulation import (
+    CLIENT_GROUPS,
     Observer,
     Personal,
     RunResult,
@@ -149,8 +150,25 @@ def settings_name(config: Config) -> str:
             + evaluation)
 
 
-def default_out(run_folder: Path, config: Config) -> Path:
-    return Path(run_folder) / PERSONALIZE_FOLDER / settings_name(config)
+def default_out(run_folder: Path, config: Config, group: str = "all") -> Path:
+    """``<run>/personalize/<settings>``, ``-seen`` or ``-unseen`` added for one group of clients, so that a
+    group's results never take the place of the whole federation's."""
+    suffix = "" if group == "all" else f"-{group}"
+    return Path(run_folder) / PERSONALIZE_FOLDER / (settings_name(config) + suffix)
+
+
+def group_clients(config: Config, num_clients: int, group: str) -> list[int]:
+    """The run's personalized clients in ``group`` (``--clients``), or a one-line error where there are none."""
+    if group not in CLIENT_GROUPS:
+        raise UserError(f"--clients {group}: expected one of {', '.join(CLIENT_GROUPS)}")
+    if group == "unseen" and config.resolved_holdout() == 0:
+        raise UserError("--clients unseen: the run held out no clients (holdout_clients=0); train one with "
+                        "--set holdout_clients=N to have unseen clients")
+    clients = personalized_clients(config, num_clients, group)
+    if not clients:
+        raise UserError(f"--clients {group}: none of the run's {config.personalize_clients} personalized clients "
+                        f"(personalize_clients) is {group}")
+    return clients
 
 
 def _partition(run: TrainedRun, config: Config, dataset: Dataset) -> Partition:
@@ -200,10 +218,11 @@ def restore_federation(run: TrainedRun, config: Config) -> tuple[Dataset, Partit
 
 def personalize_run(folder: Path, overrides: dict[str, Any] | None = None, out: Path | None = None,
                     overwrite: bool = False, observer: Observer | None = None,
-                    source: str = "--set") -> tuple[Experiment, Dataset]:
+                    source: str = "--set", group: str = "all") -> tuple[Experiment, Dataset]:
     """Personalize the clients of a finished run again; write the results to their own folder.
 
-    They are the run's own: every client, or the run's seeded sample (``personalize_clients``).
+    They are the run's own: every client, or the run's seeded sample (``personalize_clients``); with
+    ``group`` ``seen`` or ``unseen`` only those of them the federation could train, or only its held-out ones.
 
     ``overrides`` is a nested dict of ``finetune`` settings (plus workers, device, data folder).
     ``out`` defaults to ``<run>/personalize/<settings>``. With the run's own settings the clients'
@@ -217,21 +236,22 @@ def personalize_run(folder: Path, overrides: dict[str, Any] | None = None, out: 
                     "personalized as this build does, on the model the older version trained", run.folder,
                     run.config.algorithm, trained_by, ALGORITHMS[run.config.algorithm].training_version)
     config = personalization_config(run.config, overrides or {}, source)
-    out = Path(out) if out is not None else default_out(run.folder, config)
+    clients = group_clients(config, config.num_clients, group)
+    out = Path(out) if out is not None else default_out(run.folder, config, group)
     if out.resolve() == run.folder.resolve():
         raise UserError(f"--out {out}: is the run folder itself; its files are never overwritten, choose another")
     check_output_dir(out, overwrite)
     dataset, partition, global_vector, layout = restore_federation(run, config)
     started = time.perf_counter()
-    curves = personalize_federation(config, dataset, partition, global_vector, run.personal, observer)
+    curves = personalize_federation(config, dataset, partition, global_vector, run.personal, observer, group=group)
     result = RunResult(config=config, partition=partition, metrics=run.metrics,
-                       clients=client_records(partition, curves, personalized_clients(config, partition.num_clients)),
+                       clients=client_records(partition, curves, clients),
                        final_state=layout.to_state(global_vector),
                        personal=run.personal, wall_time_s=float(run.summary.get("wall_time_s", 0.0)),
                        bytes_per_round_per_client=int(run.summary.get("bytes_per_round_per_client", 0)))
     seconds = time.perf_counter() - started
     target = prepare_output_dir(out, overwrite)
-    summary = write_personalization(result, target, run.folder, seconds)
+    summary = write_personalization(result, target, run.folder, seconds, group)
     return Experiment(result, summary, target), dataset
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from fedbabu.algorithms import ALGORITHMS
 from fedbabu.config import Config, build_config, merge_dicts, parse_overrides
 from fedbabu.data.datasets import Dataset, load_dataset
+from fedbabu.data.hf import load_hf, natural_partition
 from fedbabu.data.partition import Partition, make_partition
 from fedbabu.engine.checkpoint import CHECKPOINT, METRICS, TIMING, Checkpoint, Checkpointer, load_checkpoint
 from fedbabu.engine.faults import TrainingDiverged
@@ -37,14 +38,22 @@ def default_out_dir(kind: str) -> Path:
 def prepare_data(config: Config) -> Dataset:
     if config.dataset == "custom":
         raise UserError("dataset: 'custom' means data given in Python; pass it as fedbabu.run(config, data=...)")
+    if config.dataset == "hf":
+        return load_hf(config).dataset
     return load_dataset(config.dataset, config.data_dir, config.download)
 
 
 def partition_for(config: Config, dataset: Dataset) -> Partition:
-    """The seeded partition of a config: identical for every algorithm run with the same seed."""
+    """The seeded partition of a config: identical for every algorithm run with the same seed.
+
+    A natural partition is the data's own (``hf.partition_column``), the same for every seed.
+    """
+    if config.partition == "natural" and config.dataset == "hf":
+        return natural_partition(config)
     if config.partition == "natural":
-        raise UserError("partition: 'natural' comes with the data; build it with fedbabu.from_arrays(..., "
-                        "client_ids=...) and pass it as fedbabu.run(config, data=...)")
+        raise UserError("partition: 'natural' comes with the data: name its column (dataset: hf, "
+                        "hf.partition_column), or build it with fedbabu.from_arrays(..., client_ids=...) and pass it "
+                        "as fedbabu.run(config, data=...)")
     return make_partition(
         config.partition,
         dataset.train_y.numpy(),
@@ -88,6 +97,8 @@ def run_experiment(config: Config, out: Path | None = None, observer: Observer |
         checkpoints = Checkpointer(folder, config) if folder is not None else None
         result = simulate(config, dataset, partition, observer, model_factory, checkpoints)
         summary = write_run(result, folder) if folder is not None else summarize(result)
+    if observer is not None:
+        observer.on_finish(summary)
     return Experiment(result, summary, folder)
 
 
@@ -219,7 +230,10 @@ def _resume_locked(folder: Path, given: Config | None, observer: Observer | None
     dataset = prepare_data(config)
     partition = partition_for(config, dataset)
     result = simulate(config, dataset, partition, observer, checkpoints=Checkpointer(folder, config, checkpoint))
-    return Experiment(result, write_run(result, folder), folder)
+    summary = write_run(result, folder)
+    if observer is not None:
+        observer.on_finish(summary)
+    return Experiment(result, summary, folder)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
+from fedbabu.results import holdout
 from fedbabu.results.paired import paired_cell
 
 Kind = Literal["key", "keys", "number", "text"]
@@ -157,7 +158,8 @@ def print_results(console: Console, title: str, rows: Sequence[dict]) -> None:
     ``rows`` are comparison rows (``algorithm``, ``initial_mean``/``_std``, ``personalized_mean``/``_std``,
     ``bytes_per_round_per_client``, ``wall_time_s``); accuracies in %, mean ± std over clients. Rows of a
     comparison (with ``paired_against``) get one more column: the paired per-client difference against
-    that entry, mean ± its standard error.
+    that entry, mean ± its standard error. Rows of runs with held-out clients (with ``participation_gap``)
+    get the seen and unseen clients' accuracies, initial → personalized, and the gap ± its standard error.
     """
     def pct(mean: float, std: float) -> str:
         return f"{100 * mean:.2f} ± {100 * std:.2f}"
@@ -168,6 +170,10 @@ def print_results(console: Console, title: str, rows: Sequence[dict]) -> None:
         *RESULT_COLUMNS[:4], Column(f"vs {reference}\n(paired)", "number"), *RESULT_COLUMNS[4:])
     if private:
         columns = (*columns, Column("ε", "number"))
+    groups = holdout.has_groups(rows)
+    if groups:
+        columns = (*columns, Column("seen (%)\ninit → pers", "number"), Column("unseen (%)\ninit → pers", "number"),
+                   Column("participation\ngap", "number"))
     table = []
     for r in rows:
         cells = [r["algorithm"], pct(r["initial_mean"], r["initial_std"]),
@@ -175,7 +181,8 @@ def print_results(console: Console, title: str, rows: Sequence[dict]) -> None:
                  f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f}", f"{r['bytes_per_round_per_client']:,}",
                  f"{r['wall_time_s']:.1f}"]
         cells = cells if reference is None else [*cells[:4], paired_cell(r, counts=False), *cells[4:]]
-        table.append([*cells, "no DP" if r.get("epsilon") is None else f"{r['epsilon']:.3g}"] if private else cells)
+        cells = [*cells, "no DP" if r.get("epsilon") is None else f"{r['epsilon']:.3g}"] if private else cells
+        table.append([*cells, *holdout.group_cells(r)] if groups else cells)
     print_table(console, title, columns, table)
 
 
@@ -187,4 +194,5 @@ def summary_row(summary: dict) -> dict:
             "personalized_std": summary["personalized_accuracy"]["std"],
             "bytes_per_round_per_client": summary["bytes_per_round_per_client"],
             "wall_time_s": summary["wall_time_s"],
-            "epsilon": summary["privacy"]["epsilon"] if summary.get("privacy") else None}
+            "epsilon": summary["privacy"]["epsilon"] if summary.get("privacy") else None,
+            **holdout.comparison_fields([summary])}

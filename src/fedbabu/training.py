@@ -17,7 +17,7 @@ from torch import nn
 
 from fedbabu.data.datasets import Dataset
 from fedbabu.data.transforms import Normalizer, random_crop_flip
-from fedbabu.models import in_parts
+from fedbabu.models import in_parts, norm_parameters
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,9 @@ class ClientData:
 
 def set_trainable(model: nn.Module, parts: Sequence[str]) -> list[nn.Parameter]:
     """Let gradients flow only into the named parts; the rest are not even differentiated."""
-    trainable = []
+    trainable, norms = [], norm_parameters(model)
     for name, param in model.named_parameters():
-        param.requires_grad_(in_parts(name, parts))
+        param.requires_grad_(in_parts(name, parts, norms))
         if param.requires_grad:
             trainable.append(param)
     return trainable
@@ -220,7 +220,8 @@ def body_features(model: nn.Module, data: ClientData, split: str) -> torch.Tenso
 
 def state_of(model: nn.Module, parts: Sequence[str]) -> dict[str, torch.Tensor]:
     """A detached copy of the parameters of the named parts."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if in_parts(n, parts)}
+    norms = norm_parameters(model)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if in_parts(n, parts, norms)}
 
 
 OPTIMIZER_STATE = "optimizer."
@@ -230,12 +231,19 @@ training, as its authors run it) stores them beside its model; :func:`load_state
 everything that loads a client's model (evaluation, ``personalize``, ``analyze``) reads only weights."""
 
 
+AUXILIARY_STATE = "state."
+"""Prefix of the entries of a personal state that an algorithm keeps beside weights and momentum
+(``state.<name>``, declared by :meth:`~fedbabu.algorithms.base.Algorithm.auxiliary_shapes`: FedALA's
+aggregation weights); :func:`load_state` leaves them out too."""
+
+
 def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the model in place (keeps the memory format and the optimizer-free model)."""
+    """Copy tensors into the model in place (keeps the memory format and the optimizer-free model); a
+    personal state's momentum and auxiliary entries are not weights and stay out."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
-            if not name.startswith(OPTIMIZER_STATE):
+            if not name.startswith((OPTIMIZER_STATE, AUXILIARY_STATE)):
                 params[name].copy_(value)
 
 

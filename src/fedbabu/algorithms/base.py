@@ -15,7 +15,8 @@ An algorithm says these things and nothing else:
   fine-tuning ``finetune.part``; an algorithm with an ``evaluation`` setting brings its own protocol,
   :meth:`Algorithm.own_personalize`, which that setting switches on);
 * whether a client keeps its optimizer's momentum across rounds besides its personal parts
-  (:attr:`Algorithm.keeps_momentum`; local training does);
+  (:attr:`Algorithm.keeps_momentum`; local training does), and which other tensors it keeps
+  (:meth:`Algorithm.auxiliary_shapes`; FedALA's aggregation weights);
 * which clients train in a round (:meth:`Algorithm.training_clients`, by default the sampled ones)
   and whether the initial global model is another run's final one (:attr:`Algorithm.warm_start`,
   LG-FedAvg's; by default the seed draws it);
@@ -117,6 +118,17 @@ class Algorithm:
         """
         return head
 
+    def auxiliary_shapes(self, parameter_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Tensors a client keeps across rounds that are neither weights nor momentum, with their shapes,
+        given the model's parameter shapes: none by default.
+
+        A method whose client learns something besides its network (FedALA's element-wise aggregation
+        weights) declares it here, each name starting with :data:`fedbabu.training.AUXILIARY_STATE`, so
+        that the engine accepts it in a personal state and :func:`~fedbabu.training.load_state` never
+        loads it into the network.
+        """
+        return {}
+
     def server_update(self, previous: dict[str, torch.Tensor], aggregated: dict[str, torch.Tensor],
                       statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The new global values of the shared parameters, after the server has averaged them.
@@ -127,10 +139,12 @@ class Algorithm:
         """
         return aggregated
 
-    def training_clients(self, sampled: list[int], num_clients: int) -> list[int]:
+    def training_clients(self, sampled: list[int], participating: list[int]) -> list[int]:
         """The clients that train in a round, given the round's sample: by default exactly the sampled ones.
 
-        An algorithm whose clients train independently of any sampling (local training) returns them all.
+        ``participating`` are all the clients that may train, in client order: the federation less its
+        held-out clients (``holdout_clients``), which no algorithm may train. An algorithm whose clients
+        train independently of any sampling (local training) returns them all.
         """
         return sampled
 

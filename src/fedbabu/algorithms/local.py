@@ -1,9 +1,9 @@
 """Local training only: no communication at all, the lower anchor of personalization.
 
 Nothing is shared, so the engine aggregates nothing and counts zero bytes; each client's whole
-model is its personal state and starts from the common initial model. Every client trains in
-every round, whatever the client sampling: a round is one more stretch of training alone, so
-``rounds x local_epochs`` is each client's number of epochs.
+model is its personal state and starts from the common initial model. Every client but the held-out
+ones (``holdout_clients``) trains in every round, whatever the client sampling: a round is one more
+stretch of training alone, so ``rounds x local_epochs`` is each client's number of epochs.
 
 The authors' ``main_local.py`` trains each client through one SGD optimizer for all its epochs, the
 lr stepped down by a schedule. A client here keeps its optimizer's momentum (``keeps_momentum``) and
@@ -23,5 +23,5 @@ class Local(Algorithm):
     keeps_momentum = True
     training_version = 2  # 1 restarted the momentum every round
 
-    def training_clients(self, sampled: list[int], num_clients: int) -> list[int]:
-        return list(range(num_clients))
+    def training_clients(self, sampled: list[int], participating: list[int]) -> list[int]:
+        return list(participating)

@@ -7,7 +7,7 @@ engines that use it (the simulator, the Flower apps, ``personalize`` and the rep
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from torch import nn
 
@@ -26,24 +26,28 @@ def start_global_model(algorithm: Algorithm, model: nn.Module) -> None:
         algorithm.warm_start.load(model, algorithm.config, algorithm.settings)
 
 
-def personal_shapes(algorithm: Algorithm, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Every tensor a client keeps across rounds, with its shape, given the model's parameter shapes.
+def personal_shapes(algorithm: Algorithm, shapes: Mapping[str, tuple[int, ...]],
+                    norms: Collection[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor a client keeps across rounds, with its shape, given the model's parameter shapes (and
+    its normalization parameters, :attr:`~fedbabu.engine.params.Layout.norms`, which the part ``norm`` needs).
 
-    Its personal parts and, where it keeps its optimizer (``keeps_momentum``, with momentum on), a
-    momentum buffer per trained parameter. The engine refuses an update whose personal state holds
-    anything else, so a client cannot smuggle other tensors into the next round.
+    Its personal parts, where it keeps its optimizer (``keeps_momentum``, with momentum on) a momentum
+    buffer per trained parameter, and the auxiliary tensors it declares (``auxiliary_shapes``). The
+    engine refuses an update whose personal state holds anything else, so a client cannot smuggle
+    other tensors into the next round.
     """
-    kept = {name: shape for name, shape in shapes.items() if in_parts(name, algorithm.personal_parts)}
+    kept = {name: shape for name, shape in shapes.items() if in_parts(name, algorithm.personal_parts, norms)}
     if algorithm.keeps_momentum and algorithm.config.momentum > 0:
         kept |= {OPTIMIZER_STATE + name: shape for name, shape in shapes.items()
-                 if in_parts(name, algorithm.trained_parts)}
-    return kept
+                 if in_parts(name, algorithm.trained_parts, norms)}
+    return kept | algorithm.auxiliary_shapes(shapes)
 
 
 def keeps_client_state(algorithm: Algorithm) -> bool:
-    """Whether clients carry anything from round to round (personal parts or optimizer momentum),
-    which only the run's checkpoint then holds."""
-    return bool(algorithm.personal_parts) or (algorithm.keeps_momentum and algorithm.config.momentum > 0)
+    """Whether clients carry anything from round to round (personal parts, optimizer momentum or
+    auxiliary tensors), which only the run's checkpoint then holds."""
+    return (bool(algorithm.personal_parts) or (algorithm.keeps_momentum and algorithm.config.momentum > 0)
+            or type(algorithm).auxiliary_shapes is not Algorithm.auxiliary_shapes)
 
 
 def evaluate_client(model: nn.Module, data: ClientData, personal: PersonalState) -> float:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fedbabu.algorithms.base import Algorithm
-from fedbabu.models import in_parts
+from fedbabu.models import in_parts, norm_parameters
 
 
 class Layout:
@@ -20,19 +20,21 @@ class Layout:
         self.shapes = [tuple(p.shape) for _, p in model.named_parameters()]
         self.sizes = [p.numel() for _, p in model.named_parameters()]
         self.total = sum(self.sizes)
+        self.norms = norm_parameters(model)
+        """The parameters the part ``norm`` names (:func:`~fedbabu.models.norm_parameters`)."""
 
     def mask(self, parts: Sequence[str]) -> torch.Tensor:
         """Boolean mask over the flat vector selecting the parameters of the named parts."""
-        pieces = [torch.full((size,), in_parts(name, parts))
+        pieces = [torch.full((size,), in_parts(name, parts, self.norms))
                   for name, size in zip(self.names, self.sizes, strict=True)]
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)
 
     def names_of(self, parts: Sequence[str]) -> list[str]:
         """Parameter names of the given parts, in the layout's (flat vector) order."""
-        return [name for name in self.names if in_parts(name, parts)]
+        return [name for name in self.names if in_parts(name, parts, self.norms)]
 
     def count(self, parts: Sequence[str]) -> int:
-        return sum(s for n, s in zip(self.names, self.sizes, strict=True) if in_parts(n, parts))
+        return sum(s for n, s in zip(self.names, self.sizes, strict=True) if in_parts(n, parts, self.norms))
 
     def to_state(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         state, offset = {}, 0

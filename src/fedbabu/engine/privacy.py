@@ -9,13 +9,31 @@ standard deviation ``z * C / m`` (:func:`noise`, drawn from a stream seeded by (
 adds the result to the previous global vector.
 
 Accounting (:func:`epsilon`) uses Google's ``dp-accounting`` RDP accountant with the event that
-matches the sampling the engine does: m of the N clients drawn uniformly *without replacement*
-each round (``SampledWithoutReplacementDpEvent``), a Gaussian mechanism, composed over the rounds.
-That analysis (Wang, Balle and Kasiviswanathan, 2019) is for the *replace-one* neighbouring
-relation (two federations of N clients that differ in one client's data; N is public), under
-which the clipped sum has L2 sensitivity 2C: the accountant's Gaussian therefore has noise
-multiplier z / 2. Epsilon is a pure function of (N, m, z, delta, rounds), so a resumed run needs
-no accountant state beyond the rounds done.
+matches the sampling the engine does:
+
+* ``dp.sampling: fixed`` (the default, the engine's usual sample): m of the N clients drawn
+  uniformly *without replacement* each round (``SampledWithoutReplacementDpEvent``), a Gaussian
+  mechanism, composed over the rounds. That analysis (Wang, Balle and Kasiviswanathan, 2019) is for
+  the *replace-one* neighbouring relation (two federations of N clients that differ in one client's
+  data; N is public), under which the clipped sum has L2 sensitivity 2C: the accountant's Gaussian
+  therefore has noise multiplier z / 2.
+* ``dp.sampling: poisson``: each client joins a round independently with probability q = m / N
+  (:func:`poisson_clients`), as DP-FedAvg's own analysis assumes (``PoissonSampledDpEvent``), for
+  the *add-or-remove-one* relation, under which the clipped sum's sensitivity is C and the
+  accountant's Gaussian has noise multiplier z. The mean still divides by m, the expected count.
+
+Epsilon is a pure function of (N, m, z, delta, sampling, rounds), so a resumed run needs no
+accountant state beyond the rounds done.
+
+**Adaptive clipping** (``dp.adaptive_clipping``, Andrew et al., 2021) moves the clipping norm each
+round toward the ``dp.target_quantile`` of the update norms: the server counts the updates within
+the current norm, adds Gaussian noise of standard deviation sigma_b to the count, and sets
+``C <- C * exp(-clipping_lr * (noisy count / m - target_quantile))`` (:func:`adapted_norm`).
+The count is released too, so its cost is taken out of the same budget: the updates' noise
+multiplier becomes ``(z**-2 - (2 sigma_b)**-2) ** -1/2`` (:func:`update_noise_multiplier`), which with
+the count's noise composes to exactly the Gaussian of multiplier z the accountant counts (the
+paper's Theorem 1; it holds for both relations, the count's sensitivity growing with the sum's).
+The norm is part of the server's state (checkpointed), and each round's norm is in its record.
 """
 
 from __future__ import annotations
@@ -23,7 +41,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,8 +55,14 @@ log = logging.getLogger("fedbabu")
 NOISE_STREAM = 0xD9C
 """The stream of the server's Gaussian noise, with (seed, round): independent of workers, engine and resume."""
 
+COUNT_STREAM = 0xC07
+"""The stream of adaptive clipping's noise on the count of unclipped updates, with (seed, round)."""
+
 ACCOUNTANT = "rdp (dp-accounting)"
-SAMPLING = "fixed-size sampling without replacement (m of N clients per round), replace-one neighbours"
+SAMPLING = {
+    "fixed": "fixed-size sampling without replacement (m of N clients per round), replace-one neighbours",
+    "poisson": "Poisson sampling (each client with probability m/N per round), add-or-remove-one neighbours",
+}
 
 
 def enabled(config: Config) -> bool:
@@ -47,13 +71,40 @@ def enabled(config: Config) -> bool:
 
 
 def expected_clients(config: Config) -> int:
-    """m: the clients sampled each round, ``max(1, floor(f * N))``: the divisor of the private mean."""
-    return max(1, int(config.client_fraction * config.num_clients))
+    """m: the clients sampled each round, ``max(1, floor(f * N))`` (its expectation under Poisson sampling):
+    the divisor of the private mean."""
+    return config.clients_per_round()
 
 
-def noise_std(config: Config) -> float:
-    """The standard deviation of the noise added to the mean update: ``z * C / m``."""
-    return config.dp.noise_multiplier * float(config.dp.clipping_norm) / expected_clients(config)
+def population(config: Config) -> int:
+    """N: the clients a round may sample (the federation less its held-out clients), the accountant's N."""
+    return config.num_clients - config.resolved_holdout()
+
+
+def update_noise_multiplier(config: Config) -> float:
+    """The noise multiplier of the mean update: z, or with adaptive clipping the share of z left once the
+    count of unclipped updates has taken its own, ``(z**-2 - (2 sigma_b)**-2) ** -1/2``."""
+    z = config.dp.noise_multiplier
+    if not config.dp.adaptive_clipping:
+        return z
+    return (z ** -2 - (2 * config.clipped_count_stddev()) ** -2) ** -0.5
+
+
+def noise_std(config: Config, clipping_norm: float | None = None) -> float:
+    """The standard deviation of the noise added to the mean update: ``z * C / m`` at the round's norm C
+    (``dp.clipping_norm`` unless adaptive clipping has moved it)."""
+    bound = float(config.dp.clipping_norm if clipping_norm is None else clipping_norm)
+    return update_noise_multiplier(config) * bound / expected_clients(config)
+
+
+def poisson_clients(config: Config, round_index: int, participating: Sequence[int]) -> list[int]:
+    """The clients of a Poisson-sampled round: each participating client independently with probability
+    m / N, from the sampler's stream for (seed, round) alone."""
+    from fedbabu.engine.round import SAMPLER_STREAM, stream_seed
+
+    rng = np.random.default_rng(stream_seed(config.seed, round_index, 0, SAMPLER_STREAM))
+    chosen = rng.random(len(participating)) < expected_clients(config) / len(participating)
+    return [client for client, taken in zip(participating, chosen, strict=True) if taken]
 
 
 def check_algorithm(algorithm: Algorithm) -> None:
@@ -86,28 +137,63 @@ def clip(update: np.ndarray, norm: float) -> np.ndarray:
     return update if length <= norm else update * (norm / length)
 
 
-def noise(config: Config, round_index: int, size: int) -> np.ndarray:
+def noise(config: Config, round_index: int, size: int, clipping_norm: float | None = None) -> np.ndarray:
     """The round's Gaussian noise on the mean update (float64, std :func:`noise_std`), seeded by (seed, round)."""
     from fedbabu.engine.round import stream_seed
 
     rng = np.random.default_rng(stream_seed(config.seed, round_index, 0, NOISE_STREAM))
-    return rng.standard_normal(size) * noise_std(config)
+    return rng.standard_normal(size) * noise_std(config, clipping_norm)
 
 
 def private_mean_update(config: Config, round_index: int, shared: Sequence[np.ndarray],
-                        reference: np.ndarray) -> np.ndarray:
-    """The noisy mean of the clipped updates (float64): what DP adds to the previous shared parameters.
+                        reference: np.ndarray, clipping_norm: float | None = None) -> tuple[np.ndarray, int]:
+    """The noisy mean of the clipped updates (float64), what DP adds to the previous shared parameters, and
+    how many updates were within the norm (adaptive clipping's count, before its noise).
 
     ``shared`` are the accepted clients' shared vectors in client order, ``reference`` the global
-    shared vector they started from. The clipped updates are summed in that order and divided by
-    the expected number of clients (a round with fewer replies still divides by m, and a round with
-    none still adds the noise), so the result never depends on which reply arrived first.
+    shared vector they started from, ``clipping_norm`` the round's norm (``dp.clipping_norm`` by
+    default). The clipped updates are summed in that order and divided by the expected number of
+    clients (a round with fewer replies still divides by m, and a round with none still adds the
+    noise), so the result never depends on which reply arrived first.
     """
-    bound = float(config.dp.clipping_norm)
+    bound = float(config.dp.clipping_norm if clipping_norm is None else clipping_norm)
     total = np.zeros(reference.shape, dtype=np.float64)
+    within = 0
     for vector in shared:
-        total += clip(np.subtract(vector, reference, dtype=np.float64), bound)
-    return total / expected_clients(config) + noise(config, round_index, reference.size)
+        update = np.subtract(vector, reference, dtype=np.float64)
+        within += int(math.sqrt(float(np.dot(update, update))) <= bound)
+        total += clip(update, bound)
+    return total / expected_clients(config) + noise(config, round_index, reference.size, bound), within
+
+
+def noisy_within_share(config: Config, round_index: int, within: int) -> float:
+    """Adaptive clipping's released statistic: the share of the round's expected clients whose update was
+    within the norm, after Gaussian noise of standard deviation sigma_b on the count (its own stream per
+    (seed, round)). Rounds record it, so the norm can be replayed from them."""
+    from fedbabu.engine.round import stream_seed
+
+    rng = np.random.default_rng(stream_seed(config.seed, round_index, 0, COUNT_STREAM))
+    return (within + rng.standard_normal() * config.clipped_count_stddev()) / expected_clients(config)
+
+
+def adapted_norm(config: Config, clipping_norm: float, within_share: float) -> float:
+    """The next round's norm: a geometric step toward the target quantile, down when more than that share of
+    the updates was within the norm."""
+    dp = config.dp
+    return float(clipping_norm * math.exp(-dp.clipping_lr * (within_share - dp.target_quantile)))
+
+
+def clipping_norm_after(config: Config, records: Sequence[Mapping[str, Any]]) -> float | None:
+    """The norm the next round clips to, after the recorded rounds: ``dp.clipping_norm`` moved by each
+    round's released share (``within_share``) under adaptive clipping; None without DP. A resumed run
+    replays the records of its checkpoint, so it needs no other state."""
+    if not enabled(config):
+        return None
+    norm = float(config.dp.clipping_norm)
+    if config.dp.adaptive_clipping:
+        for record in records:
+            norm = adapted_norm(config, norm, float(record["within_share"]))
+    return norm
 
 
 def report_empty_round(round_number: int) -> None:
@@ -120,19 +206,26 @@ def report_empty_round(round_number: int) -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def _round_rdp(num_clients: int, sample: int, noise_multiplier: float) -> tuple[np.ndarray, np.ndarray]:
+def _round_rdp(num_clients: int, sample: int, noise_multiplier: float,
+               sampling: str = "fixed") -> tuple[np.ndarray, np.ndarray]:
     """(orders, RDP of one round): computed once per setting (a fraction of a second), then scaled by rounds.
 
-    One round is m of N without replacement, then a Gaussian of noise multiplier z/2: z/2 because the
-    analysis is for replace-one neighbours, under which the clipped sum's L2 sensitivity is 2C while
-    the noise's standard deviation on it is zC.
+    Fixed-size sampling: m of N without replacement, then a Gaussian of noise multiplier z/2: z/2 because
+    the analysis is for replace-one neighbours, under which the clipped sum's L2 sensitivity is 2C while
+    the noise's standard deviation on it is zC. Poisson sampling: probability m/N, then a Gaussian of
+    multiplier z, for add-or-remove-one neighbours (sensitivity C).
     """
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
-    one = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    one.compose(dp_accounting.SampledWithoutReplacementDpEvent(
-        num_clients, sample, dp_accounting.GaussianDpEvent(noise_multiplier / 2)))
+    if sampling == "poisson":
+        one = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        one.compose(dp_accounting.PoissonSampledDpEvent(
+            sample / num_clients, dp_accounting.GaussianDpEvent(noise_multiplier)))
+    else:
+        one = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        one.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+            num_clients, sample, dp_accounting.GaussianDpEvent(noise_multiplier / 2)))
     return np.array(one.orders), np.array(one.rdp)
 
 
@@ -147,7 +240,8 @@ def epsilon(config: Config, rounds: int) -> float:
         return 0.0
     from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
-    orders, rdp = _round_rdp(config.num_clients, expected_clients(config), float(config.dp.noise_multiplier))
+    orders, rdp = _round_rdp(population(config), expected_clients(config), float(config.dp.noise_multiplier),
+                             config.dp.sampling)
     return float(compute_epsilon(orders, rounds * rdp, config.resolved_delta())[0])
 
 
@@ -182,22 +276,32 @@ def announce_stop(config: Config, rounds_done: int) -> None:
         log.warning("%s", reason)
 
 
-def summary(config: Config, rounds_done: int) -> dict[str, Any] | None:
-    """``summary.json``'s ``privacy``: the settings, the final (epsilon, delta) and how they were accounted."""
+def summary(config: Config, records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """``summary.json``'s ``privacy``: the settings, the final (epsilon, delta) and how they were accounted,
+    after the run's round ``records``."""
     if not enabled(config):
         return None
+    dp, rounds_done = config.dp, len(records)
+    adaptive = None
+    if dp.adaptive_clipping:
+        adaptive = {"target_quantile": dp.target_quantile, "clipping_lr": dp.clipping_lr,
+                    "clipped_count_stddev": config.clipped_count_stddev(),
+                    "update_noise_multiplier": update_noise_multiplier(config),
+                    "final_clipping_norm": clipping_norm_after(config, records)}
     return {
-        "noise_multiplier": config.dp.noise_multiplier,
-        "clipping_norm": config.dp.clipping_norm,
+        "noise_multiplier": dp.noise_multiplier,
+        "clipping_norm": dp.clipping_norm,
         "clients_per_round": expected_clients(config),
+        "population": population(config),
         "noise_std": noise_std(config),
         "delta": config.resolved_delta(),
         "epsilon": epsilon(config, rounds_done),
-        "target_epsilon": config.dp.target_epsilon,
+        "target_epsilon": dp.target_epsilon,
         "rounds": rounds_done,
         "stopped_early": stop_reason(config, rounds_done),
         "accountant": ACCOUNTANT,
-        "sampling": SAMPLING,
+        "sampling": SAMPLING[dp.sampling],
+        "adaptive_clipping": adaptive,
         "protects": "the shared parameters of every round's global model (user level); not the metrics clients "
                     "report, nor individual updates from the server that receives them",
     }

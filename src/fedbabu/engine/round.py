@@ -5,7 +5,8 @@ pool and the Flower strategy) call these functions rather than repeating them:
 
 1. :func:`plan_round`: which clients train (the seeded sample, as the algorithm takes it), which of
    them fail (``client_failure_rate``, seeded), and the round's lr. A pure function of (config,
-   round), so every engine trains the same clients in the same round.
+   round), so every engine trains the same clients in the same round. The held-out clients
+   (``holdout_clients``, :func:`held_out_clients`) are never among them, in any engine.
 2. :func:`finish_round`: screen the replies, average the accepted ones in client order (so the
    result never depends on which reply arrived first), let the algorithm's server step act on the
    average, stop a diverged run, and return the round's :class:`RoundRecord`. With ``dp`` on, the
@@ -32,7 +33,7 @@ from fedbabu.config import Config
 from fedbabu.engine import faults, privacy
 from fedbabu.engine.params import Layout, apply_server_update, flatten, weighted_mean
 
-SAMPLER_STREAM, DROPOUT_STREAM = 0x5A3, 0xD20
+SAMPLER_STREAM, DROPOUT_STREAM, HOLDOUT_STREAM = 0x5A3, 0xD20, 0x4D0
 
 MEASURED_KEYS = ("seconds", "utilization", "bytes_down", "bytes_up")
 """Record fields that measure one execution (time, the wire) rather than the federation: the only
@@ -45,11 +46,38 @@ def stream_seed(*words: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 
-def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
-    """The clients of a round: ``max(1, floor(f * N))`` of them, a pure function of (seed, round)."""
-    count = max(1, int(fraction * num_clients))
+def held_out_clients(seed: int, num_clients: int, count: int) -> list[int]:
+    """The clients the federation never trains (``holdout_clients``), sorted: a pure function of (seed, N, count).
+
+    They are the first ``count`` of one seeded order of the federation, so a smaller holdout lies inside a
+    larger one (a study of the holdout size compares nested groups), and the order is its own stream,
+    independent of the evaluated and personalized samples.
+    """
+    if count == 0:
+        return []
+    order = np.random.default_rng(stream_seed(seed, 0, 0, HOLDOUT_STREAM)).permutation(num_clients)
+    return sorted(int(c) for c in order[:count])
+
+
+def participating_clients(num_clients: int, held_out: Sequence[int] = ()) -> list[int]:
+    """Every client that may train, in client order: the federation less its held-out clients."""
+    excluded = set(held_out)
+    return [c for c in range(num_clients) if c not in excluded]
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float,
+                   held_out: Sequence[int] = ()) -> list[int]:
+    """The clients of a round: ``max(1, floor(f * M))`` of the M participating clients (the N clients less
+    ``held_out``), a pure function of (seed, round, held-out set).
+
+    The fraction is of the participating clients, so that a round trains as many of them as a federation
+    of M clients without a holdout would. The draw picks positions among them, which without a holdout
+    are the clients themselves: the samples of a run without held-out clients are those of earlier builds.
+    """
+    eligible = participating_clients(num_clients, held_out)
+    count = max(1, int(fraction * len(eligible)))
     rng = np.random.default_rng(stream_seed(seed, round_index, 0, SAMPLER_STREAM))
-    return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+    return sorted(eligible[int(i)] for i in rng.choice(len(eligible), size=count, replace=False))
 
 
 @dataclass(frozen=True)
@@ -60,7 +88,8 @@ class RoundPlan:
     """0-based; records and logs say ``index + 1``."""
     lr: float
     sampled: tuple[int, ...]
-    """The clients chosen to train: the seeded sample as the algorithm takes it (``training_clients``)."""
+    """The clients chosen to train: the seeded sample as the algorithm takes it (``training_clients``), never a
+    held-out one."""
     dropped: tuple[int, ...]
     """Those of ``sampled`` that fail this round by the seeded ``client_failure_rate`` draw."""
 
@@ -76,8 +105,12 @@ class RoundPlan:
 
 def plan_round(config: Config, algorithm: Algorithm, round_index: int, num_clients: int) -> RoundPlan:
     """The round's sample, dropouts and lr; the same in every engine and after any resume."""
-    sampled = algorithm.training_clients(sample_clients(config.seed, round_index, num_clients,
-                                                        config.client_fraction), num_clients)
+    held_out = held_out_clients(config.seed, num_clients, config.resolved_holdout())
+    if privacy.enabled(config) and config.dp.sampling == "poisson":
+        sample = privacy.poisson_clients(config, round_index, participating_clients(num_clients, held_out))
+    else:
+        sample = sample_clients(config.seed, round_index, num_clients, config.client_fraction, held_out)
+    sampled = algorithm.training_clients(sample, participating_clients(num_clients, held_out))
     dropped = faults.dropped_clients(sampled, config.client_failure_rate,
                                      stream_seed(config.seed, round_index, 0, DROPOUT_STREAM))
     return RoundPlan(round_index, config.lr_at(round_index), tuple(sampled), tuple(dropped))
@@ -95,12 +128,20 @@ class ServerState:
     layout: Layout
     global_vector: torch.Tensor
     shared_mask: torch.Tensor
+    clipping_norm: float | None = None
+    """With ``dp`` on: the norm the next round's updates are clipped to (adaptive clipping moves it)."""
 
     @classmethod
     def of(cls, algorithm: Algorithm, model: nn.Module) -> ServerState:
         """The state of a network at its current weights (the template, after any warm start)."""
         layout = Layout(model)
-        return cls(layout, flatten(model), layout.mask(algorithm.shared_parts))
+        return cls(layout, flatten(model), layout.mask(algorithm.shared_parts),
+                   privacy.clipping_norm_after(algorithm.config, []))
+
+    def restore(self, config: Config, records: Sequence[Mapping[str, Any]]) -> None:
+        """Continue after the recorded rounds of a checkpoint: the weights are restored elsewhere; the clipping
+        norm is replayed from the records' released shares."""
+        self.clipping_norm = privacy.clipping_norm_after(config, records)
 
     def shared(self) -> torch.Tensor:
         """The shared parameters, flat, in layout order."""
@@ -146,6 +187,10 @@ class RoundRecord:
     """Mean accuracy of the global model over the evaluated clients, on evaluation rounds."""
     epsilon: float | None = None
     """With ``dp`` on: the epsilon spent after this round, at the run's delta (``engine.privacy``)."""
+    clipping_norm: float | None = None
+    """With ``dp.adaptive_clipping``: the norm this round's updates were clipped to."""
+    within_share: float | None = None
+    """With ``dp.adaptive_clipping``: the noisy share of updates within that norm, from which the next norm follows."""
     seconds: float | None = None
     utilization: float | None = None
     """Simulator: the share of the workers' time spent in client tasks during the round."""
@@ -187,10 +232,12 @@ def finish_round(plan: RoundPlan, replies: Sequence[ClientReply], server: Server
     screening = faults.Screening(screened.accepted, {**(malformed or {}), **screened.rejected})
     accepted = [replies[i] for i in screening.accepted]
     weights = [r.num_examples for r in accepted]
+    within = 0  # adaptive clipping's count of updates within the norm
     if bool(server.shared_mask.any()) and (accepted or private):
         previous = server.shared().clone()
         if private:
-            step = privacy.private_mean_update(config, plan.index, [r.shared for r in accepted], reference)
+            step, within = privacy.private_mean_update(config, plan.index, [r.shared for r in accepted], reference,
+                                                       server.clipping_norm)
             server.global_vector[server.shared_mask] = torch.from_numpy(
                 reference.astype(np.float64) + step).to(server.global_vector.dtype)
         else:
@@ -205,6 +252,10 @@ def finish_round(plan: RoundPlan, replies: Sequence[ClientReply], server: Server
         clients=list(plan.sampled), dropped=len(plan.dropped), failed=sorted(failed),
         rejected=len(screening.rejected),
         epsilon=privacy.epsilon(config, plan.number) if private else None)
+    if private and config.dp.adaptive_clipping:
+        record.clipping_norm = server.clipping_norm
+        record.within_share = privacy.noisy_within_share(config, plan.index, within)
+        server.clipping_norm = privacy.adapted_norm(config, server.clipping_norm, record.within_share)
     faults.check_divergence(plan.number, screening, bool(torch.isfinite(server.global_vector).all()),
                             record.train_loss)
     if not accepted:

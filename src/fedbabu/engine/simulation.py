@@ -30,10 +30,10 @@ from fedbabu.engine.contract import evaluate_client, personal_shapes, start_glob
 from fedbabu.engine.params import Layout, flatten, flatten_tensors, load_flat
 from fedbabu.engine.personal import Personal, PersonalStore
 from fedbabu.engine.pool import ClientPool
-from fedbabu.engine.round import ClientReply, ServerState, finish_round, plan_round, stream_seed
+from fedbabu.engine.round import ClientReply, ServerState, finish_round, held_out_clients, plan_round, stream_seed
 from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
 from fedbabu.errors import UserError
-from fedbabu.models import BodyHead, build_model, in_parts, part_of
+from fedbabu.models import BodyHead, build_model, part_of
 from fedbabu.training import ClientData, Runtime, body_features, load_state
 
 TRAIN_STREAM, PERSONALIZE_STREAM, HEAD_STREAM, CLIENT_ORDER_STREAM = 0x7E1, 0x9E2, 0x4EA, 0xC0D
@@ -89,9 +89,25 @@ def seeded_clients(seed: int, num_clients: int, count: int | str) -> list[int]:
     return sorted(int(c) for c in order[:int(count)])
 
 
-def personalized_clients(config: Config, num_clients: int) -> list[int]:
-    """The clients a run (and everything that re-derives its personalization) fine-tunes and reports."""
-    return seeded_clients(config.seed, num_clients, config.personalize_clients)
+CLIENT_GROUPS = ("all", "seen", "unseen")
+"""Which of a run's clients ``personalize`` and ``analyze`` work on: every one, those the federation could
+train (seen), or its held-out ones (unseen, ``holdout_clients``)."""
+
+
+def personalized_clients(config: Config, num_clients: int, group: str = "all") -> list[int]:
+    """The clients a run (and everything that re-derives its personalization) fine-tunes and reports, or
+    those of them in one of :data:`CLIENT_GROUPS`.
+
+    A held-out client is personalized like every other: it starts from the final global model without
+    personal state, which each algorithm's personalization already meets in a client never sampled.
+    """
+    clients = seeded_clients(config.seed, num_clients, config.personalize_clients)
+    if group == "all":
+        return clients
+    if group not in CLIENT_GROUPS:
+        raise ValueError(f"unknown client group {group!r}; expected one of {', '.join(CLIENT_GROUPS)}")
+    unseen = set(held_out_clients(config.seed, num_clients, config.resolved_holdout()))
+    return [c for c in clients if (c in unseen) == (group == "unseen")]
 
 
 def runtime_for(config: Config) -> Runtime:
@@ -233,7 +249,7 @@ def _train_vectorized(worker: Worker, clients: list[int], round_index: int, lr: 
     finals, losses = vectorized_sgd(
         model, data, starts, fed.algorithm.trained_parts, fed.algorithm.local_training(lr),
         [client_generator(fed.config.seed, round_index, c, TRAIN_STREAM) for c in clients])
-    kept = [name for name in fed.layout.names if in_parts(name, fed.algorithm.personal_parts)]
+    kept = fed.layout.names_of(fed.algorithm.personal_parts)
     return [
         ClientReply(client, flatten_tensors(final[n] for n in fed.layout.names)[fed.shared_mask].numpy(), loss,
                     client_data.num_train, _to_numpy({n: final[n] for n in kept}))
@@ -279,6 +295,9 @@ class Observer:
     def on_personalized(self, done: int, total: int) -> None:
         """``done`` of ``total`` clients are personalized (called per chunk, so progress can be shown)."""
 
+    def on_finish(self, summary: Mapping[str, Any]) -> None:
+        """The run's results are final; ``summary`` is its ``summary.json`` (called by the runner, after the files)."""
+
 
 def preflight(config: Config, dataset: Dataset, model_factory: ModelFactory = config_model,
               initial: bool = True) -> tuple[Algorithm, Runtime, BodyHead, bool]:
@@ -320,10 +339,11 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
     personal = PersonalStore(config.resolved_personal_memory(), checkpoints.personal_folder if checkpoints else None)
     metrics: list[dict[str, Any]] = []
     start_round = checkpoints.restore_into(server.global_vector, personal, metrics) if checkpoints else 0
+    server.restore(config, metrics)
     # a resumed run reports its whole time: the restored records carry their rounds' seconds
     seconds_before = sum(m.get("seconds", 0.0) for m in metrics)
     layout = server.layout
-    kept_shapes = personal_shapes(algorithm, dict(zip(layout.names, layout.shapes, strict=True)))
+    kept_shapes = personal_shapes(algorithm, dict(zip(layout.names, layout.shapes, strict=True)), layout.norms)
     observer.on_start(config, partition, algorithm)
     hardware.warn_if_bf16_is_emulated(runtime)
     evaluated = seeded_clients(config.seed, partition.num_clients, config.eval_clients)
@@ -416,16 +436,16 @@ def _trained_federation(config: Config, dataset: Dataset, partition: Partition, 
 
 def personalize_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
                            personal: Mapping[int, Personal], observer: Observer | None = None,
-                           model_factory: ModelFactory = config_model) -> list[list[float]]:
+                           model_factory: ModelFactory = config_model, group: str = "all") -> list[list[float]]:
     """Personalize the clients of a trained federation again: what a run does after its last round.
 
-    The clients are the run's own (:func:`personalized_clients`: all, or the run's seeded sample),
-    and the curves come in their order. With the run's own settings the accuracy curves are
-    bit-identical to the run's, whatever the number of workers; with other fine-tuning settings
-    only the fine-tuning differs.
+    The clients are the run's own (:func:`personalized_clients`: all, or the run's seeded sample; only
+    those of ``group`` where it is not ``all``), and the curves come in their order. With the run's own
+    settings the accuracy curves are bit-identical to the run's, whatever the number of workers; with
+    other fine-tuning settings only the fine-tuning differs.
     """
     observer = observer or Observer()
-    clients = personalized_clients(config, partition.num_clients)
+    clients = personalized_clients(config, partition.num_clients, group)
     with _trained_federation(config, dataset, partition, global_vector, model_factory) as pool:
         observer.on_personalize_start(len(clients))
         return _personalize_all(pool, personal, clients, observer)
@@ -499,16 +519,17 @@ class InspectTask:
 def inspect_federation(config: Config, dataset: Dataset, partition: Partition, global_vector: torch.Tensor,
                        personal: Mapping[int, Personal], probe: np.ndarray,
                        consume: Callable[[ClientInspection, np.ndarray], None], observer: Observer | None = None,
-                       model_factory: ModelFactory = config_model) -> np.ndarray:
+                       model_factory: ModelFactory = config_model, group: str = "all") -> np.ndarray:
     """Inspect the run's personalized clients on the worker pool; return the global probe features.
 
-    The clients are those the run personalized (:func:`personalized_clients`), in client order.
+    The clients are those the run personalized (:func:`personalized_clients`; only those of ``group``
+    where it is not ``all``), in client order.
     The global body reads the probe images (test images given by index) first; then each client's
     :class:`ClientInspection` goes to ``consume``, with those global probe features, as soon as its
     chunk is done, so the caller keeps only what it needs (a federation's features may not fit).
     """
     observer = observer or Observer()
-    clients = personalized_clients(config, partition.num_clients)
+    clients = personalized_clients(config, partition.num_clients, group)
     with _trained_federation(config, dataset, partition, global_vector, model_factory) as pool:
         global_probe = pool.map([ProbeTask(probe)])[0]
         observer.on_personalize_start(len(clients))

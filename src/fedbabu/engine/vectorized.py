@@ -26,7 +26,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedbabu.algorithms.base import Algorithm
 from fedbabu.errors import UserError
-from fedbabu.models import in_parts
+from fedbabu.models import in_parts, norm_parameters
 from fedbabu.training import ClientData, LocalTraining, autocast_for
 
 Params = dict[str, torch.Tensor]
@@ -75,7 +75,8 @@ def vectorized_sgd(
     if not starts:
         return [], []
     names = [name for name, _ in model.named_parameters()]
-    trained = [name for name in names if in_parts(name, parts)]
+    norms = norm_parameters(model)
+    trained = [name for name in names if in_parts(name, parts, norms)]
     frozen = [name for name in names if name not in trained]
     stacked = {name: torch.stack([start[name].detach() for start in starts]) for name in names}
     if not trained or settings.epochs == 0:

@@ -34,6 +34,7 @@ from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
 from fedbabu.engine.contract import evaluate_client, start_global_model
 from fedbabu.engine.pool import tune_process
+from fedbabu.engine.round import held_out_clients
 from fedbabu.engine.simulation import (
     TRAIN_STREAM,
     client_generator,
@@ -198,8 +199,14 @@ def query(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """One round of the algorithm's local update; only the shared parts go back, personal parts wait."""
+    """One round of the algorithm's local update; only the shared parts go back, personal parts wait.
+
+    A held-out client (``holdout_clients``) refuses: the round policy never asks one, so a train message
+    to it can only come from another strategy, and training it would make its results those of a seen client.
+    """
     c = client_for(message, context)
+    if c.client in held_out_clients(c.config.seed, c.config.num_clients, c.config.resolved_holdout()):
+        raise UserError(f"client {c.client} is held out (holdout_clients={c.config.holdout_clients}) and never trains")
     settings = message.content[CONFIG]
     round_index = int(settings["round-index"])
     generator = client_generator(c.config.seed, round_index, c.client, TRAIN_STREAM)

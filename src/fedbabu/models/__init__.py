@@ -6,7 +6,7 @@ algorithm can say "train the body, keep the head" by name alone, whatever the ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
@@ -81,13 +81,46 @@ def part_of(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def in_parts(name: str, parts: Sequence[str]) -> bool:
-    """Whether a parameter belongs to one of ``parts``: ``body``, ``head``, or a module inside them.
+NORM = "norm"
+"""The part made of every normalization layer's parameters, wherever they lie in the body or the head
+(FedBN keeps them per client). Module names do not say which layers normalize, so the part is resolved
+against a model: :func:`norm_parameters` names its parameters."""
+
+EXCLUDED = "-"
+"""Prefix of a part taken out of the others: FedBN shares ``("body", "head", "-norm")``."""
+
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
+               nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
+
+
+def norm_parameters(model: nn.Module) -> frozenset[str]:
+    """The names of the parameters of the model's normalization layers: what the part :data:`NORM` selects.
+
+    Walked once per call, after the algorithm's head is in place, so a head of its own is covered too.
+    """
+    return frozenset(f"{module_name}.{name}" if module_name else name
+                     for module_name, module in model.named_modules() if isinstance(module, NORM_LAYERS)
+                     for name, _ in module.named_parameters(recurse=False))
+
+
+def in_parts(name: str, parts: Sequence[str], norms: Collection[str] | None = None) -> bool:
+    """Whether a parameter belongs to ``parts``: ``body``, ``head``, a module inside them, or :data:`NORM`,
+    less any part written with the :data:`EXCLUDED` prefix.
 
     A head that is more than one linear layer names its pieces (``head.scale``, ``head.personal``),
-    so an algorithm can train, share or keep per client a piece of the head by name alone.
+    so an algorithm can train, share or keep per client a piece of the head by name alone. ``norms``
+    is the model's :func:`norm_parameters`, which the part ``norm`` needs (it refuses to guess without).
     """
-    return any(name == part or name.startswith(part + ".") for part in parts)
+    def matches(part: str) -> bool:
+        if part == NORM:
+            if norms is None:
+                raise ValueError("the part 'norm' needs the model's norm_parameters")
+            return name in norms
+        return name == part or name.startswith(part + ".")
+
+    excluded = [part.removeprefix(EXCLUDED) for part in parts if part.startswith(EXCLUDED)]
+    return (any(matches(part) for part in parts if not part.startswith(EXCLUDED))
+            and not any(matches(part) for part in excluded))
 
 
 def count_parameters(model: nn.Module, part: str | None = None) -> int:

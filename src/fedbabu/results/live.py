@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from fedbabu.config import Config
 from fedbabu.data.partition import Partition
 from fedbabu.engine.simulation import Observer
 from fedbabu.errors import UserError
+from fedbabu.results import holdout
 
 SCALARS = {"train_loss": "train/loss", "lr": "train/lr", "test_accuracy": "global/test_accuracy",
            "rejected": "faults/rejected_updates", "dropped": "faults/dropped_clients", "seconds": "time/round_seconds",
@@ -39,6 +41,10 @@ class ObserverGroup(Observer):
     def on_personalized(self, done: int, total: int) -> None:
         for o in self.observers:
             o.on_personalized(done, total)
+
+    def on_finish(self, summary: Mapping[str, Any]) -> None:
+        for o in self.observers:
+            o.on_finish(summary)
 
 
 class TensorBoardObserver(Observer):
@@ -71,6 +77,18 @@ class TensorBoardObserver(Observer):
     def on_personalized(self, done: int, total: int) -> None:
         if done == total:
             self.close()
+
+    def on_finish(self, summary: Mapping[str, Any]) -> None:
+        """A run with held-out clients: the seen and unseen clients' final accuracies and the participation gap,
+        at the last round (their own event file: the rounds' writer is closed when personalization ends)."""
+        values = holdout.scalars(summary)
+        if not values:
+            return
+        writer = self._writer_class(log_dir=str(self.folder / "tensorboard"))
+        for tag, value in values.items():
+            if not math.isnan(value):
+                writer.add_scalar(tag, value, summary["rounds"])
+        writer.close()
 
     def close(self) -> None:
         if self.writer is not None:

@@ -18,6 +18,8 @@ from fedbabu.engine.checkpoint import METRICS, TIMING, metrics_line, timing_line
 from fedbabu.engine.contract import versions
 from fedbabu.engine.simulation import RunResult, seeded_clients
 from fedbabu.files import atomic_write_text, save_tensors, write_csv, write_json
+from fedbabu.results import holdout
+from fedbabu.results.holdout import GroupAccuracy, ParticipationGap
 from fedbabu.results.paired import PairedDifference, paired_cell, paired_difference, paired_reference
 from fedbabu.results.plots import plot_clients, plot_comparison, plot_finetune_curves, plot_rounds
 
@@ -99,9 +101,19 @@ class RunSummary(TypedDict, total=False):
     environment: Environment
     privacy: PrivacySummary
     """A DP run only (``dp.noise_multiplier > 0``)."""
+    holdout_clients: int
+    """A run with held-out clients only (``holdout_clients > 0``, as are the next three): how many."""
+    seen: GroupAccuracy
+    """The clients the federation could train (all but the held-out ones), among those personalized."""
+    unseen: GroupAccuracy
+    """The held-out clients, among those personalized."""
+    participation_gap: ParticipationGap
+    """Seen minus unseen personalized accuracy, with its unpaired standard error (:mod:`fedbabu.results.holdout`)."""
     flower: dict[str, Any]
     personalized_from: str
     personalization_wall_time_s: float
+    client_group: str
+    """A run personalized again for one group only (``fedbabu personalize --clients seen|unseen``)."""
 
 
 def mean_std(values: np.ndarray) -> MeanStd:
@@ -136,7 +148,7 @@ def summarize(result: RunResult) -> RunSummary:
         "algorithm_version": versions(algorithm),
         "personal_parts": list(algorithm.personal_parts),
         "final_global_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
-        "never_sampled_clients": never_sampled(result.metrics, c.num_clients),
+        "never_sampled_clients": never_sampled(result.metrics, c.num_clients - c.resolved_holdout()),
         "bytes_per_round_per_client": result.bytes_per_round_per_client,
         "wall_time_s": round(result.wall_time_s, 3),
         "environment": {
@@ -150,9 +162,10 @@ def summarize(result: RunResult) -> RunSummary:
             "cpu_kernels": hardware.cpu_kernels() if device == "cpu" else None,
         },
     }
-    spent = privacy.summary(c, len(result.metrics))
+    spent = privacy.summary(c, result.metrics)
     if spent is not None:
         summary["privacy"] = spent
+    summary.update(holdout.holdout_summary(c, result.partition.num_clients, result.clients))
     return summary
 
 
@@ -160,6 +173,7 @@ def never_sampled(metrics: list[dict[str, Any]], num_clients: int) -> int:
     """Clients that took part in no training round: with personal parts, theirs are still the initial ones.
 
     Sampling is random, so with f = 0.1 over 32 rounds about 3% of the clients are never drawn.
+    ``num_clients`` counts the clients that could be drawn: the held-out ones are counted apart.
     """
     taking_part = {client for record in metrics for client in record.get("clients", [])}
     return num_clients - len(taking_part)
@@ -173,6 +187,12 @@ def client_rows(result: RunResult) -> tuple[list[str], list[list[Any]]]:
         f"accuracy_after_{unit}_{e}" for e in range(1, steps + 1)]
     rows = [[c["client"], c["train_size"], c["test_size"], c["classes"]] + [f"{a:.6f}" for a in c["accuracies"]]
             for c in result.clients]
+    if holdout.holds_out(result.config):  # only then, so a run without held-out clients writes what it always did
+        clients = [c["client"] for c in result.clients]
+        groups = holdout.group_column(result.config, result.partition.num_clients, clients)
+        header.insert(4, holdout.GROUP_COLUMN)
+        for row, group in zip(rows, groups, strict=True):
+            row.insert(4, group)
     return header, rows
 
 
@@ -198,22 +218,26 @@ def write_run(result: RunResult, folder: Path) -> RunSummary:
     return summary
 
 
-def write_personalization(result: RunResult, folder: Path, source: Path, seconds: float) -> RunSummary:
+def write_personalization(result: RunResult, folder: Path, source: Path, seconds: float,
+                          group: str = "all") -> RunSummary:
     """The folder of a run personalized again: its fine-tuning results, never a copy of the trained model.
 
     ``summary.json`` keeps the training run's wall time and communication (the same federation) and
-    adds where it came from and how long the new personalization took.
+    adds where it came from and how long the new personalization took, and ``client_group`` where only
+    the seen or the unseen clients were personalized (``--clients``).
     """
     folder = Path(folder)
     summary: RunSummary = {**summarize(result), "personalized_from": str(source),
                            "personalization_wall_time_s": round(seconds, 3)}
+    if group != "all":
+        summary["client_group"] = group
     atomic_write_text(folder / "config.yaml", dump_config(result.config))
     header, rows = client_rows(result)
     write_csv(folder / "clients.csv", header, rows)
     write_json(folder / "summary.json", summary)
     write_plots(folder, result.config, [], result.accuracy_curve())
     note = (f"Personalized again from the trained run `{source}` (its final global model and personal state; "
-            f"no training) in {seconds:.1f} s.")
+            f"no training) in {seconds:.1f} s." + ("" if group == "all" else f" Only its {group} clients."))
     atomic_write_text(folder / "report.md", run_report(summary, has_rounds=False, note=note))
     return summary
 
@@ -255,6 +279,7 @@ def run_report(summary: dict[str, Any], has_rounds: bool = True, note: str = "")
         "",
     ]
     lines += _privacy_note(summary)
+    lines += holdout.report_lines(summary)
     lines += _sample_notes(summary)
     lines += _never_sampled_note(summary)
     if note:
@@ -303,7 +328,10 @@ def _never_sampled_note(summary: dict[str, Any]) -> list[str]:
     parts = summary.get("personal_parts", ALGORITHMS[summary["algorithm"]].personal_parts)
     kept = (f": each keeps the {'+'.join(parts)} the run started from, and its accuracies are measured "
             "with it" if parts else "")
-    return [f"{count} of {summary['num_clients']} clients were never sampled for a training round{kept}.", ""]
+    held_out = summary.get("holdout_clients", 0)
+    among = " participating (not held out)" if held_out else ""
+    return [f"{count} of {summary['num_clients'] - held_out}{among} clients were never sampled for a training "
+            f"round{kept}.", ""]
 
 
 def seed_spread(means: list[float]) -> float:
@@ -355,6 +383,7 @@ def comparison_rows(summaries: dict[str, list[dict[str, Any]]],
             "paired_against": reference,
             **_paired_fields(pair),
             "epsilon": _epsilon(runs),
+            **holdout.comparison_fields(runs),
         })
     return rows
 
@@ -378,6 +407,7 @@ COMPARISON_HEADER = ["algorithm", "initial_mean", "initial_std", "personalized_m
 def write_comparison(rows: list[dict[str, Any]], curves: dict[str, list[np.ndarray]], folder: Path,
                      title: str) -> None:
     header = [*COMPARISON_HEADER, "epsilon"] if has_privacy(rows) else COMPARISON_HEADER
+    header = [*header, *holdout.COMPARISON_KEYS] if holdout.has_groups(rows) else header
     write_csv(folder / "comparison.csv", header, [[_csv_value(r.get(k)) for k in header] for r in rows])
     plot_comparison(rows, folder / "comparison.png", title)
     units = sorted({r["personalization_unit"] for r in rows})
@@ -409,6 +439,7 @@ def epsilon_cell(row: dict[str, Any]) -> str:
 def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
     reference = rows[0].get("paired_against", "") if rows else ""
     private = has_privacy(rows)
+    groups = holdout.has_groups(rows)
     lines = [
         f"# {title}",
         "",
@@ -421,11 +452,14 @@ def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
         "mean ± the standard error of that mean over the clients of all seeds, and on how many clients "
         "the algorithm is higher, lower or tied." + (" ε: the user-level epsilon of the shared parameters (at each "
                                                        "run's delta, see summary.json's privacy), largest over "
-                                                       "seeds." if private else ""),
+                                                       "seeds." if private else "")
+        + (" Seen / unseen: the clients the federation could train and the held-out ones (docs/new-clients.md), "
+           "initial → personalized mean; gap: seen − unseen personalized, ± its unpaired standard error."
+           if groups else ""),
         "",
         f"| algorithm | initial | personalized | gain | paired vs {reference} | bytes/round/client | wall time (s) "
-        "| personalization |" + (" ε |" if private else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if private else ""),
+        "| personalization |" + (" ε |" if private else "") + (" seen | unseen | gap |" if groups else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if private else "") + ("---|---|---|" if groups else ""),
     ]
     for r in rows:
         lines.append(
@@ -436,6 +470,7 @@ def comparison_markdown(rows: list[dict[str, Any]], title: str) -> str:
             f"{100 * (r['personalized_mean'] - r['initial_mean']):+.2f} | {paired_cell(r)} | "
             f"{r['bytes_per_round_per_client']:,} | "
             f"{r['wall_time_s']:.1f} | {r['personalization']} |" + (f" {epsilon_cell(r)} |" if private else "")
+            + (f" {' | '.join(holdout.group_cells(r))} |" if groups else "")
         )
     lines += ["", "![comparison](comparison.png)", "", "![personalization curves](finetune.png)", ""]
     return "\n".join(lines)
