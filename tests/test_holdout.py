@@ -237,6 +237,17 @@ def test_under_dp_the_accountant_counts_only_the_clients_that_may_train(sampling
     assert trained and not trained & set(unseen_of(config))
 
 
+def test_the_report_table_gives_the_gap_of_a_run_that_held_clients_out(held_out_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(held_out_run, copy)
+    assert main(["report", str(copy), "--out", str(tmp_path / "runs.md")]) == 0
+    gap = json.loads((copy / "summary.json").read_text())["participation_gap"]
+    table = (tmp_path / "runs.md").read_text()
+    assert "| gap |" in table and f"{100 * gap['mean']:+.2f} ± {100 * gap['standard_error']:.2f} |" in table
+
+
 # --- comparison table and TensorBoard ----------------------------------------------------------------------
 
 

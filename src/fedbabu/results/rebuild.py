@@ -20,6 +20,7 @@ from fedbabu.engine.checkpoint import CONFIG, METRICS
 from fedbabu.engine.privacy import rounds_to_run
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_text
+from fedbabu.results.holdout import gap_cell
 from fedbabu.results.report import run_report, write_plots
 
 
@@ -106,18 +107,31 @@ def rebuild_run(folder: Path) -> dict[str, str]:
         "global": f"{100 * evaluated[-1]['test_accuracy']:.2f}" if evaluated else "—",
         "initial": _pct(summary["initial_accuracy"] if summary else None),
         "personalized": _pct(summary["personalized_accuracy"] if summary else None),
+        "gap": _gap(summary),
     }
+
+
+def _gap(summary: dict[str, Any] | None) -> str:
+    """A run's participation gap cell (``holdout_clients``), or a dash for a run without held-out clients."""
+    if summary is None or "participation_gap" not in summary:
+        return "—"
+    gap = summary["participation_gap"]
+    return gap_cell(gap["mean"], gap["standard_error"])
 
 
 def report_runs(folders: list[Path], out: Path | None = None) -> list[dict[str, str]]:
     """Rebuild every run's report; with ``out``, also write the comparison table as Markdown."""
     rows = [rebuild_run(f) for f in folders]
     if out is not None:
-        lines = ["# Runs", "", "Accuracy in %, mean ± std over clients; — where the run has not finished.", "",
-                 "| run | algorithm | dataset | rounds | global | initial | personalized |",
-                 "|---|---|---|---|---|---|---|"]
+        gaps = any(r["gap"] != "—" for r in rows)  # a column only where some run held clients out
+        lines = ["# Runs", "", "Accuracy in %, mean ± std over clients; — where the run has not finished"
+                 + (" or held no client out. Participation gap: seen − unseen personalized accuracy, in points, "
+                    "± its unpaired standard error." if gaps else "."), "",
+                 "| run | algorithm | dataset | rounds | global | initial | personalized |"
+                 + (" gap |" if gaps else ""),
+                 "|---|---|---|---|---|---|---|" + ("---|" if gaps else "")]
         lines += [f"| {r['run']} | {r['algorithm']} | {r['dataset']} | {r['rounds']} | {r['global']} | "
-                  f"{r['initial']} | {r['personalized']} |" for r in rows]
+                  f"{r['initial']} | {r['personalized']} |" + (f" {r['gap']} |" if gaps else "") for r in rows]
         try:
             atomic_write_text(Path(out), "\n".join(lines) + "\n")
         except OSError as exc:
