@@ -304,6 +304,9 @@ def test_adaptive_clipping_records_each_rounds_norm_and_replays_it_from_the_reco
     spent = json.loads((adaptive_reference / "summary.json").read_text())["privacy"]
     assert spent["adaptive_clipping"]["final_clipping_norm"] == privacy.clipping_norm_after(config, rows)
     assert spent["epsilon"] == privacy.epsilon(config, 4) and "Poisson" in spent["sampling"]
+    final = spent["adaptive_clipping"]["final_clipping_norm"]
+    report = (adaptive_reference / "report.md").read_text()
+    assert f"Adaptive clipping: the norm moved from 0.05 to {final:.4g}" in report
 
 
 def test_poisson_rounds_take_the_seeded_poisson_sample(adaptive_reference) -> None:

@@ -300,6 +300,12 @@ def _privacy_note(summary: dict[str, Any]) -> list[str]:
              f"{spent['noise_multiplier']:g}, clipping norm {spent['clipping_norm']:g}, {spent['clients_per_round']} "
              f"clients per round; {spent['accountant']}, {spent['sampling']}). Not covered: the metrics clients "
              "report (losses, accuracies, sample counts), nor updates as the server receives them.", ""]
+    adaptive = spent.get("adaptive_clipping")
+    if adaptive:
+        lines += [f"Adaptive clipping: the norm moved from {spent['clipping_norm']:g} to "
+                  f"{adaptive['final_clipping_norm']:.4g} toward the {adaptive['target_quantile']:g} quantile of the "
+                  f"update norms; the updates' noise multiplier is {adaptive['update_noise_multiplier']:.4g}, the "
+                  f"count's standard deviation {adaptive['clipped_count_stddev']:g}.", ""]
     if spent.get("stopped_early"):
         lines += [f"Stopped early: {spent['stopped_early']}.", ""]
     return lines
