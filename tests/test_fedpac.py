@@ -11,8 +11,8 @@ from conftest import client_data, five_clients, model_for, run
 from torch import nn
 
 from fedbabu.algorithms import fedpac
-from fedbabu.algorithms.fedpac import CentroidHead, FedPAC, class_sums
-from fedbabu.training import body_features, load_state, state_of
+from fedbabu.algorithms.fedpac import CentroidHead, FedPAC
+from fedbabu.training import body_features, class_feature_sums, load_state, state_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +28,7 @@ def with_centroids(model, digits, config, held=None) -> None:
     sums, counts = 0, 0
     for client in range(config.num_clients):
         data = client_data(config, digits, client)
-        s, c = class_sums(body_features(model, data, "train"), data.dataset.train_y[data.train_idx], 10)
+        s, c = class_feature_sums(body_features(model, data, "train"), data.dataset.train_y[data.train_idx], 10)
         sums, counts = sums + s, counts + c
     if held is not None:
         counts = torch.where(torch.isin(torch.arange(10), torch.tensor(held)), counts, torch.zeros_like(counts))
@@ -94,7 +94,8 @@ def test_the_alignment_loss_is_cross_entropy_plus_lambda_times_the_mean_squared_
     data = client_data(config, digits, 2)
     held = data.class_counts().nonzero().flatten()[:1].tolist()
     with_centroids(model, digits, config, held=held)
-    own_sums, own_counts = class_sums(body_features(model, data, "train"), data.dataset.train_y[data.train_idx], 10)
+    own_sums, own_counts = class_feature_sums(body_features(model, data, "train"),
+                                              data.dataset.train_y[data.train_idx], 10)
     own_means = own_sums / own_counts.clamp_min(1)[:, None]
     targets = torch.where((model.head.centroid_counts > 0)[:, None], model.head.centroids, own_means.float())
     features: list[torch.Tensor] = []

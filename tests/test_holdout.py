@@ -19,7 +19,7 @@ from fedbabu.algorithms import ALGORITHMS
 from fedbabu.cli import main
 from fedbabu.config import load_config
 from fedbabu.engine.contract import evaluate_client
-from fedbabu.engine.round import held_out_clients, participating_clients, plan_round, sample_clients
+from fedbabu.engine.round import held_out_clients, held_out_of, participating_clients, plan_round, sample_clients
 from fedbabu.engine.simulation import network
 from fedbabu.files import load_tensors
 from fedbabu.models import in_parts, norm_parameters
@@ -53,7 +53,7 @@ def held_out_run(tmp_path_factory):
 
 
 def unseen_of(config) -> list[int]:
-    return held_out_clients(config.seed, config.num_clients, config.resolved_holdout())
+    return held_out_of(config, config.num_clients)
 
 
 # --- sampling ----------------------------------------------------------------------------------------------

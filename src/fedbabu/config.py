@@ -469,10 +469,14 @@ class Config(_Strict):
             return max(1, int(self.holdout_clients * self.num_clients + 0.5))
         return self.holdout_clients
 
+    def trainable_clients(self) -> int:
+        """N: the clients that may train, the federation less its held-out clients."""
+        return self.num_clients - self.resolved_holdout()
+
     def clients_per_round(self) -> int:
-        """m: the clients a round samples, ``max(1, floor(f * N))`` of the N that may train (the
-        federation less its held-out clients); with ``dp.sampling: poisson`` the expected count."""
-        return max(1, int(self.client_fraction * (self.num_clients - self.resolved_holdout())))
+        """m: the clients a round samples, ``max(1, floor(f * N))`` of the :meth:`trainable_clients`; with
+        ``dp.sampling: poisson`` the expected count."""
+        return max(1, int(self.client_fraction * self.trainable_clients()))
 
     def clipped_count_stddev(self) -> float:
         """Adaptive clipping's count noise: ``dp.clipped_count_stddev``, else clients per round / 20."""
@@ -482,7 +486,7 @@ class Config(_Strict):
     def resolved_delta(self) -> float:
         """The delta of the reported (epsilon, delta): ``dp.delta``, else ``1 / N**1.1`` for the N clients that
         may train (all of them unless some are held out)."""
-        return self.dp.delta if self.dp.delta is not None else 1.0 / (self.num_clients - self.resolved_holdout())**1.1
+        return self.dp.delta if self.dp.delta is not None else 1.0 / self.trainable_clients()**1.1
 
     def settings_for(self, algorithm: str) -> AlgorithmSettings:
         """An algorithm's own settings: its section of this config, else its defaults."""

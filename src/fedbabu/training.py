@@ -218,6 +218,16 @@ def body_features(model: nn.Module, data: ClientData, split: str) -> torch.Tenso
     return torch.cat(chunks) if chunks else torch.zeros(0, model.head.in_features)
 
 
+def class_feature_sums(features: torch.Tensor, labels: torch.Tensor,
+                       num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of feature rows (C x d) and the class counts (C), in float64: what a client reports of
+    its features so that a server, summing over clients, can form count-weighted class means (FedNH's
+    prototypes, FedPAC's centroids)."""
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64).index_add_(0, labels, features.double())
+    return sums, counts
+
+
 def state_of(model: nn.Module, parts: Sequence[str]) -> dict[str, torch.Tensor]:
     """A detached copy of the parameters of the named parts."""
     norms = norm_parameters(model)

@@ -42,7 +42,6 @@ from torch import nn
 from torch.func import functional_call
 
 from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState
-from fedbabu.algorithms.pfedme import personal_model_accuracies
 from fedbabu.config import AlgorithmSettings
 from fedbabu.training import (
     AUXILIARY_STATE,
@@ -136,10 +135,6 @@ class APFL(Algorithm):
         kept = {name: alpha * local[name] + (1 - alpha) * p.detach() for name, p in named.items()}
         return ClientUpdate(total / batches, kept | {LOCAL + name: v.detach() for name, v in local.items()}
                             | {ALPHA: torch.tensor([alpha])})
-
-    def own_personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
-                        generator: torch.Generator) -> list[float]:
-        return personal_model_accuracies(self, model, data, personal, generator)
 
     def own_note(self) -> str:
         return (f"APFL's own: the mixture after one local round ({self.config.local_epochs} epochs at the final lr "

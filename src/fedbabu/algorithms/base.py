@@ -225,13 +225,17 @@ class Algorithm:
         """The own protocol: by default accuracy before and after one more local round from the final
         model, at the final round's lr, without fine-tuning.
 
-        That is how the authors of FedRep, FedRoD, FedUH and FedNH test a client: with the model it
-        holds right after its local training. The fresh round gives every client that model, whenever
-        it was last sampled.
+        That is how the authors of FedRep, FedRoD, FedUH, FedNH, FedPAC, pFedMe and APFL test a client:
+        with the model it holds right after its local training. The fresh round gives every client that
+        model, whenever it was last sampled. The model tested is the network with the personal state the
+        round returns loaded over it: for most methods that is what the network already holds, while a
+        method whose client predicts with a personal model the round leaves beside the network (pFedMe's
+        ``theta``, APFL's mixture) is tested with that model.
         """
         load_state(model, personal)
         accuracies = [evaluate(model, data)]
-        self.client_update(model, data, personal, self.final_lr(), generator)
+        update = self.client_update(model, data, personal, self.final_lr(), generator)
+        load_state(model, update.personal)
         accuracies.append(evaluate(model, data))
         return accuracies
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from fedbabu.algorithms.base import ClientUpdate, PersonalState
 from fedbabu.algorithms.feduh import FedUH
-from fedbabu.training import ClientData, body_features
+from fedbabu.training import ClientData, body_features, class_feature_sums
 
 
 class FedNH(FedUH):
@@ -43,9 +43,7 @@ class FedNH(FedUH):
         if data.num_train == 0:
             return update
         features = nn.functional.normalize(body_features(model, data, "train").double(), dim=1, eps=1e-12)
-        labels = data.dataset.train_y[data.train_idx]
-        counts = data.class_counts().double()
-        sums = torch.zeros(len(counts), features.shape[1], dtype=torch.float64).index_add_(0, labels, features)
+        sums, counts = class_feature_sums(features, data.dataset.train_y[data.train_idx], data.dataset.num_classes)
         means = nn.functional.normalize(sums / counts.clamp_min(1)[:, None], dim=1, eps=1e-12)
         update.statistics = {"class_sums": means * counts[:, None], "class_counts": counts}
         return update

@@ -52,7 +52,7 @@ from torch import nn
 
 from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState
 from fedbabu.config import AlgorithmSettings
-from fedbabu.training import ClientData, Loss, body_features, load_state, sgd_epochs, state_of
+from fedbabu.training import ClientData, Loss, body_features, class_feature_sums, load_state, sgd_epochs, state_of
 
 FEDPAC_AUTHORS_TRAINING: dict[str, Any] = {
     "lr": 0.02, "lr_schedule": "exponential", "lr_decay": 1.0, "batch_size": 50, "momentum": 0.5,
@@ -79,13 +79,6 @@ class CentroidHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features)
-
-
-def class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class sums of the feature rows (C x d) and the class counts (C), in float64."""
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64).index_add_(0, labels, features.double())
-    return sums, counts
 
 
 class FedPAC(Algorithm):
@@ -125,8 +118,8 @@ class FedPAC(Algorithm):
         held = head.centroid_counts.detach() > 0
         targets = head.centroids.detach().clone()
         if held.any() and not held.all():
-            own_sums, own_counts = class_sums(body_features(model, data, "train"),
-                                              data.dataset.train_y[data.train_idx], len(held))
+            own_sums, own_counts = class_feature_sums(body_features(model, data, "train"),
+                                                      data.dataset.train_y[data.train_idx], len(held))
             own_means = (own_sums / own_counts.clamp_min(1)[:, None]).to(targets)
             targets = torch.where(held[:, None], targets, own_means)
         coefficient = self.settings.lambda_ if held.any() else 0.0
@@ -155,8 +148,8 @@ class FedPAC(Algorithm):
             hook.remove()
         update = ClientUpdate(loss, state_of(model, self.personal_parts))
         if data.num_train:
-            sums, counts = class_sums(body_features(model, data, "train"), data.dataset.train_y[data.train_idx],
-                                      data.dataset.num_classes)
+            sums, counts = class_feature_sums(body_features(model, data, "train"),
+                                              data.dataset.train_y[data.train_idx], data.dataset.num_classes)
             update.statistics = {"class_sums": sums, "class_counts": counts}
         return update
 

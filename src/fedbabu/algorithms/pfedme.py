@@ -37,20 +37,7 @@ from torch import nn
 
 from fedbabu.algorithms.base import Algorithm, ClientUpdate, PersonalState, refuse
 from fedbabu.config import AlgorithmSettings, Config
-from fedbabu.training import ClientData, autocast_for, evaluate, load_state, set_trainable, state_of
-
-
-def personal_model_accuracies(algorithm: Algorithm, model: nn.Module, data: ClientData, personal: PersonalState,
-                              generator: torch.Generator) -> list[float]:
-    """Accuracy of the model a client predicts with, its personal parts, before and after one more round
-    from the final global model: the own evaluation of a method whose personal model is not the network
-    the round leaves behind (that is the local copy of the global model, which the server averages)."""
-    load_state(model, personal)
-    accuracies = [evaluate(model, data)]
-    update = algorithm.client_update(model, data, personal, algorithm.final_lr(), generator)
-    load_state(model, update.personal)
-    accuracies.append(evaluate(model, data))
-    return accuracies
+from fedbabu.training import ClientData, autocast_for, load_state, set_trainable, state_of
 
 
 class PFedMe(Algorithm):
@@ -123,10 +110,6 @@ class PFedMe(Algorithm):
         theta = state_of(model, self.personal_parts)
         load_state(model, local)
         return ClientUpdate(total / steps, theta)
-
-    def own_personalize(self, model: nn.Module, data: ClientData, personal: PersonalState,
-                        generator: torch.Generator) -> list[float]:
-        return personal_model_accuracies(self, model, data, personal, generator)
 
     def own_note(self) -> str:
         return (f"pFedMe's own: the personal model after one local round ({self.config.local_epochs} epochs at "

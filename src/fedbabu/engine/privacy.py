@@ -78,7 +78,7 @@ def expected_clients(config: Config) -> int:
 
 def population(config: Config) -> int:
     """N: the clients a round may sample (the federation less its held-out clients), the accountant's N."""
-    return config.num_clients - config.resolved_holdout()
+    return config.trainable_clients()
 
 
 def update_noise_multiplier(config: Config) -> float:

@@ -59,6 +59,11 @@ def held_out_clients(seed: int, num_clients: int, count: int) -> list[int]:
     return sorted(int(c) for c in order[:count])
 
 
+def held_out_of(config: Config, num_clients: int) -> list[int]:
+    """A run's held-out clients: :func:`held_out_clients` for its seed and ``holdout_clients``."""
+    return held_out_clients(config.seed, num_clients, config.resolved_holdout())
+
+
 def participating_clients(num_clients: int, held_out: Sequence[int] = ()) -> list[int]:
     """Every client that may train, in client order: the federation less its held-out clients."""
     excluded = set(held_out)
@@ -105,12 +110,13 @@ class RoundPlan:
 
 def plan_round(config: Config, algorithm: Algorithm, round_index: int, num_clients: int) -> RoundPlan:
     """The round's sample, dropouts and lr; the same in every engine and after any resume."""
-    held_out = held_out_clients(config.seed, num_clients, config.resolved_holdout())
+    held_out = held_out_of(config, num_clients)
+    participating = participating_clients(num_clients, held_out)
     if privacy.enabled(config) and config.dp.sampling == "poisson":
-        sample = privacy.poisson_clients(config, round_index, participating_clients(num_clients, held_out))
+        sample = privacy.poisson_clients(config, round_index, participating)
     else:
         sample = sample_clients(config.seed, round_index, num_clients, config.client_fraction, held_out)
-    sampled = algorithm.training_clients(sample, participating_clients(num_clients, held_out))
+    sampled = algorithm.training_clients(sample, participating)
     dropped = faults.dropped_clients(sampled, config.client_failure_rate,
                                      stream_seed(config.seed, round_index, 0, DROPOUT_STREAM))
     return RoundPlan(round_index, config.lr_at(round_index), tuple(sampled), tuple(dropped))

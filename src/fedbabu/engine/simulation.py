@@ -30,7 +30,7 @@ from fedbabu.engine.contract import evaluate_client, personal_shapes, start_glob
 from fedbabu.engine.params import Layout, flatten, flatten_tensors, load_flat
 from fedbabu.engine.personal import Personal, PersonalStore
 from fedbabu.engine.pool import ClientPool
-from fedbabu.engine.round import ClientReply, ServerState, finish_round, held_out_clients, plan_round, stream_seed
+from fedbabu.engine.round import ClientReply, ServerState, finish_round, held_out_of, plan_round, stream_seed
 from fedbabu.engine.vectorized import choose_executor, vectorized_sgd
 from fedbabu.errors import UserError
 from fedbabu.models import BodyHead, build_model, part_of
@@ -106,7 +106,7 @@ def personalized_clients(config: Config, num_clients: int, group: str = "all") -
         return clients
     if group not in CLIENT_GROUPS:
         raise ValueError(f"unknown client group {group!r}; expected one of {', '.join(CLIENT_GROUPS)}")
-    unseen = set(held_out_clients(config.seed, num_clients, config.resolved_holdout()))
+    unseen = set(held_out_of(config, num_clients))
     return [c for c in clients if (c in unseen) == (group == "unseen")]
 
 

@@ -34,7 +34,7 @@ from fedbabu.data.datasets import Dataset
 from fedbabu.data.partition import Partition
 from fedbabu.engine.contract import evaluate_client, start_global_model
 from fedbabu.engine.pool import tune_process
-from fedbabu.engine.round import held_out_clients
+from fedbabu.engine.round import held_out_of
 from fedbabu.engine.simulation import (
     TRAIN_STREAM,
     client_generator,
@@ -205,7 +205,7 @@ def train(message: Message, context: Context) -> Message:
     to it can only come from another strategy, and training it would make its results those of a seen client.
     """
     c = client_for(message, context)
-    if c.client in held_out_clients(c.config.seed, c.config.num_clients, c.config.resolved_holdout()):
+    if c.client in held_out_of(c.config, c.config.num_clients):
         raise UserError(f"client {c.client} is held out (holdout_clients={c.config.holdout_clients}) and never trains")
     settings = message.content[CONFIG]
     round_index = int(settings["round-index"])

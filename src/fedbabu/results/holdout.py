@@ -19,7 +19,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from fedbabu.config import Config
-from fedbabu.engine.round import held_out_clients
+from fedbabu.engine.round import held_out_of
 
 SEEN, UNSEEN = "seen", "unseen"
 GROUP_COLUMN = "group"
@@ -59,7 +59,7 @@ def holds_out(config: Config) -> bool:
 
 def unseen_clients(config: Config, num_clients: int) -> set[int]:
     """The run's held-out clients."""
-    return set(held_out_clients(config.seed, num_clients, config.resolved_holdout()))
+    return set(held_out_of(config, num_clients))
 
 
 def group_column(config: Config, num_clients: int, clients: Sequence[int]) -> list[str]:

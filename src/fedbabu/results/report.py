@@ -50,7 +50,10 @@ class PrivacySummary(TypedDict):
     noise_multiplier: float
     clipping_norm: float
     clients_per_round: int
-    """m, the divisor of the private mean: the clients sampled per round."""
+    """m, the divisor of the private mean: the clients sampled per round (their expectation under Poisson
+    sampling)."""
+    population: int
+    """N, the clients that may train (the held-out ones are not counted): the accountant's population."""
     noise_std: float
     """The standard deviation of the noise on the mean update, ``noise_multiplier * clipping_norm / m``."""
     delta: float
@@ -62,6 +65,8 @@ class PrivacySummary(TypedDict):
     stopped_early: str | None
     accountant: str
     sampling: str
+    adaptive_clipping: dict[str, float] | None
+    """With ``dp.adaptive_clipping``: its settings, the updates' noise multiplier and the final clipping norm."""
     protects: str
 
 
@@ -148,7 +153,7 @@ def summarize(result: RunResult) -> RunSummary:
         "algorithm_version": versions(algorithm),
         "personal_parts": list(algorithm.personal_parts),
         "final_global_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
-        "never_sampled_clients": never_sampled(result.metrics, c.num_clients - c.resolved_holdout()),
+        "never_sampled_clients": never_sampled(result.metrics, c.trainable_clients()),
         "bytes_per_round_per_client": result.bytes_per_round_per_client,
         "wall_time_s": round(result.wall_time_s, 3),
         "environment": {
