@@ -363,3 +363,20 @@ def test_a_checkpointed_run_resumes_with_another_number_of_workers(tmp_path, mon
     assert "resuming from its checkpoint" in lines[0]
     assert (run / "model.pt").read_bytes() == model_bytes
     assert yaml.safe_load((run / "config.yaml").read_text())["workers"] == 2
+
+
+def test_a_dp_preset_gives_each_cell_its_epsilon_and_a_holdout_preset_its_participation_gap(tmp_path, monkeypatch):
+    _digits_preset(tmp_path, monkeypatch, "study", "fedavg, fedbabu", 2,
+                   "grid: {dp.noise_multiplier: [0.0, 1.0]}\n")
+    out = tmp_path / "out"
+    run_preset("study", out, settings={"holdout_clients": 2, "dp": {"clipping_norm": 1.0}}, log=lambda line: None)
+    results = (out / "results.md").read_text()
+    assert "| cell | seeds | ε | fedavg initial |" in results
+    spent = json.loads((out / "dp.noise_multiplier-1.0" / "fedbabu" / "seed-0" / "summary.json").read_text())
+    assert _row(out, "| dp.noise_multiplier=0.0 | 0 |").startswith("| dp.noise_multiplier=0.0 | 0 | no DP |")
+    assert _row(out, "| dp.noise_multiplier=1.0 | 0 |").startswith(
+        f"| dp.noise_multiplier=1.0 | 0 | {spent['privacy']['epsilon']:.3g} |")
+    gap = spent["participation_gap"]
+    row = _row(out, "| dp.noise_multiplier=1.0 | fedbabu | 0 |")
+    assert row.endswith(f" | {100 * gap['mean']:+.2f} ± {100 * gap['standard_error']:.2f} |")
+    assert row.count("→") == 2 and "Seen and unseen clients" in results

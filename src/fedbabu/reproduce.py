@@ -26,10 +26,11 @@ from fedbabu.engine.checkpoint import CHECKPOINT, CheckpointError, load_checkpoi
 from fedbabu.engine.faults import TrainingDiverged
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_text
+from fedbabu.results import holdout
 from fedbabu.results.paired import PairedDifference, paired_difference, paired_reference
 from fedbabu.results.plots import plot_comparison, plot_finetune_curves, plot_paired_differences
 from fedbabu.results.rebuild import read_curves
-from fedbabu.results.report import seed_standard_error
+from fedbabu.results.report import epsilon_cell, seed_standard_error
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 """Shipped with the package, so `reproduce` works from an installed wheel; `configs/paper` links here."""
@@ -575,6 +576,34 @@ def _paired_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[st
     return lines
 
 
+def _epsilon(results: dict[str, CellResult]) -> str:
+    """A cell's epsilon: the largest its finished runs spent (each algorithm of a cell is accounted for the
+    same rounds, so they agree unless ``target_epsilon`` stopped one early); ``–`` before any finished."""
+    summaries = [s for outcome in results.values() for s in outcome.summaries]
+    if not summaries:
+        return "–"
+    spent = [s["privacy"]["epsilon"] for s in summaries if s.get("privacy")]
+    return epsilon_cell({"epsilon": max(spent) if spent else None})
+
+
+def _groups_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[str]) -> list[str]:
+    """Seen against unseen clients per cell and algorithm, every finished seed's clients pooled: the
+    participation gap a preset with held-out clients measures."""
+    lines = ["", "Seen and unseen clients: the clients the federation could train and the held-out ones it never "
+             "saw (docs/new-clients.md), mean accuracy in % before → after personalization, every finished "
+             "seed's clients pooled; the participation gap is seen − unseen personalized, in points, ± its "
+             "unpaired standard error.", "",
+             "| cell | algorithm | seeds | seen | unseen | participation gap |", "|---|---|---|---|---|---|"]
+    for cell_name, results in by_cell.items():
+        for algorithm in algorithms:
+            fields = holdout.comparison_fields(results[algorithm].summaries)
+            if fields:
+                seeds = ", ".join(map(str, results[algorithm].seeds))
+                lines.append(f"| {cell_name} | {algorithm} | {seeds} | " + " | ".join(holdout.group_cells(fields))
+                             + " |")
+    return lines
+
+
 def _seed_bar(outcome: CellResult, label: str) -> dict[str, Any]:
     """A bar of the over-seeds plot: the mean of the per-seed means, with the spread over seeds as its
     error bar: the standard error over seeds (none for a single seed, whose spread is unknown)."""
@@ -595,7 +624,10 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
     """
     algorithms = preset.algorithms
     paired = algorithms[:2] == ["fedavg", "fedbabu"]
-    header = "| cell | seeds | " + " | ".join(f"{a} initial | {a} personalized" for a in algorithms)
+    summaries = [s for outcome in outcomes for s in outcome.summaries]
+    private = any(s.get("privacy") for s in summaries)
+    header = "| cell | seeds | " + ("ε | " if private else "") \
+        + " | ".join(f"{a} initial | {a} personalized" for a in algorithms)
     if paired:
         header += " | fedbabu − fedavg (personalized) | per seed"
     lines = [f"# {preset.title}", "",
@@ -603,7 +635,9 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
              "standard error (a single value where one seed has finished)."
              + (" Per seed: fedbabu − fedavg client by client (same partition and test sets), its mean ± the "
                 "standard error of that mean, and on how many clients fedbabu is higher, lower or tied; "
-                "the seeds both algorithms finished, in increasing order, separated by `;`." if paired else ""), "",
+                "the seeds both algorithms finished, in increasing order, separated by `;`." if paired else "")
+             + (" ε: the user-level epsilon the cell's runs spent on the shared parameters, at each run's delta "
+                "(summary.json's privacy)." if private else ""), "",
              header + " |", "|" + "---|" * (header.count("|"))]
     by_cell: dict[str, dict[str, CellResult]] = {}
     differences: dict[str, list[PairedDifference]] = {}
@@ -611,7 +645,7 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
         by_cell.setdefault(outcome.cell.name, {})[outcome.algorithm] = outcome
     for cell_name, results in by_cell.items():
         seeds = sorted(set().union(*(results[a].seeds for a in algorithms)))
-        row = [cell_name, ", ".join(map(str, seeds)) or "–"]
+        row = [cell_name, ", ".join(map(str, seeds)) or "–", *([_epsilon(results)] if private else [])]
         for algorithm in algorithms:
             outcome = results[algorithm]
             note = f" ({outcome.diverged} of {outcome.diverged + len(outcome.summaries)} seeds diverged)" \
@@ -634,6 +668,8 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
         lines.append("| " + " | ".join(row) + " |")
     if len(algorithms) > 2 or (len(algorithms) == 2 and not paired):
         lines += _paired_table(by_cell, algorithms)
+    if any("participation_gap" in s for s in summaries):
+        lines += _groups_table(by_cell, algorithms)
     wall = sum(s["wall_time_s"] for o in outcomes for s in o.summaries)
     lines += ["", f"Total wall time of the runs: {wall / 60:.1f} min.", "", "![fine-tuning](finetune.png)"]
     curves = {f"{o.algorithm} {o.cell.name}": np.concatenate(o.curves) for o in outcomes if o.curves}
