@@ -1,17 +1,28 @@
-"""FedPAC: head-then-body rounds, the feature alignment term, and the server's count-weighted class
-centroids, on the real digits data."""
+"""FedPAC: head-then-body rounds, the feature alignment term, the server's count-weighted class
+centroids and its classifier collaboration, on the real digits data."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
-from conftest import client_data, five_clients, model_for, run
+from conftest import client_data, five_clients, model_for, run, same
 from torch import nn
 
 from fedbabu.algorithms import fedpac
-from fedbabu.algorithms.fedpac import CentroidHead, FedPAC
+from fedbabu.algorithms.fedpac import (
+    CentroidHead,
+    FedPAC,
+    collaboration_matrix,
+    collaboration_statistics,
+    collaboration_weights,
+    mixed_classifier,
+)
+from fedbabu.engine.round import MEASURED_KEYS
+from fedbabu.engine.simulation import TRAIN_STREAM, client_generator
 from fedbabu.training import body_features, class_feature_sums, load_state, state_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,6 +32,11 @@ ALL = ("body", "head")
 
 def tiny(**overrides):
     return five_clients("fedpac", **overrides)
+
+
+def overlapping(**overrides):
+    """Five clients whose classes overlap (``tiny``'s two shards each do not), so that their classifiers mix."""
+    return tiny(partition="dirichlet", dirichlet_alpha=0.5, **overrides)
 
 
 def with_centroids(model, digits, config, held=None) -> None:
@@ -147,3 +163,141 @@ def test_a_run_shares_the_centroids_and_keeps_the_classifiers(digits):
     assert counts.sum() > 0 and torch.equal(counts, counts.round()), "counts of the last round's images"
     assert all(set(p) == {"head.classifier.weight", "head.classifier.bias"} for p in result.personal.values())
     assert len(result.clients[0]["accuracies"]) == 2, "own evaluation: before and after one more local round"
+
+
+def two_client_optimum(p: np.ndarray) -> float:
+    """The first weight minimizing ``a^T P a`` over a + b = 1, a, b >= 0, in closed form."""
+    curvature = p[0, 0] + p[1, 1] - 2 * p[0, 1]
+    return float(np.clip((p[1, 1] - p[0, 1]) / curvature, 0, 1))
+
+
+def simplex_optimum(p: np.ndarray) -> np.ndarray:
+    """The minimizer of ``a^T P a`` over the simplex by brute force over its supports (P positive definite): on
+    a support S the optimum is P_SS^-1 1, scaled to sum 1, where that is nonnegative."""
+    best, argbest = math.inf, None
+    for size in range(1, len(p) + 1):
+        for support in map(list, itertools.combinations(range(len(p)), size)):
+            inner = np.linalg.solve(p[np.ix_(support, support)], np.ones(size))
+            if (inner < 0).any():
+                continue
+            weights = np.zeros(len(p))
+            weights[support] = inner / inner.sum()
+            if weights @ p @ weights < best:
+                best, argbest = weights @ p @ weights, weights
+    return argbest
+
+
+@pytest.mark.parametrize("p", [
+    [[2.0, 0.5], [0.5, 1.0]],
+    [[1.0, 0.0], [0.0, 3.0]],
+    [[1e-4, 2e-5], [2e-5, 4e-4]],  # the scale of a client's v: the same weights
+    [[1.0, 1.5], [1.5, 4.0]],  # the optimum is a vertex: the first client alone
+])
+def test_two_clients_weights_are_the_closed_form_optimum(p):
+    p = np.array(p)
+    weights = collaboration_weights(p)
+    first = two_client_optimum(p)
+    assert weights == pytest.approx([first, 1 - first], abs=1e-5)
+
+
+def test_the_weights_are_the_brute_force_optimum_on_the_simplex():
+    rng = np.random.default_rng(3)
+    for clients in (3, 4, 5):
+        for _ in range(10):
+            gaps = rng.normal(size=(clients, 6)) * rng.uniform(0.01, 1)
+            p = np.diag(rng.uniform(0, 0.1, clients)) + gaps @ gaps.T
+            weights = collaboration_weights(p)
+            assert (weights >= 0).all() and weights.sum() == pytest.approx(1, abs=1e-12)
+            assert np.count_nonzero(weights) == np.count_nonzero(simplex_optimum(p) > 1e-3), "zeroed as theirs"
+            assert weights == pytest.approx(simplex_optimum(p), abs=1e-4)
+
+
+def test_weights_at_or_below_one_in_a_thousand_are_zeroed():
+    weights = collaboration_weights(np.array([[1999.0, 0.0], [0.0, 1.0]]))
+    assert two_client_optimum(np.array([[1999.0, 0.0], [0.0, 1.0]])) == pytest.approx(5e-4)
+    assert weights.tolist() == [0.0, 1.0]
+
+
+def test_a_matrix_that_is_not_positive_semidefinite_keeps_its_large_eigenpairs_only():
+    # eigenvalues 3 and -1: the rebuilt P is 1.5 everywhere, which every point of the simplex minimizes, so the
+    # uniform start stays; the matrix as given would send all the weight to one client
+    assert collaboration_weights(np.array([[1.0, 2.0], [2.0, 1.0]])) == pytest.approx([0.5, 0.5], abs=1e-9)
+    assert collaboration_weights(np.diag([-1.0, 0.001])) is None, "nothing left: the client keeps its own"
+    assert collaboration_weights(np.array([[1.0, math.nan], [math.nan, 1.0]])) is None
+
+
+def test_the_matrix_is_the_variances_plus_the_authors_pairwise_distances():
+    rng = np.random.default_rng(0)
+    variances, means = rng.uniform(size=3), rng.normal(size=(3, 4, 2))
+    for own in range(3):
+        expected = np.diag(variances) + np.array(
+            [[sum((means[own, k] - means[j1, k]) @ (means[own, k] - means[j2, k]) for k in range(4))
+              for j2 in range(3)] for j1 in range(3)])
+        assert collaboration_matrix(variances, means, own) == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_statistics_are_the_authors_v_and_h():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(9, 3)).astype(np.float32)
+    labels = np.array([0, 2, 2, 0, 3, 2, 0, 0, 3])  # class 1 absent
+    variance, weighted_means = collaboration_statistics(torch.from_numpy(features), torch.from_numpy(labels), 4)
+    n, v, h = len(labels), 0.0, np.zeros((4, 3))
+    for k in range(4):
+        rows = features[labels == k].astype(np.float64)
+        if len(rows):
+            prior, mean = len(rows) / n, rows.mean(0)
+            h[k] = prior * mean
+            v += prior * np.trace(rows.T @ rows / len(rows)) - prior ** 2 * mean @ mean
+    assert weighted_means.numpy() == pytest.approx(h, abs=1e-12)
+    assert variance.shape == (1,) and float(variance) == pytest.approx(v / n, abs=1e-12)
+
+
+def test_the_mix_is_the_weighted_mean_and_a_one_hot_weight_gives_the_classifier_back():
+    g = torch.Generator().manual_seed(0)
+    classifiers = [{"w": torch.randn(3, 2, generator=g), "b": torch.randn(3, generator=g)} for _ in range(3)]
+    mixed = mixed_classifier(np.array([0.25, 0.0, 0.75]), classifiers)
+    assert torch.allclose(mixed["w"], 0.25 * classifiers[0]["w"] + 0.75 * classifiers[2]["w"])
+    assert mixed["b"].dtype == torch.float32
+    assert same(mixed_classifier(np.array([0.0, 1.0, 0.0]), classifiers), classifiers[1])
+
+
+def test_after_a_round_each_classifier_is_the_mix_its_weights_give_of_the_rounds_trained_ones(digits):
+    config = overlapping(rounds=1)
+    result = run(config, digits)
+    algorithm = FedPAC(config)
+    updates = {c: algorithm.client_update(model_for(config, digits), client_data(config, digits, c), {},
+                                          config.lr_at(0), client_generator(config.seed, 0, c, TRAIN_STREAM))
+               for c in range(config.num_clients)}
+    variances = np.array([float(u.report["variance"]) for u in updates.values()])
+    means = np.stack([u.report["weighted_means"].numpy() for u in updates.values()])
+    trained = [u.personal for u in updates.values()]
+    mixes = 0
+    for own, update in updates.items():
+        weights = collaboration_weights(collaboration_matrix(variances, means, own))
+        assert same(result.personal[own], mixed_classifier(weights, trained)), own
+        if np.count_nonzero(weights) > 1:
+            mixes += 1
+            assert not same(result.personal[own], update.personal), "a mix is not the client's own classifier"
+    assert mixes, "the test needs a client whose classifier is a mix"
+
+
+def test_without_collaboration_a_run_is_feature_alignment_only(digits, monkeypatch):
+    """``collaboration: false`` reports nothing and trains exactly as a collaborating run whose server ignores the
+    reports: computing them changes no training, and the setting removes exactly the server's mix."""
+    alone = run(overlapping(fedpac={"collaboration": False}), digits)
+    update = FedPAC(overlapping(fedpac={"collaboration": False})).client_update(
+        model_for(tiny(), digits), client_data(overlapping(), digits, 0), {}, 0.05, torch.Generator().manual_seed(0))
+    assert update.report == {}
+    collaborating = run(overlapping(), digits)
+    monkeypatch.setattr(FedPAC, "collaborate", lambda self, reports: {})
+    ignored = run(overlapping(), digits)
+    assert same(alone.final_state, ignored.final_state)
+    assert all(same(alone.personal[c], ignored.personal[c]) for c in alone.personal)
+    assert measured_apart(alone) == measured_apart(ignored)
+    assert not all(same(alone.personal[c], collaborating.personal[c]) for c in alone.personal)
+
+
+def measured_apart(result) -> tuple[list, list]:
+    """A run's round records without what measures the execution, and its clients' curves."""
+    return ([{k: v for k, v in m.items() if k not in MEASURED_KEYS} for m in result.metrics],
+            [c["accuracies"] for c in result.clients])

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedbabu
-from fedbabu.algorithms import ALGORITHMS
+from fedbabu.algorithms import ALGORITHMS, Algorithm
 from fedbabu.config import Config
 from fedbabu.data.datasets import load_digits
 from fedbabu.engine.faults import TrainingDiverged
@@ -258,6 +258,8 @@ def test_every_algorithm_equals_the_simulator_with_personal_state_on_the_node(al
         assert set(personal) == set(reference.personal[i])
         for name, tensor in personal.items():
             assert torch.equal(tensor, torch.from_numpy(reference.personal[i][name])), (i, name)
+    if ALGORITHMS[algorithm].collaborate is not Algorithm.collaborate:  # the server's values reached the nodes
+        assert any("server-personal" in m.content.array_records for m in grid.sent)
     shared = ALGORITHMS[algorithm].shared_parts
     sent = {name for m in grid.sent for name in m.content.array_records.get("arrays", {})}
     norms = norm_parameters(network(config, load_digits()))
@@ -314,6 +316,45 @@ def test_who_trains_and_the_initial_model_follow_the_algorithm_as_in_the_simulat
         assert torch.equal(state[name], tensor), name
     curves = [[float(v) for v in list(row.values())[4:]] for row in read_clients(tmp_path / "flower")]
     assert curves == [pytest.approx(c["accuracies"], abs=1e-6) for c in reference.clients]
+
+
+class EvaluationLost(LoopbackGrid):
+    """Loses the evaluate messages to the nodes in ``lost``: they never reach the node, which is answered by an
+    error instead (a node that vanished for a moment)."""
+
+    def __init__(self, num_clients: int, lost: set[int]) -> None:
+        super().__init__(num_clients)
+        self.lost = lost
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        lost = [m for m in messages if m.metadata.message_type == "evaluate" and m.metadata.dst_node_id in self.lost]
+        replies = super().send_and_receive([m for m in messages if m not in lost], timeout=timeout)
+        for message in lost:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            self.sent.append(message)
+            replies.append(Message(Error(ErrorCode.NODE_UNAVAILABLE, "lost"), reply_to=message))
+        return replies
+
+
+def test_the_servers_collaboration_reaches_a_node_that_missed_a_message(tmp_path: Path) -> None:
+    """FedPAC's mixed classifier goes with a client's next message and again until the client answers one: a node
+    whose evaluation was lost gets it with its next round and trains from it, as in the simulator."""
+    config = small_config("algorithm=fedpac", "eval_every=1", "finetune.epochs=1")
+    grid = EvaluationLost(3, lost={7001})
+    run_on_grid(grid, config, tmp_path, min_nodes=3, timeout=60)
+
+    def carried(node: int) -> list[tuple[str, bool]]:
+        return [(m.metadata.message_type, "server-personal" in m.content.array_records) for m in grid.sent
+                if m.metadata.dst_node_id == node and m.metadata.message_type != "query"]
+
+    assert carried(7000) == [("train", False), ("evaluate", True), ("train", False), ("evaluate.personalize", True)]
+    assert carried(7001) == [("train", False), ("evaluate", True), ("train", True), ("evaluate.personalize", True)]
+    reference = simulator_run(config)
+    state = load_tensors(tmp_path / "model.pt")
+    assert all(torch.equal(state[name], tensor) for name, tensor in reference.final_state.items())
+    for i, context in enumerate(grid.contexts.values()):
+        personal = context.state.array_records["personal"].to_torch_state_dict()
+        assert all(torch.equal(t, torch.from_numpy(reference.personal[i][n])) for n, t in personal.items()), i
 
 
 def test_node_with_wrong_partition_count_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:

@@ -350,6 +350,7 @@ def test_settings_without_a_guarantee_are_refused_in_one_line(values, message) -
 
 @pytest.mark.parametrize(("algorithm", "message"), [
     ("fednh", "server step reads client statistics"),
+    ("fedpac", "server step reads client statistics"),
     ("local", "shares no parameters"),
     ("lg_fedavg", "starts from another run's model"),
 ])
@@ -357,6 +358,17 @@ def test_algorithms_whose_server_step_breaks_the_analysis_are_refused(algorithm,
     config = small_config(algorithm=algorithm, dp=DP)
     with pytest.raises(UserError, match=message):
         privacy.check_algorithm(ALGORITHMS[algorithm](config))
+
+
+def test_an_algorithm_whose_server_collaborates_on_client_reports_is_refused_in_one_line() -> None:
+    class Collaborating(ALGORITHMS["fedper"]):
+        def collaborate(self, reports):
+            return {client: {} for client in reports}
+
+    with pytest.raises(UserError, match=r"^dp: fedper's clients report .* dp\.noise_multiplier") as err:
+        privacy.check_algorithm(Collaborating(small_config(algorithm="fedper", dp=DP)))
+    assert "\n" not in str(err.value)
+    privacy.check_algorithm(ALGORITHMS["fedper"](small_config(algorithm="fedper", dp=DP)))
 
 
 def test_the_cli_refuses_noise_without_clipping_with_exit_2_and_one_line(tmp_path) -> None:

@@ -23,7 +23,11 @@ An algorithm says these things and nothing else:
 * what the server does after averaging (:meth:`Algorithm.server_update`, by default nothing), from
   the previous global state and the *sum* over the round's clients of the statistics each client
   returned (``ClientUpdate.statistics``: per-class feature sums and counts, say). Sums are all an
-  engine has to move, in the simulator and over Flower alike.
+  engine has to move, in the simulator and over Flower alike;
+* what the server gives each client of its own after a round (:meth:`Algorithm.collaborate`, by
+  default nothing), from what each accepted client reported, one by one (``ClientUpdate.report``:
+  FedPAC's feature statistics and trained classifier). The values replace those of the client's
+  personal state, as if it received them right after the round.
 
 The engine owns sampling, scheduling, aggregation, processes and files; an algorithm never
 sees them, which is why the same class runs in the simulator and in the Flower app. What the
@@ -68,12 +72,17 @@ optimizer and evaluates a client's test set as one batch, as the authors do."""
 
 @dataclass
 class ClientUpdate:
-    """What a client hands back after a round: its mean loss, its personal state (if any), and
-    statistics for :meth:`Algorithm.server_update`, which the engine sums over the round's clients."""
+    """What a client hands back after a round: its mean loss, its personal state (if any), statistics
+    for :meth:`Algorithm.server_update`, which the engine sums over the round's clients, and a report
+    for :meth:`Algorithm.collaborate`, which the server reads client by client."""
 
     loss: float
     personal: PersonalState = field(default_factory=dict)
     statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+    report: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Values the server needs from this client alone, never summed (FedPAC's feature statistics and
+    trained classifier): unlike ``statistics`` they reveal one client's state, so they travel only for an
+    algorithm that collaborates, and an empty report costs nothing on the wire."""
 
 
 class Algorithm:
@@ -138,6 +147,21 @@ class Algorithm:
         By default the average is the new state.
         """
         return aggregated
+
+    def collaborate(self, reports: Mapping[int, dict[str, torch.Tensor]]) -> dict[int, PersonalState]:
+        """New values of personal parameters that the server computes for the round's clients: none by default.
+
+        ``reports`` holds, by client in client order, the non-empty ``ClientUpdate.report`` of each client
+        whose update the round accepted; a round in which none reported does not ask. Each returned state
+        overrides those entries of that client's personal state right after the round, before anything
+        else reads it (its next round, evaluation, personalization), in the simulator and over Flower alike.
+        A hook of its own because a personalized method may let clients learn from one another's personal
+        parts without sharing them (FedPAC combines each client's classifier from the round's classifiers):
+        the server's result differs per client, which neither the average nor :meth:`server_update` can
+        express. Runs after :meth:`server_update`; an algorithm that keeps the default sends nothing more
+        and changes nothing.
+        """
+        return {}
 
     def training_clients(self, sampled: list[int], participating: list[int]) -> list[int]:
         """The clients that train in a round, given the round's sample: by default exactly the sampled ones.

@@ -126,6 +126,10 @@ def check_algorithm(algorithm: Algorithm) -> None:
     if type(algorithm).server_update is not Algorithm.server_update:
         raise UserError(f"dp: {name}'s server step reads client statistics that are neither clipped nor noised, "
                         "so the guarantee would not hold; DP is available for algorithms whose server averages")
+    if type(algorithm).collaborate is not Algorithm.collaborate:
+        raise UserError(f"dp: {name}'s clients report per-client values to the server in the clear (collaborate), "
+                        "which dp.noise_multiplier does not cover, so the guarantee would not hold; DP is not "
+                        "available for it")
     if algorithm.warm_start is not None:
         raise UserError(f"dp: {name} starts from another run's model, whose privacy cost this run's accountant "
                         "does not count; DP is not available for it")

@@ -9,7 +9,8 @@ pool and the Flower strategy) call these functions rather than repeating them:
    (``holdout_clients``, :func:`held_out_clients`) are never among them, in any engine.
 2. :func:`finish_round`: screen the replies, average the accepted ones in client order (so the
    result never depends on which reply arrived first), let the algorithm's server step act on the
-   average, stop a diverged run, and return the round's :class:`RoundRecord`. With ``dp`` on, the
+   average, stop a diverged run, let the algorithm compute clients' personal values from their
+   reports (``collaborate``), and return the round's :class:`RoundRecord`. With ``dp`` on, the
    average is :mod:`fedbabu.engine.privacy`'s noisy mean of clipped updates instead, and the record
    carries the epsilon spent so far.
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedbabu.algorithms.base import Algorithm
+from fedbabu.algorithms.base import Algorithm, PersonalState
 from fedbabu.config import Config
 from fedbabu.engine import faults, privacy
 from fedbabu.engine.params import Layout, apply_server_update, flatten, weighted_mean
@@ -171,6 +172,8 @@ class ClientReply:
     """What it keeps for its next round, where the server holds it (the simulator); a Flower node keeps its own."""
     statistics: Mapping[str, torch.Tensor] = field(default_factory=dict)
     """Its contribution to the sums the algorithm's server step reads (``ClientUpdate.statistics``)."""
+    report: Mapping[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
+    """What it reported for the algorithm's ``collaborate``, read for this client alone (``ClientUpdate.report``)."""
 
 
 @dataclass
@@ -217,12 +220,16 @@ class RoundOutcome:
     accepted: list[ClientReply]
     rejected: dict[int, str]
     """client -> why its reply was left out (already logged)."""
+    server_personal: dict[int, PersonalState] = field(default_factory=dict)
+    """client -> personal values the server computed for it (``collaborate``): an engine writes them over the
+    personal state the client kept from this round, as if the client received them right after it."""
 
 
 def finish_round(plan: RoundPlan, replies: Sequence[ClientReply], server: ServerState, algorithm: Algorithm,
                  config: Config, personal_shapes: Mapping[str, tuple[int, ...]],
                  failed: Sequence[int] = (), malformed: Mapping[int, str] | None = None) -> RoundOutcome:
-    """Screen, average the accepted replies into ``server`` (in place), apply the server step, record.
+    """Screen, average the accepted replies into ``server`` (in place), apply the server step, let the
+    algorithm collaborate on the accepted replies' reports, record.
 
     ``malformed`` are replies an engine could not even decode (client -> reason, already reported);
     ``failed`` the clients that never replied. Raises
@@ -266,4 +273,5 @@ def finish_round(plan: RoundPlan, replies: Sequence[ClientReply], server: Server
                             record.train_loss)
     if not accepted:
         (privacy.report_empty_round if private else faults.report_empty_round)(plan.number)
-    return RoundOutcome(record, accepted, screening.rejected)
+    reports = {r.client: {k: torch.as_tensor(v) for k, v in r.report.items()} for r in accepted if r.report}
+    return RoundOutcome(record, accepted, screening.rejected, algorithm.collaborate(reports) if reports else {})

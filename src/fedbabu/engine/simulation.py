@@ -3,7 +3,8 @@
 The loop is algorithm-agnostic: it asks the algorithm which parts are shared and which are
 personal, runs :meth:`~fedbabu.algorithms.base.Algorithm.client_update` for the clients it trains in a
 round (``training_clients``: by default the sampled ones) on the :class:`~fedbabu.engine.pool.ClientPool`,
-and averages only the shared parts.
+averages only the shared parts, and writes what the algorithm's ``collaborate`` computes for a client
+over the personal state it keeps for that client.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ class TrainTask:
         data = fed.client_data(self.client)
         update = fed.algorithm.client_update(model, data, _to_torch(self.personal), self.lr, generator)
         return ClientReply(self.client, flatten(model)[fed.shared_mask].numpy(), update.loss, data.num_train,
-                           _to_numpy(update.personal), _to_numpy(update.statistics))
+                           _to_numpy(update.personal), _to_numpy(update.statistics), _to_numpy(update.report))
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,8 @@ def simulate(config: Config, dataset: Dataset, partition: Partition, observer: O
             for reply in outcome.accepted:
                 if reply.personal:
                     personal[reply.client] = dict(reply.personal)
+            for client, values in outcome.server_personal.items():  # before evaluation and the checkpoint read it
+                personal[client] = {**(personal.get(client) or {}), **_to_numpy(values)}
             record = outcome.record
             if config.eval_every and (plan.number % config.eval_every == 0 or plan.number == last_round):
                 accuracies = list(_map_in_chunks(pool, evaluated, lambda c: EvalTask(c, personal.get(c))))

@@ -6,8 +6,10 @@ Every handler rebuilds the same objects as a simulator worker (model from the sh
 via :func:`~fedbabu.engine.simulation.client_generator`) and then calls
 :meth:`~fedbabu.algorithms.base.Algorithm.client_update`, ``evaluate_client`` or ``personalize``.
 Personal parts (a FedPer head, a Ditto model) stay on the node in ``context.state``; they never
-travel. As in the simulator, a round's personal parts are kept only if the server aggregated that
-round's update: they wait in ``context.state`` until the next message says so. The node is told
+travel, but for what an algorithm that collaborates reports (FedPAC's classifier) and the values the
+server sends back for them, which the node writes over its kept state first thing. As in the
+simulator, a round's personal parts are kept only if the server aggregated that round's update: they
+wait in ``context.state`` until the next message says so. The node is told
 which client it is by ``--node-config "partition-id=I num-partitions=N"`` (the simulation engine
 sets both by itself).
 
@@ -54,6 +56,8 @@ from fedbabu.flower.wire import (
     PENDING,
     PENDING_ROUND,
     PERSONAL,
+    REPORT,
+    SERVER_PERSONAL,
     STATISTICS,
     experiment_from,
     to_arrays,
@@ -148,6 +152,7 @@ def client_for(message: Message, context: Context) -> Client:
         config = config.model_copy(update={"data_dir": Path(str(context.node_config["data-dir"]))})
     client = partition_id(context, config)
     settle_personal(context, message.content[CONFIG])
+    receive_server_personal(context, message)
     tune_process(int(context.node_config.get("threads", 1)))
     share = node_share(config, client)
     runtime = runtime_for(config)
@@ -174,6 +179,18 @@ def settle_personal(context: Context, settings: ConfigRecord) -> None:
         context.state[PERSONAL] = pending
     del context.state[PENDING]
     del context.state[PENDING_ROUND]
+
+
+def receive_server_personal(context: Context, message: Message) -> None:
+    """Write the personal values the server computed for this client (``collaborate``) over its kept state.
+
+    The simulator writes them right after the round that computed them; the server sends them with this
+    client's next message, which is the first moment they can matter here. It sends them again until this
+    client answers, and writing the same values twice changes nothing.
+    """
+    record = message.content.array_records.get(SERVER_PERSONAL)
+    if record is not None:
+        context.state[PERSONAL] = to_arrays(personal_state(context) | to_state(record))
 
 
 def personal_state(context: Context) -> dict[str, torch.Tensor]:
@@ -218,6 +235,8 @@ def train(message: Message, context: Context) -> Message:
                    state_of(c.model, c.algorithm.shared_parts))
     if update.statistics:
         reply.content[STATISTICS] = to_arrays(update.statistics)
+    if update.report:
+        reply.content[REPORT] = to_arrays(update.report)
     return reply
 
 

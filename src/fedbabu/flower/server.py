@@ -11,7 +11,8 @@ round the simulator runs, by calling the same policy functions (never a copy of 
   :func:`~fedbabu.engine.round.finish_round`: the simulator's screening (NaN/inf, shape, dtype,
   ``max_update_norm``; personal state is not screened here, it never leaves the node), the weighted
   mean of the algorithm's ``shared_parts`` in partition order (whatever order replies arrived in),
-  the algorithm's server step and the divergence check;
+  the algorithm's server step and the divergence check; what the algorithm's ``collaborate`` computes
+  from the replies' reports (FedPAC's classifiers) goes with each client's next message;
 * rounds are evaluated, and after the last round clients personalize (``evaluate.personalize``), on
   the simulator's clients (``eval_clients``, ``personalize_clients``: all by default), and the server
   writes the simulator's run folder (``summary.json``, ``clients.csv``, ...).
@@ -57,8 +58,11 @@ from fedbabu.flower.wire import (
     PARTITION_ID,
     PERSONALIZE,
     QUERY,
+    REPORT,
+    SERVER_PERSONAL,
     STATISTICS,
     experiment_record,
+    to_arrays,
     to_state,
     to_vector,
 )
@@ -105,6 +109,9 @@ class AlgorithmStrategy(Strategy):
         self.rejected: list[dict[str, Any]] = []
         self.accepted_round: dict[int, int] = {}
         """client -> the last round index whose update was aggregated: the node keeps that round's personal parts."""
+        self.server_personal: dict[int, ArrayRecord] = {}
+        """client -> personal values the algorithm's ``collaborate`` computed for it, sent with each message to that
+        client until it answers one."""
         self.metrics: list[dict[str, Any]] = []
         self.bytes_down = 0
         self.bytes_up = 0
@@ -214,7 +221,8 @@ class AlgorithmStrategy(Strategy):
     def _messages(self, online: dict[int, int], clients: Iterable[int], message_type: str,
                   arrays: ArrayRecord | None, forwarded: ConfigRecord | None = None,
                   **entries: int | float | str) -> list[Message]:
-        """One message per client; each tells its node which of its rounds was last aggregated.
+        """One message per client; each tells its node which of its rounds was last aggregated, and carries the
+        personal values the server computed for that client, if it holds any it has not delivered.
 
         ``forwarded`` is the ``config`` Flower handed the hook (a wrapper's clipping norm, say): its
         entries travel too, under their own names, so client mods can read them; ours take precedence.
@@ -226,6 +234,8 @@ class AlgorithmStrategy(Strategy):
                                                 **{ACCEPTED_ROUND: self.accepted_round.get(client, -1)}).items():
                 config[key] = value
             content = RecordDict({CONFIG: config} if arrays is None else {ARRAYS: arrays, CONFIG: config})
+            if client in self.server_personal:
+                content[SERVER_PERSONAL] = self.server_personal[client]
             messages.append(Message(content, online[client], message_type))
         return messages
 
@@ -254,6 +264,7 @@ class AlgorithmStrategy(Strategy):
         Stops the run (:class:`~fedbabu.engine.faults.TrainingDiverged`) when it diverged.
         """
         valid, errors = split_replies(replies)
+        self._delivered(valid)
         for reply in errors:
             client = self._fail(f"round {server_round}", reply)
             if client is not None:
@@ -269,11 +280,15 @@ class AlgorithmStrategy(Strategy):
                                failed=self._failed, malformed=malformed)
         for reply in outcome.accepted:
             self.accepted_round[reply.client] = server_round - 1
+        pushed = {client: to_arrays(values) for client, values in outcome.server_personal.items()}
+        self.server_personal.update(pushed)
         record = self._record = outcome.record
         for client, reason in sorted(outcome.rejected.items()):
             self.rejected.append({"round": server_round, "client": client, "reason": reason})
-        record.bytes_down = self._bytes_down
-        record.bytes_up = sum(m.content[ARRAYS].count_bytes() for m in valid if ARRAYS in m.content.array_records)
+        # besides the model: the reports for collaborate, and what it computed (sent with each client's next message)
+        record.bytes_down = self._bytes_down + sum(values.count_bytes() for values in pushed.values())
+        record.bytes_up = sum(m.content.array_records[key].count_bytes() for m in valid for key in (ARRAYS, REPORT)
+                              if key in m.content.array_records)
         self.bytes_down += record.bytes_down
         self.bytes_up += record.bytes_up
         if not outcome.accepted and not privacy.enabled(self.config):  # a dp round adds its noise all the same
@@ -289,14 +304,21 @@ class AlgorithmStrategy(Strategy):
             try:
                 vector = to_vector(reply.content.array_records[ARRAYS], self.shared, self.shared_shapes)
                 metrics = reply.content[METRICS]
-                statistics = (to_state(reply.content.array_records[STATISTICS])
-                              if STATISTICS in reply.content.array_records else {})
+                records = reply.content.array_records
+                statistics = to_state(records[STATISTICS]) if STATISTICS in records else {}
+                report = to_state(records[REPORT]) if REPORT in records else {}
                 decoded.append(ClientReply(client, vector.numpy(), float(metrics["train-loss"]),
-                                           int(metrics[NUM_EXAMPLES]), {}, statistics))
+                                           int(metrics[NUM_EXAMPLES]), {}, statistics, report))
             except (KeyError, ValueError) as err:
                 malformed[client] = f"malformed reply: {err}"
                 faults.report_rejection(server_round, client, malformed[client])
         return decoded, malformed
+
+    def _delivered(self, replies: Iterable[Message]) -> None:
+        """Forget the personal values sent to the clients that answered: each node has written them (first thing
+        it does with a message), while one that did not answer gets them again with its next message."""
+        for reply in replies:
+            self.server_personal.pop(int(reply.content[METRICS][PARTITION_ID]), None)
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -324,6 +346,7 @@ class AlgorithmStrategy(Strategy):
         result = None
         if self._evaluates(server_round):
             valid, errors = split_replies(replies)
+            self._delivered(valid)
             for reply in errors:
                 self._fail(f"evaluate {server_round}", reply)
             accuracies = [float(m.content[METRICS]["accuracy"]) for m in valid]

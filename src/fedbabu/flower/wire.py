@@ -3,7 +3,9 @@
 The server sends the whole validated :class:`~fedbabu.config.Config` (as JSON, about a kilobyte)
 with every message, so a client needs no copy of the experiment file and cannot drift from the
 server's settings. Model state travels as named tensors of the algorithm's ``shared_parts`` only:
-for FedBABU that is the body, and each client rebuilds the fixed head from the shared seed.
+for FedBABU that is the body, and each client rebuilds the fixed head from the shared seed. An
+algorithm that collaborates (FedPAC) adds a client's report to its train reply, and the server's
+result for that client to its next message.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ PERSONAL = "personal"
 """Key of the ArrayRecord in ``context.state`` holding a client's personal parts between rounds."""
 STATISTICS = "statistics"
 """A train reply's per-client statistics for the algorithm's server step (summed by the server)."""
+REPORT = "report"
+"""A train reply's report for the algorithm's ``collaborate``, read for that client alone (only where non-empty)."""
+SERVER_PERSONAL = "server-personal"
+"""ArrayRecord of a message carrying personal values the server computed for the receiving client after one of
+its rounds (``collaborate``): the node writes them over its kept personal state before anything else."""
 PERSONALIZE = "evaluate.personalize"
 """Message type of the final task: fine-tune and test on every client."""
 QUERY = "query"
