@@ -215,3 +215,23 @@ def test_a_run_of_another_training_version_is_personalized_and_says_so(trained, 
     assert len(warned) == 1 and "trained by fedbabu training version 1, and this build trains version 2" in warned[0]
     again = run / "personalize" / "full-2ep-lr0.01-mom0.9-wd0-bs10"
     assert (again / "clients.csv").read_bytes() == (run / "clients.csv").read_bytes()
+
+
+@pytest.mark.parametrize("algorithm", ["fedbabu", "fedper"])
+def test_from_the_initial_model_the_clients_fine_tune_what_training_never_moved(trained, tmp_path, algorithm):
+    """A run whose lr is too small to move any float32 weight ends at its initial model, so personalizing its
+    final model must give what ``--model initial`` gives for a trained run of the same seed, bit for bit, and no
+    personal state: FedPer's clients start from the seeded head, not the heads they trained."""
+    frozen = tmp_path / "frozen"
+    run_experiment(small_config(algorithm=algorithm, workers=1, rounds=4, lr=1e-30, lr_milestones=[]), frozen)
+    assert main(["personalize", str(frozen), "--quiet", "--workers", "1"]) == 0
+    run = tmp_path / "run"
+    shutil.copytree(trained[algorithm], run)
+    assert main(["personalize", str(run), "--quiet", "--model", "initial", "--workers", "2"]) == 0
+    initial = run / "personalize" / "full-2ep-lr0.01-mom0.9-wd0-bs10-initial-model"
+    expected = frozen / "personalize" / "full-2ep-lr0.01-mom0.9-wd0-bs10" / "clients.csv"
+    assert (initial / "clients.csv").read_bytes() == expected.read_bytes()
+    assert (initial / "clients.csv").read_bytes() != (run / "clients.csv").read_bytes()
+    summary = json.loads((initial / "summary.json").read_text())
+    assert summary["personalized_model"] == "initial" and "final_global_accuracy" not in summary
+    assert "its initial global model, before any round" in (initial / "report.md").read_text()

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     personalize.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/personalize/<settings>)")
     personalize.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     _clients_option(personalize)
+    personalize.add_argument("--model", choices=["final", "initial"], default="final",
+                             help="start the clients from the run's final global model (default) or from its "
+                                  "initial one, before any round: fine-tuning without the federation, for reference")
     personalize.add_argument("--device", choices=["cpu", "cuda", "auto"], help="compute device")
     personalize.add_argument("--workers", help="worker processes: auto (one per core) or a number")
     personalize.add_argument("--data-dir", type=Path, help="folder holding the dataset, if it moved")
@@ -251,7 +254,8 @@ def _cmd_personalize(args: argparse.Namespace, console: Console) -> None:
 
     overrides = merge_dicts(parse_overrides(args.overrides), _extra_from(args))
     experiment, _ = personalize_run(args.folder, overrides, args.out, args.overwrite,
-                                    _progress(f"personalize {args.folder}", args.quiet), group=args.clients)
+                                    _progress(f"personalize {args.folder}", args.quiet), group=args.clients,
+                                    model=args.model)
     _show_run(experiment, experiment.result.config, console)
 
 

@@ -6,6 +6,10 @@ run's folder keeps of its end state (the final global model, every client's pers
 partition), changes only the fine-tuning settings, and personalizes every client again on the
 worker pool. Only settings that cannot change what was trained may differ from the run; the run's
 own files are never written.
+
+``--model initial`` personalizes the same clients from the run's initial model instead, the seed's
+draw before any round, with no personal state: what fine-tuning alone reaches without the federation,
+the reference against which a study (a private federation, say) shows what training added.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from fedbabu.data.partition import Partition
 from fedbabu.engine import hardware
 from fedbabu.engine.checkpoint import CHECKPOINT, CONFIG, METRICS, load_checkpoint
 from fedbabu.engine.contract import keeps_client_state
-from fedbabu.engine.params import Layout, flatten_tensors
+from fedbabu.engine.params import Layout, flatten, flatten_tensors
 from fedbabu.engine.privacy import rounds_to_run
 from fedbabu.engine.simulation import (
     CLIENT_GROUPS,
@@ -41,6 +45,7 @@ from fedbabu.engine.simulation import (
     network,
     personalize_federation,
     personalized_clients,
+    preflight,
 )
 from fedbabu.errors import UserError
 from fedbabu.files import check_output_dir, load_tensors, prepare_output_dir
@@ -52,6 +57,10 @@ log = logging.getLogger("fedbabu")
 
 FREE_KEYS = Config.keys_with_role("runtime")
 """Where the data are and what computes (the ``runtime`` role): what ``fedbabu analyze`` may change."""
+
+MODELS = ("final", "initial")
+"""Which global model ``fedbabu personalize`` starts the clients from (``--model``): the trained one, or the run's
+initial one, before any round."""
 
 PERSONALIZE_KEYS = Config.keys_with_role("evaluation", "runtime")
 """What ``fedbabu personalize`` may change: how the final model is personalized and tested (``finetune.*``,
@@ -150,11 +159,18 @@ def settings_name(config: Config) -> str:
             + evaluation)
 
 
-def default_out(run_folder: Path, config: Config, group: str = "all") -> Path:
-    """``<run>/personalize/<settings>``, ``-seen`` or ``-unseen`` added for one group of clients, so that a
-    group's results never take the place of the whole federation's."""
-    suffix = "" if group == "all" else f"-{group}"
+def default_out(run_folder: Path, config: Config, group: str = "all", model: str = "final") -> Path:
+    """``<run>/personalize/<settings>``, ``-seen`` or ``-unseen`` added for one group of clients and
+    ``-initial-model`` for the untrained model, so that neither ever takes the place of the whole trained
+    federation's results."""
+    suffix = ("" if group == "all" else f"-{group}") + ("" if model == "final" else f"-{model}-model")
     return Path(run_folder) / PERSONALIZE_FOLDER / (settings_name(config) + suffix)
+
+
+def initial_global_vector(config: Config, dataset: Dataset) -> torch.Tensor:
+    """The run's global parameters before its first round, drawn again from its seed (or its warm start's
+    model, for an algorithm that starts from one), exactly as the run itself began."""
+    return flatten(preflight(config, dataset)[2])
 
 
 def group_clients(config: Config, num_clients: int, group: str) -> list[int]:
@@ -218,11 +234,12 @@ def restore_federation(run: TrainedRun, config: Config) -> tuple[Dataset, Partit
 
 def personalize_run(folder: Path, overrides: dict[str, Any] | None = None, out: Path | None = None,
                     overwrite: bool = False, observer: Observer | None = None,
-                    source: str = "--set", group: str = "all") -> tuple[Experiment, Dataset]:
+                    source: str = "--set", group: str = "all", model: str = "final") -> tuple[Experiment, Dataset]:
     """Personalize the clients of a finished run again; write the results to their own folder.
 
     They are the run's own: every client, or the run's seeded sample (``personalize_clients``); with
     ``group`` ``seen`` or ``unseen`` only those of them the federation could train, or only its held-out ones.
+    ``model`` ``initial`` starts them from the run's initial model with no personal state (:data:`MODELS`).
 
     ``overrides`` is a nested dict of ``finetune`` settings (plus workers, device, data folder).
     ``out`` defaults to ``<run>/personalize/<settings>``. With the run's own settings the clients'
@@ -235,23 +252,28 @@ def personalize_run(folder: Path, overrides: dict[str, Any] | None = None, out: 
         log.warning("%s: trained by %s training version %d, and this build trains version %d; its clients are "
                     "personalized as this build does, on the model the older version trained", run.folder,
                     run.config.algorithm, trained_by, ALGORITHMS[run.config.algorithm].training_version)
+    if model not in MODELS:
+        raise UserError(f"--model {model}: expected one of {', '.join(MODELS)}")
     config = personalization_config(run.config, overrides or {}, source)
     clients = group_clients(config, config.num_clients, group)
-    out = Path(out) if out is not None else default_out(run.folder, config, group)
+    out = Path(out) if out is not None else default_out(run.folder, config, group, model)
     if out.resolve() == run.folder.resolve():
         raise UserError(f"--out {out}: is the run folder itself; its files are never overwritten, choose another")
     check_output_dir(out, overwrite)
     dataset, partition, global_vector, layout = restore_federation(run, config)
+    personal = run.personal
+    if model == "initial":
+        global_vector, personal = initial_global_vector(config, dataset), {}
     started = time.perf_counter()
-    curves = personalize_federation(config, dataset, partition, global_vector, run.personal, observer, group=group)
-    result = RunResult(config=config, partition=partition, metrics=run.metrics,
+    curves = personalize_federation(config, dataset, partition, global_vector, personal, observer, group=group)
+    result = RunResult(config=config, partition=partition, metrics=run.metrics if model == "final" else [],
                        clients=client_records(partition, curves, clients),
                        final_state=layout.to_state(global_vector),
-                       personal=run.personal, wall_time_s=float(run.summary.get("wall_time_s", 0.0)),
+                       personal=personal, wall_time_s=float(run.summary.get("wall_time_s", 0.0)),
                        bytes_per_round_per_client=int(run.summary.get("bytes_per_round_per_client", 0)))
     seconds = time.perf_counter() - started
     target = prepare_output_dir(out, overwrite)
-    summary = write_personalization(result, target, run.folder, seconds, group)
+    summary = write_personalization(result, target, run.folder, seconds, group, model)
     return Experiment(result, summary, target), dataset
 
 

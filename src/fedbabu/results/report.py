@@ -119,6 +119,8 @@ class RunSummary(TypedDict, total=False):
     personalization_wall_time_s: float
     client_group: str
     """A run personalized again for one group only (``fedbabu personalize --clients seen|unseen``)."""
+    personalized_model: str
+    """``initial`` for clients personalized from the run's initial model (``fedbabu personalize --model initial``)."""
 
 
 def mean_std(values: np.ndarray) -> MeanStd:
@@ -224,25 +226,33 @@ def write_run(result: RunResult, folder: Path) -> RunSummary:
 
 
 def write_personalization(result: RunResult, folder: Path, source: Path, seconds: float,
-                          group: str = "all") -> RunSummary:
+                          group: str = "all", model: str = "final") -> RunSummary:
     """The folder of a run personalized again: its fine-tuning results, never a copy of the trained model.
 
     ``summary.json`` keeps the training run's wall time and communication (the same federation) and
     adds where it came from and how long the new personalization took, and ``client_group`` where only
-    the seen or the unseen clients were personalized (``--clients``).
+    the seen or the unseen clients were personalized (``--clients``). From the ``initial`` model it says so
+    (``personalized_model``) and claims nothing the training gave: no rounds, no final global accuracy, and no
+    privacy cost, since the untrained model saw no data.
     """
     folder = Path(folder)
     summary: RunSummary = {**summarize(result), "personalized_from": str(source),
                            "personalization_wall_time_s": round(seconds, 3)}
     if group != "all":
         summary["client_group"] = group
+    if model != "final":
+        summary["personalized_model"] = model
+        for trained in ("final_global_accuracy", "privacy"):
+            summary.pop(trained, None)
     atomic_write_text(folder / "config.yaml", dump_config(result.config))
     header, rows = client_rows(result)
     write_csv(folder / "clients.csv", header, rows)
     write_json(folder / "summary.json", summary)
     write_plots(folder, result.config, [], result.accuracy_curve())
-    note = (f"Personalized again from the trained run `{source}` (its final global model and personal state; "
-            f"no training) in {seconds:.1f} s." + ("" if group == "all" else f" Only its {group} clients."))
+    start = ("its final global model and personal state" if model == "final" else
+             "its initial global model, before any round, and no personal state: fine-tuning without the federation")
+    note = (f"Personalized again from the trained run `{source}` ({start}; no training) in {seconds:.1f} s."
+            + ("" if group == "all" else f" Only its {group} clients."))
     atomic_write_text(folder / "report.md", run_report(summary, has_rounds=False, note=note))
     return summary
 
