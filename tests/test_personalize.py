@@ -231,6 +231,9 @@ def test_from_the_initial_model_the_clients_fine_tune_what_training_never_moved(
     initial = run / "personalize" / "full-2ep-lr0.01-mom0.9-wd0-bs10-initial-model"
     expected = frozen / "personalize" / "full-2ep-lr0.01-mom0.9-wd0-bs10" / "clients.csv"
     assert (initial / "clients.csv").read_bytes() == expected.read_bytes()
+    from_python = fedbabu.personalize(run, model="initial", out=tmp_path / "python", progress=False)
+    assert (tmp_path / "python" / "clients.csv").read_bytes() == expected.read_bytes()
+    assert from_python.summary["personalized_model"] == "initial"
     assert (initial / "clients.csv").read_bytes() != (run / "clients.csv").read_bytes()
     summary = json.loads((initial / "summary.json").read_text())
     assert summary["personalized_model"] == "initial" and "final_global_accuracy" not in summary

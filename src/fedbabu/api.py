@@ -315,13 +315,14 @@ def compare(config: ConfigLike = None, algorithms: Sequence[str] = ("fedavg", "f
 def personalize(run_dir: str | Path, *, finetune: dict[str, Any] | None = None, out: str | Path | None = None,
                 overwrite: bool = False, workers: int | str | None = None, device: str | None = None,
                 data_dir: str | Path | None = None, progress: bool | Observer = True,
-                clients: str = "all") -> Results:
+                clients: str = "all", model: str = "final") -> Results:
     """Personalize every client of a finished run again, like ``fedbabu personalize RUN_DIR``.
 
     ``finetune`` changes fine-tuning settings (``{"part": "head", "epochs": 20}``); nothing that
     shaped the training may change. Results go to ``out`` (default ``<run_dir>/personalize/<settings>``);
     the run's own files are never written. With the run's own settings the result equals the run's.
     ``clients`` (``--clients``): ``all``, or only the ``seen`` or the ``unseen`` (held-out) clients.
+    ``model`` (``--model``): ``final``, or ``initial`` to start them from the run's untrained initial model.
     """
     from fedbabu.personalization import personalize_run
 
@@ -337,7 +338,7 @@ def personalize(run_dir: str | Path, *, finetune: dict[str, Any] | None = None, 
             overrides[key] = str(value) if isinstance(value, Path) else value
     experiment, dataset = personalize_run(Path(run_dir), overrides, Path(out) if out is not None else None,
                                           overwrite, _observer(progress, f"personalize {run_dir}"), source="finetune",
-                                          group=clients)
+                                          group=clients, model=model)
     return _results(experiment, dataset, config_model)
 
 
