@@ -130,3 +130,17 @@ def test_a_round_trains_the_aggregated_model_with_plain_cross_entropy(digits):
     assert all(torch.equal(update.personal[n], p) for n, p in model.named_parameters()), "keeps what it sent"
     assert not any(p.requires_grad for p in model.parameters()), "nothing is left trainable"
     assert isinstance(model.head, nn.Linear)
+
+
+def test_max_settle_epochs_bounds_the_first_aggregation_whose_losses_never_settle(digits):
+    """A threshold no loss std can reach would loop for ever, as ALA.py would; the bound stops it there."""
+    batches = {}
+    for cap in (3, 5):
+        config = tiny(fedala={"threshold": 1e-12, "max_settle_epochs": cap})
+        model, data, _, local = setup(digits, config, client=1)
+        calls: list[int] = []
+        model.body.register_forward_hook(lambda module, inputs, output, calls=calls: calls.append(1))
+        FedALA(config).local_initialization(model, data, kept(local, 0.0), torch.Generator().manual_seed(0))
+        batches[cap] = len(calls)
+    per_epoch = math.ceil(int(0.8 * data.num_train) / config.batch_size)
+    assert batches == {3: 3 * per_epoch, 5: 5 * per_epoch}

@@ -14,7 +14,8 @@ authors' ``system/utils/ALA.py`` in TsingZ0/FedALA, called from ``clientALA.loca
   offset, in its stored order, batched at the run's batch size (``ALA.py``'s ``rand_loader``);
 * the first time the client aggregates, ``W`` trains until the losses settle (the standard deviation of
   the last ``num_pre_loss`` = 10 epochs' final-batch losses below ``threshold`` = 0.1, ``ALA.py``'s
-  defaults, with at least 11 epochs); every later time for one pass.
+  defaults, with at least 11 epochs; ``fedala.max_settle_epochs`` bounds it, unbounded by default as
+  theirs); every later time for one pass.
 
 Then the client trains the whole aggregated model as FedAvg does and sends it; the server averages
 everything. The client keeps the model it trained (its local model) and ``W`` across rounds, and a
@@ -86,6 +87,10 @@ class FedALA(Algorithm):
         """The first aggregation trains until the std of the recent losses is below this (``ALA.py``: 0.1)."""
         num_pre_loss: int = Field(10, ge=1)
         """How many recent epochs' losses that std is over (``ALA.py``: 10)."""
+        max_settle_epochs: int | None = Field(None, ge=1)
+        """At most this many epochs for the first aggregation; none (the default) trains until the losses
+        settle, however long that takes, as ``ALA.py`` does. A bound for runs whose losses may never settle
+        (a large ``eta``, noisy labels): reaching it stops the loop there, as if they had."""
         evaluation: Literal["own", "common"] = "own"
         """``own``: aggregate the final global model into the kept local model, then test (their evaluation);
         ``common``: the ``finetune.*`` fine-tuning every algorithm here is compared under."""
@@ -174,8 +179,8 @@ class FedALA(Algorithm):
                         w.copy_(torch.clamp(w - own.eta * params[n].grad * gap, 0, 1))
                         params[n].copy_(local[n] + gap * w)
             losses.append(loss.item())
-            if not until_settled or (len(losses) > own.num_pre_loss
-                                     and np.std(losses[-own.num_pre_loss:]) < own.threshold):
+            settled = len(losses) > own.num_pre_loss and np.std(losses[-own.num_pre_loss:]) < own.threshold
+            if not until_settled or settled or len(losses) == own.max_settle_epochs:
                 break
         set_trainable(model, ())
 
