@@ -30,7 +30,7 @@ from fedbabu.results import holdout
 from fedbabu.results.paired import PairedDifference, paired_difference, paired_reference
 from fedbabu.results.plots import plot_comparison, plot_finetune_curves, plot_paired_differences
 from fedbabu.results.rebuild import read_curves
-from fedbabu.results.report import epsilon_cell, seed_standard_error
+from fedbabu.results.report import epsilon_cell, largest_epsilon, seed_standard_error
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 """Shipped with the package, so `reproduce` works from an installed wheel; `configs/paper` links here."""
@@ -580,10 +580,7 @@ def _epsilon(results: dict[str, CellResult]) -> str:
     """A cell's epsilon: the largest its finished runs spent (each algorithm of a cell is accounted for the
     same rounds, so they agree unless ``target_epsilon`` stopped one early); ``–`` before any finished."""
     summaries = [s for outcome in results.values() for s in outcome.summaries]
-    if not summaries:
-        return "–"
-    spent = [s["privacy"]["epsilon"] for s in summaries if s.get("privacy")]
-    return epsilon_cell({"epsilon": max(spent) if spent else None})
+    return epsilon_cell({"epsilon": largest_epsilon(summaries)}) if summaries else "–"
 
 
 def _groups_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[str]) -> list[str]:

@@ -248,7 +248,7 @@ class FedPAC(Algorithm):
             sums, counts = class_feature_sums(body_features(model, data, "train"), labels, data.dataset.num_classes)
             update.statistics = {"class_sums": sums, "class_counts": counts}
         if report:
-            update.report = report | state_of(model, self.personal_parts)
+            update.report = report | update.personal
         return update
 
     def server_update(self, previous: dict[str, torch.Tensor], aggregated: dict[str, torch.Tensor],

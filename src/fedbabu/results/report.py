@@ -232,8 +232,8 @@ def write_personalization(result: RunResult, folder: Path, source: Path, seconds
     ``summary.json`` keeps the training run's wall time and communication (the same federation) and
     adds where it came from and how long the new personalization took, and ``client_group`` where only
     the seen or the unseen clients were personalized (``--clients``). From the ``initial`` model it says so
-    (``personalized_model``) and claims nothing the training gave: no rounds, no final global accuracy, and no
-    privacy cost, since the untrained model saw no data.
+    (``personalized_model``) and drops the final global accuracy and the privacy cost, which only training
+    gives: the untrained model saw no data.
     """
     folder = Path(folder)
     summary: RunSummary = {**summarize(result), "personalized_from": str(source),
@@ -403,14 +403,14 @@ def comparison_rows(summaries: dict[str, list[dict[str, Any]]],
             "personalization_unit": runs[0]["personalization_unit"],
             "paired_against": reference,
             **_paired_fields(pair),
-            "epsilon": _epsilon(runs),
+            "epsilon": largest_epsilon(runs),
             **holdout.comparison_fields(runs),
         })
     return rows
 
 
-def _epsilon(runs: list[dict[str, Any]]) -> float | None:
-    """An entry's epsilon (the largest over its seeds), or None when it ran without DP."""
+def largest_epsilon(runs: list[dict[str, Any]]) -> float | None:
+    """The largest epsilon the runs' summaries spent (an entry's seeds, a cell's runs), or None when none used DP."""
     spent = [r["privacy"]["epsilon"] for r in runs if r.get("privacy")]
     return max(spent) if spent else None
 
