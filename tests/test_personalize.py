@@ -237,4 +237,7 @@ def test_from_the_initial_model_the_clients_fine_tune_what_training_never_moved(
     assert (initial / "clients.csv").read_bytes() != (run / "clients.csv").read_bytes()
     summary = json.loads((initial / "summary.json").read_text())
     assert summary["personalized_model"] == "initial" and "final_global_accuracy" not in summary
+    report = (initial / "report.md").read_text()
+    assert "never_sampled_clients" not in summary and "were never sampled" not in report
+    assert "| initial (the initial model, before any round) |" in report and "end of training" not in report
     assert "its initial global model, before any round" in (initial / "report.md").read_text()

@@ -232,8 +232,8 @@ def write_personalization(result: RunResult, folder: Path, source: Path, seconds
     ``summary.json`` keeps the training run's wall time and communication (the same federation) and
     adds where it came from and how long the new personalization took, and ``client_group`` where only
     the seen or the unseen clients were personalized (``--clients``). From the ``initial`` model it says so
-    (``personalized_model``) and drops the final global accuracy and the privacy cost, which only training
-    gives: the untrained model saw no data.
+    (``personalized_model``) and drops the final global accuracy, the privacy cost and the count of clients
+    never sampled, which only training gives: the untrained model saw no data, so every client is new to it.
     """
     folder = Path(folder)
     summary: RunSummary = {**summarize(result), "personalized_from": str(source),
@@ -242,7 +242,7 @@ def write_personalization(result: RunResult, folder: Path, source: Path, seconds
         summary["client_group"] = group
     if model != "final":
         summary["personalized_model"] = model
-        for trained in ("final_global_accuracy", "privacy"):
+        for trained in ("final_global_accuracy", "privacy", "never_sampled_clients"):
             summary.pop(trained, None)
     atomic_write_text(folder / "config.yaml", dump_config(result.config))
     header, rows = client_rows(result)
@@ -276,6 +276,8 @@ def _pct(stats: dict[str, float]) -> str:
 def run_report(summary: dict[str, Any], has_rounds: bool = True, note: str = "") -> str:
     unit = summary["personalization_unit"]
     curve = " → ".join(f"{100 * v:.1f}" for v in summary["finetune_curve"])
+    start = ("the initial model, before any round" if summary.get("personalized_model") == "initial" else
+             "end of training: global model + personal parts")
     lines = [
         f"# {summary['algorithm']} on {summary['dataset']} ({summary['model']})",
         "",
@@ -284,7 +286,7 @@ def run_report(summary: dict[str, Any], has_rounds: bool = True, note: str = "")
         "",
         "| metric | accuracy (%) mean ± std over clients |",
         "|---|---|",
-        f"| initial (end of training: global model + personal parts) | {_pct(summary['initial_accuracy'])} |",
+        f"| initial ({start}) | {_pct(summary['initial_accuracy'])} |",
         f"| personalized ({summary['personalization']}) | {_pct(summary['personalized_accuracy'])} |",
         "",
         f"Accuracy after 0..{len(summary['finetune_curve']) - 1} personalization {unit}s: {curve}.",
