@@ -380,3 +380,16 @@ def test_a_dp_preset_gives_each_cell_its_epsilon_and_a_holdout_preset_its_partic
     row = _row(out, "| dp.noise_multiplier=1.0 | fedbabu | 0 |")
     assert row.endswith(f" | {100 * gap['mean']:+.2f} ± {100 * gap['standard_error']:.2f} |")
     assert row.count("→") == 2 and "Seen and unseen clients" in results
+    # within each group, FedAvg against FedBABU client by client, and the two gaps' difference
+    cell = out / "dp.noise_multiplier-1.0"
+    fedavg_csv, fedbabu_csv = (cell / a / "seed-0" / "clients.csv" for a in ("fedavg", "fedbabu"))
+    groups = np.array([line.split(",")[4] for line in fedbabu_csv.read_text().splitlines()[1:]])
+    assert sorted(set(groups)) == ["seen", "unseen"] and (groups == "unseen").sum() == 2
+    fedavg, fedbabu = read_curves(fedavg_csv)[:, -1], read_curves(fedbabu_csv)[:, -1]
+    seen = paired_difference([fedbabu[groups == "seen"]], [fedavg[groups == "seen"]])
+    unseen = paired_difference([fedbabu[groups == "unseen"]], [fedavg[groups == "unseen"]])
+    gap = seen.mean - unseen.mean
+    error = float(np.hypot(seen.standard_error, unseen.standard_error))
+    expected = (f"| dp.noise_multiplier=1.0 | fedavg | {seen.text()} | {unseen.text()} | "
+                f"{100 * gap:+.2f} ± {100 * error:.2f} |")
+    assert expected in results.splitlines() and "| cell | algorithm | − fedbabu, seen |" in results

@@ -284,6 +284,8 @@ class CellResult:
     summaries: list[dict[str, Any]]
     curves: list[np.ndarray]
     diverged: int = 0
+    groups: list[np.ndarray | None] = field(default_factory=list)
+    """Each seed's client groups (seen or unseen) in ``clients.csv`` order; None without held-out clients."""
 
     @property
     def seeds(self) -> list[int]:
@@ -292,6 +294,7 @@ class CellResult:
     def add(self, folder: Path) -> None:
         self.summaries.append(json.loads((folder / "summary.json").read_text()))
         self.curves.append(read_curves(folder / "clients.csv"))
+        self.groups.append(holdout.read_groups(folder / "clients.csv"))
 
 
 def run_preset(
@@ -601,6 +604,45 @@ def _groups_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[st
     return lines
 
 
+def _group_pairs(reference: CellResult, other: CellResult) -> dict[str, PairedDifference | None] | None:
+    """``other − reference`` within each group, every seed both finished pooled; None where a seed of
+    either lacks the group column or the two runs grouped their clients differently."""
+    first = {s["seed"]: (curve[:, -1], groups) for s, curve, groups in
+             zip(reference.summaries, reference.curves, reference.groups, strict=True)}
+    second = {s["seed"]: (curve[:, -1], groups) for s, curve, groups in
+              zip(other.summaries, other.curves, other.groups, strict=True)}
+    seeds = sorted(first.keys() & second.keys())
+    if not seeds or any(first[seed][1] is None or second[seed][1] is None
+                        or not np.array_equal(first[seed][1], second[seed][1]) for seed in seeds):
+        return None
+    return holdout.paired_by_group([first[seed][0] for seed in seeds], [second[seed][0] for seed in seeds],
+                                   [first[seed][1] for seed in seeds])
+
+
+def _group_paired_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[str]) -> list[str]:
+    """Every algorithm against the reference within the seen and within the unseen clients, and the
+    difference of their participation gaps: whether the reference's model serves newcomers better
+    than the other's, measured client by client rather than from two groups' means."""
+    reference = paired_reference(algorithms)
+    lines = ["", f"Paired against {reference} within each group: personalized accuracy minus {reference}'s on the "
+             "same client, over the seen clients and over the unseen ones, every seed both finished pooled (mean ± "
+             "standard error, clients higher, lower, tied); and the algorithm's participation gap minus "
+             f"{reference}'s (the seen difference minus the unseen one, the two standard errors combined, as the "
+             f"groups are different clients): positive where {reference}'s model serves the clients it never saw "
+             "relatively better.", "", f"| cell | algorithm | − {reference}, seen | − {reference}, unseen | "
+             f"gap − {reference}'s gap |", "|---|---|---|---|---|"]
+    for cell_name, results in by_cell.items():
+        for algorithm in algorithms:
+            if algorithm == reference:
+                continue
+            pairs = _group_pairs(results[reference], results[algorithm])
+            cells = (["–"] * 3 if pairs is None else
+                     [_pairs_cell([pairs[holdout.SEEN]]), _pairs_cell([pairs[holdout.UNSEEN]]),
+                      holdout.gap_difference_cell(pairs)])
+            lines.append(f"| {cell_name} | {algorithm} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _seed_bar(outcome: CellResult, label: str) -> dict[str, Any]:
     """A bar of the over-seeds plot: the mean of the per-seed means, with the spread over seeds as its
     error bar: the standard error over seeds (none for a single seed, whose spread is unknown)."""
@@ -667,6 +709,8 @@ def write_results(preset: Preset, name: str, scale: str, outcomes: list[CellResu
         lines += _paired_table(by_cell, algorithms)
     if any("participation_gap" in s for s in summaries):
         lines += _groups_table(by_cell, algorithms)
+        if len(algorithms) > 1:
+            lines += _group_paired_table(by_cell, algorithms)
     wall = sum(s["wall_time_s"] for o in outcomes for s in o.summaries)
     lines += ["", f"Total wall time of the runs: {wall / 60:.1f} min.", "", "![fine-tuning](finetune.png)"]
     curves = {f"{o.algorithm} {o.cell.name}": np.concatenate(o.curves) for o in outcomes if o.curves}

@@ -12,14 +12,18 @@ the files it wrote before the option existed.
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 
 from fedbabu.config import Config
 from fedbabu.engine.round import held_out_of
+from fedbabu.errors import UserError
+from fedbabu.results.paired import PairedDifference, paired_difference
 
 SEEN, UNSEEN = "seen", "unseen"
 GROUP_COLUMN = "group"
@@ -142,6 +146,45 @@ def comparison_fields(runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 def has_groups(rows: Sequence[Mapping[str, Any]]) -> bool:
     """Whether the entries of a comparison held clients out: then its tables get the group columns."""
     return any("participation_gap" in r for r in rows)
+
+
+def read_groups(path: Path) -> np.ndarray | None:
+    """Each client's group (``seen`` or ``unseen``) in ``clients.csv`` order; None for a run that held no
+    client out, whose file has no group column."""
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as exc:
+        raise UserError(f"{path}: not a readable clients.csv ({exc.__class__.__name__})") from None
+    if not rows or GROUP_COLUMN not in rows[0]:
+        return None
+    return np.array([row[GROUP_COLUMN] for row in rows])
+
+
+def paired_by_group(reference: Sequence[np.ndarray], other: Sequence[np.ndarray],
+                    groups: Sequence[np.ndarray]) -> dict[str, PairedDifference | None]:
+    """``other − reference`` client by client within each group, the seeds' clients pooled.
+
+    The arrays are per seed, in client order, as :func:`~fedbabu.results.paired.paired_difference` takes
+    them; ``groups`` are the seeds' group columns (the same for both runs: one partition, one held-out draw).
+    """
+    return {name: paired_difference([r[g == name] for r, g in zip(reference, groups, strict=True)],
+                                    [o[g == name] for o, g in zip(other, groups, strict=True)])
+            for name in (SEEN, UNSEEN)}
+
+
+def gap_difference_cell(pairs: Mapping[str, PairedDifference | None]) -> str:
+    """``other``'s participation gap minus ``reference``'s, in points, from :func:`paired_by_group`.
+
+    It is the seen clients' paired difference minus the unseen clients': each group's difference is
+    paired, and the two groups are different clients, so their standard errors add in quadrature.
+    Positive where ``other`` serves the clients it never saw worse, against those it trained, than
+    ``reference`` does.
+    """
+    seen, unseen = pairs[SEEN], pairs[UNSEEN]
+    if seen is None or unseen is None:
+        return "—"
+    return gap_cell(seen.mean - unseen.mean, math.hypot(seen.standard_error, unseen.standard_error))
 
 
 def _pct(value: float) -> str:
