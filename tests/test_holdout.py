@@ -193,6 +193,9 @@ def test_personalize_and_analyze_select_a_group(held_out_run, tmp_path, capsys):
                                clients="seen").runs[0]
     assert [r["client"] for r in analysis["per_client"]] == sorted(set(range(20)) - set(unseen))
     assert analysis["client_group"] == "seen" and analysis["reproduces_run"]["identical_clients"] == 10
+    page = (tmp_path / "analysis" / "analysis.md").read_text()
+    assert "of which the 10 seen ones (those the federation could train; `--clients seen`) are analyzed" in page
+    assert "personalize_clients" not in page and "| linear probe on the analyzed clients (test) |" in page
 
 
 def test_unseen_clients_of_a_run_without_a_holdout_are_refused(digits, tmp_path, capsys):

@@ -21,8 +21,8 @@ NOTE = ("Features are the body's outputs, taken in inference batches as evaluati
         "split, or the probe set, as one batch up to `eval_batch_size`). Batch norm uses batch statistics, as in "
         "the paper's code, so a feature depends on the batch it was computed in. Nearest class mean: each test "
         "feature goes to the closest mean of the client's own training features per class. Linear probe: a "
-        "multinomial logistic regression on standardized global-body features of all clients' training data, "
-        "tested on all clients' test data. CKA is linear CKA on the probe images. Changes are "
+        "multinomial logistic regression on standardized global-body features of the analyzed clients' training "
+        "data, tested on their test data. CKA is linear CKA on the probe images. Changes are "
         "||after - before|| / ||before|| from the model the client holds at the end of training to its "
         "personalized one.")
 
@@ -49,9 +49,16 @@ def analysis_markdown(a: dict[str, Any]) -> str:
     cka, change, gain = a["cka"], a["change"], a["gain"]
     spectrum, settings = a["spectrum"], a["settings"]
     analyzed = a.get("analyzed_clients", a["clients"])
-    clients = f"{a['clients']} clients" if analyzed == a["clients"] else (
-        f"{a['clients']} clients, of which the {analyzed} the run personalized (seeded sample, `personalize_clients`) "
-        "are analyzed")
+    group = a.get("client_group")
+    if group is not None:
+        which = ("held out, never trained" if group == "unseen" else "those the federation could train")
+        clients = (f"{a['clients']} clients, of which the {analyzed} {group} ones ({which}; `--clients {group}`) "
+                   "are analyzed")
+    elif analyzed == a["clients"]:
+        clients = f"{a['clients']} clients"
+    else:
+        clients = (f"{a['clients']} clients, of which the {analyzed} the run personalized (seeded sample, "
+                   "`personalize_clients`) are analyzed")
     lines = [
         f"# Inside {a['label']}: {a['algorithm']} on {a['dataset']} ({a['model']}), seed {a['seed']}",
         "",
@@ -63,7 +70,8 @@ def analysis_markdown(a: dict[str, Any]) -> str:
         f"| nearest class mean, Euclidean | {_pct(nm['global']['euclidean'])} | "
         f"{_pct(nm['personalized']['euclidean'])} |",
         f"| nearest class mean, cosine | {_pct(nm['global']['cosine'])} | {_pct(nm['personalized']['cosine'])} |",
-        f"| linear probe on all clients (test) | {100 * probe['test_accuracy']:.2f} | |",
+        f"| linear probe on {'the analyzed' if group is not None or analyzed != a['clients'] else 'all'} clients "
+        f"(test) | {100 * probe['test_accuracy']:.2f} | |",
         "",
         f"Linear probe: {probe['train_samples']:,} training and {probe['test_samples']:,} test features, "
         f"train accuracy {100 * probe['train_accuracy']:.2f}%, C = {probe['C']}, "
