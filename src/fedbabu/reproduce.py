@@ -29,7 +29,7 @@ from fedbabu.files import atomic_write_text
 from fedbabu.results import holdout
 from fedbabu.results.paired import PairedDifference, paired_difference, paired_reference
 from fedbabu.results.plots import plot_comparison, plot_finetune_curves, plot_paired_differences
-from fedbabu.results.rebuild import read_curves
+from fedbabu.results.rebuild import read_clients
 from fedbabu.results.report import epsilon_cell, largest_epsilon, seed_standard_error
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -293,8 +293,9 @@ class CellResult:
 
     def add(self, folder: Path) -> None:
         self.summaries.append(json.loads((folder / "summary.json").read_text()))
-        self.curves.append(read_curves(folder / "clients.csv"))
-        self.groups.append(holdout.read_groups(folder / "clients.csv"))
+        curves, groups = read_clients(folder / "clients.csv")
+        self.curves.append(curves)
+        self.groups.append(groups)
 
 
 def run_preset(
@@ -607,16 +608,15 @@ def _groups_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[st
 def _group_pairs(reference: CellResult, other: CellResult) -> dict[str, PairedDifference | None] | None:
     """``other − reference`` within each group, every seed both finished pooled; None where a seed of
     either lacks the group column or the two runs grouped their clients differently."""
-    first = {s["seed"]: (curve[:, -1], groups) for s, curve, groups in
-             zip(reference.summaries, reference.curves, reference.groups, strict=True)}
-    second = {s["seed"]: (curve[:, -1], groups) for s, curve, groups in
-              zip(other.summaries, other.curves, other.groups, strict=True)}
+    first, second = _personalized(reference), _personalized(other)
+    ours = dict(zip(reference.seeds, reference.groups, strict=True))
+    theirs = dict(zip(other.seeds, other.groups, strict=True))
     seeds = sorted(first.keys() & second.keys())
-    if not seeds or any(first[seed][1] is None or second[seed][1] is None
-                        or not np.array_equal(first[seed][1], second[seed][1]) for seed in seeds):
+    if not seeds or any(ours[seed] is None or theirs[seed] is None or not np.array_equal(ours[seed], theirs[seed])
+                        for seed in seeds):
         return None
-    return holdout.paired_by_group([first[seed][0] for seed in seeds], [second[seed][0] for seed in seeds],
-                                   [first[seed][1] for seed in seeds])
+    return holdout.paired_by_group([first[seed] for seed in seeds], [second[seed] for seed in seeds],
+                                   [ours[seed] for seed in seeds])
 
 
 def _group_paired_table(by_cell: dict[str, dict[str, CellResult]], algorithms: list[str]) -> list[str]:

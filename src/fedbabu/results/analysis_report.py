@@ -70,7 +70,7 @@ def analysis_markdown(a: dict[str, Any]) -> str:
         f"| nearest class mean, Euclidean | {_pct(nm['global']['euclidean'])} | "
         f"{_pct(nm['personalized']['euclidean'])} |",
         f"| nearest class mean, cosine | {_pct(nm['global']['cosine'])} | {_pct(nm['personalized']['cosine'])} |",
-        f"| linear probe on {'the analyzed' if group is not None or analyzed != a['clients'] else 'all'} clients "
+        f"| linear probe on {'all' if analyzed == a['clients'] else 'the analyzed'} clients "
         f"(test) | {100 * probe['test_accuracy']:.2f} | |",
         "",
         f"Linear probe: {probe['train_samples']:,} training and {probe['test_samples']:,} test features, "

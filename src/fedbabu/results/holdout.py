@@ -12,17 +12,14 @@ the files it wrote before the option existed.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 
 from fedbabu.config import Config
 from fedbabu.engine.round import held_out_of
-from fedbabu.errors import UserError
 from fedbabu.results.paired import PairedDifference, paired_difference
 
 SEEN, UNSEEN = "seen", "unseen"
@@ -146,19 +143,6 @@ def comparison_fields(runs: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 def has_groups(rows: Sequence[Mapping[str, Any]]) -> bool:
     """Whether the entries of a comparison held clients out: then its tables get the group columns."""
     return any("participation_gap" in r for r in rows)
-
-
-def read_groups(path: Path) -> np.ndarray | None:
-    """Each client's group (``seen`` or ``unseen``) in ``clients.csv`` order; None for a run that held no
-    client out, whose file has no group column."""
-    try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    except OSError as exc:
-        raise UserError(f"{path}: not a readable clients.csv ({exc.__class__.__name__})") from None
-    if not rows or GROUP_COLUMN not in rows[0]:
-        return None
-    return np.array([row[GROUP_COLUMN] for row in rows])
 
 
 def paired_by_group(reference: Sequence[np.ndarray], other: Sequence[np.ndarray],

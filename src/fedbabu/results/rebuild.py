@@ -20,7 +20,7 @@ from fedbabu.engine.checkpoint import CONFIG, METRICS
 from fedbabu.engine.privacy import rounds_to_run
 from fedbabu.errors import UserError
 from fedbabu.files import atomic_write_text
-from fedbabu.results.holdout import gap_cell
+from fedbabu.results.holdout import GROUP_COLUMN, gap_cell
 from fedbabu.results.report import run_report, write_plots
 
 
@@ -48,14 +48,22 @@ def read_curves(path: Path) -> np.ndarray:
 
     The steps are fine-tuning epochs, or adaptation steps for Per-FedAvg (``accuracy_after_step_N``).
     """
+    return read_clients(path)[0]
+
+
+def read_clients(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``clients.csv`` in one read: the accuracy curves (:func:`read_curves`) and each client's group
+    (``seen`` or ``unseen``), None for a run that held no client out and so has no group column."""
     try:
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
         columns = [c for c in (rows[0].keys() if rows else [])
                    if c == "initial_accuracy" or c.startswith("accuracy_after_")]
-        return np.array([[float(r[c]) for c in columns] for r in rows], dtype=np.float64)
+        curves = np.array([[float(r[c]) for c in columns] for r in rows], dtype=np.float64)
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise UserError(f"{path}: not a readable clients.csv ({exc.__class__.__name__})") from None
+    groups = np.array([r[GROUP_COLUMN] for r in rows]) if rows and GROUP_COLUMN in rows[0] else None
+    return curves, groups
 
 
 def _interrupted_report(config: Config, metrics: list[dict[str, Any]], folder: Path) -> str:
